@@ -1,0 +1,1 @@
+"""Emulated devices. A device owns its state and never touches KVM file descriptors."""

@@ -1,0 +1,1 @@
+"""virtio 1.x: split virtqueues, the modern PCI transport and the pmem device."""

@@ -1,0 +1,23 @@
+"""Error classes whose message is shown to the user as one line, without a traceback."""
+
+
+class MinivmmError(Exception):
+    """Base class: ``str(err)`` is the one line shown to the user."""
+
+    exit_status = 1
+
+
+class UserError(MinivmmError):
+    """Something the user can fix: a bad option, a missing or malformed file (exit status 2)."""
+
+    exit_status = 2
+
+
+class HostError(MinivmmError):
+    """The host cannot run the VM: no /dev/kvm, no permission, a missing capability (exit status 1)."""
+
+    exit_status = 1
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical access outside guest memory; raised by a guest-controlled value, never fatal to the VMM."""
