@@ -1,0 +1,44 @@
+# minivmm: every target installs what it needs (Debian 12, run as root or with sudo).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the default guest build needs (kernel build, busybox, static init, images).
+GUEST_DEBS := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev \
+              busybox-static cpio xz-utils e2fsprogs python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv guest run test test-fast bench clean
+all: guest
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+deps:
+	@missing=$$(for p in $(GUEST_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+guest: deps venv
+	$(PY) -m minivmm.guestimage build
+
+run: guest
+	$(VENV)/bin/minivmm run $(ARGS)
+
+test: guest
+	$(PY) -m pytest -n 2 -v -rfE $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -n 2 -m 'not boot' $(PYTEST_ARGS)
+
+bench: guest
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

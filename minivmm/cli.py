@@ -1,0 +1,114 @@
+"""The `minivmm` command line: `minivmm run ...` boots a guest; `minivmm guest build` builds the default one.
+
+Errors a user can cause print one line (`minivmm: error: ...`) and exit with status 2;
+a host without a usable KVM exits with status 1; neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from . import __version__
+from .errors import MinivmmError, UserError
+from .units import parse_size
+
+DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k pci=noacpi"
+DEFAULT_MEM = "256M"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line instead of argparse's usage block (the user can ask for --help).
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minivmm", description="A miniature x86-64 virtual machine monitor on KVM.")
+    parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="boot a guest", description="Boot a Linux guest on KVM.")
+    run.add_argument("--kernel", type=Path, help="vmlinux (PVH ELF) or bzImage; default: the built default guest")
+    run.add_argument("--initrd", type=Path, help="initramfs/initrd image; default: the default guest's")
+    run.add_argument("--cmdline", "--append", dest="cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
+    run.add_argument("--mem", type=_size, default=parse_size(DEFAULT_MEM), metavar="SIZE", help=f"guest RAM, K/M/G suffixes (default {DEFAULT_MEM})")
+    run.add_argument("--cpus", type=int, default=1, choices=[1], help="number of vCPUs (only 1 for now)")
+    run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
+    run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
+    run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
+    guest = sub.add_parser("guest", help="build or locate the default guest", description="The default guest kernel and initramfs.")
+    guest.add_argument("action", choices=["build", "paths"])
+    return parser
+
+
+def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    from . import guestimage
+
+    if args.kernel is not None:
+        return args.kernel, args.initrd
+    kernel = guestimage.default_kernel()
+    initrd = args.initrd or guestimage.default_initrd()
+    if kernel is None or initrd is None:
+        raise UserError("the default guest is not built: run `make guest` (or pass --kernel)")
+    return kernel, initrd
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .machine import Machine, MachineConfig
+
+    kernel, initrd = _default_guest(args)
+    for what, path in (("kernel", kernel), ("initrd", initrd)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{what} {path}: no such file")
+    if args.watchdog is not None and args.watchdog <= 0:
+        raise UserError("--watchdog must be a positive number of seconds")
+    config = MachineConfig(
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE,
+        mem_size=args.mem,
+        cpus=args.cpus,
+        trace=args.trace,
+        stats=args.stats,
+        watchdog=args.watchdog,
+    )
+    machine = Machine(config)
+    try:
+        stop = machine.run()
+        if args.stats:
+            print(machine.stats_report(), file=sys.stderr)
+    finally:
+        machine.close()
+    print(f"minivmm: {stop.reason}", file=sys.stderr)
+    return stop.status
+
+
+def cmd_guest(args: argparse.Namespace) -> int:
+    from . import guestimage
+
+    return guestimage.main([args.action])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "guest": cmd_guest}[args.command](args)
+    except MinivmmError as exc:
+        print(f"minivmm: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("minivmm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Assemble a VM from its parts and run it: memory, irqchip, devices, boot, vCPUs, event loop.
+
+`Machine.run()` returns the exit status. The run ends when a device or a vCPU calls
+`request_stop` (poweroff, reboot, panic, triple fault, an unhandled exit) or on a signal.
+"""
+
+from __future__ import annotations
+
+import mmap
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from . import cpu, hostcheck, layout
+from .boot import acpi, load_kernel
+from .bus import Bus
+from .devices.acpi_pm import AcpiSleepControl
+from .devices.console import Console
+from .devices.i8042 import I8042
+from .devices.pvpanic import PvPanic
+from .devices.serial import Serial16550
+from .eventloop import EventLoop
+from .fallback import EmulationFallbacks
+from .irqchip import KvmInterrupts
+from .kvm import Kvm
+from .memory import GuestMemory, Region
+from .vcpu import Stop, VcpuLoop, install_kick_handler
+
+ACPI_S5 = 5
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    mem_size: int = 256 << 20
+    cpus: int = 1
+    trace: bool = False
+    stats: bool = False
+    watchdog: float | None = None
+    stdin: TextIO | None = None  # None: sys.stdin
+    stdout_fd: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+class Machine:
+    """One VM: owns the KVM fds, the guest memory map, the buses, the devices and the vCPUs."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        self.config = config
+        self.kvm = Kvm()
+        self.host = hostcheck.probe()
+        self.vm = self.kvm.create_vm()
+        # Both live in the reserved page range below the IOAPIC (see layout).
+        self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(layout.TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.interrupts = KvmInterrupts(self.vm)
+        self.mem = GuestMemory()
+        self._next_slot = 0
+        for gpa, size in layout.ram_ranges(config.mem_size):
+            mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            self.add_region(Region(gpa, size, mapping, "ram"))
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.events = EventLoop()
+        self.fallbacks = EmulationFallbacks()
+        self._stop: Stop | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._add_platform_devices()
+        self.loops: list[VcpuLoop] = []
+        self.started_at = time.monotonic()
+
+    # -- memory ---------------------------------------------------------------------------
+    def add_region(self, region: Region) -> Region:
+        """Add a region to the guest-physical map and give it a KVM memory slot."""
+        self.mem.add_region(region)
+        region.slot = self._next_slot
+        self._next_slot += 1
+        self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+        return region
+
+    # -- devices --------------------------------------------------------------------------
+    def _add_platform_devices(self) -> None:
+        self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), self._write_console)
+        self.pio.register(layout.COM1_PORT, 8, self.serial, "serial")
+        self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)")))
+        self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042, "i8042")
+        self.pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042")
+        self.acpi_pm = AcpiSleepControl(on_sleep=self._on_sleep)
+        self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
+        self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
+        self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
+
+    def _on_sleep(self, slp_typ: int) -> None:
+        if slp_typ == ACPI_S5:
+            self.request_stop(Stop(0, "guest powered off (ACPI S5)"))
+
+    def _write_console(self, data: bytes) -> None:
+        self.console.write(data)
+
+    # -- stop -----------------------------------------------------------------------------
+    def request_stop(self, stop: Stop) -> None:
+        """End the run (first caller wins); safe from any thread and from signal handlers."""
+        with self._stop_lock:
+            if self._stop is None:
+                self._stop = stop
+        for loop in self.loops:
+            loop.stopping = True
+        self._stopped.set()
+
+    # -- boot -----------------------------------------------------------------------------
+    def _boot(self) -> None:
+        cfg = self.config
+        rsdp = acpi.build_acpi(self.mem, ncpus=cfg.cpus)
+        cmdline = cfg.cmdline
+        if self.host.software_kvm:
+            cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
+        self.entry = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
+        supported = self.kvm.supported_cpuid()
+        for index in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            cpu.setup_cpuid(vcpu, supported, index)
+            cpu.setup_msrs(vcpu)
+            cpu.setup_fpu(vcpu)
+            cpu.setup_lapic(vcpu)
+            if index == 0:
+                cpu.apply_entry(vcpu, self.entry)
+            trace = sys.stderr if cfg.trace else None
+            self.loops.append(VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace))
+
+    def run(self) -> Stop:
+        """Boot and run the guest until it ends; returns why it ended."""
+        install_kick_handler()
+        self.console = Console(self.serial, self.events, on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)")),
+                               stdin=self.config.stdin, stdout_fd=self.config.stdout_fd)
+        if self.host.software_kvm and self.host.notice:
+            print(f"minivmm: {self.host.notice}", file=sys.stderr)
+        self._boot()
+        old_handlers = self._install_signal_handlers()
+        with self.console:
+            self.events.start()
+            for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
+                loop.start()
+            try:
+                self._wait()
+            finally:
+                for loop in self.loops:
+                    loop.kick()
+                for loop in self.loops:
+                    if loop.thread is not None:
+                        loop.thread.join(timeout=5)
+                self.events.stop()
+                self._restore_signal_handlers(old_handlers)
+        assert self._stop is not None
+        return self._stop
+
+    def _wait(self) -> None:
+        last_progress = time.monotonic()
+        last_exits = -1
+        while not self._stopped.wait(0.5):
+            if self.config.watchdog is None:
+                continue
+            exits = sum(sum(loop.stats.by_kind.values()) for loop in self.loops)
+            now = time.monotonic()
+            if exits != last_exits:
+                last_exits, last_progress = exits, now
+            elif now - last_progress > self.config.watchdog:
+                print(self.describe(), file=sys.stderr)
+                self.request_stop(Stop(1, f"watchdog: no progress for {self.config.watchdog:g} s"))
+
+    def describe(self) -> str:
+        return "\n".join(loop.describe() for loop in self.loops)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_term(signum: int, frame: object) -> None:
+            self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}"))
+
+        def on_usr1(signum: int, frame: object) -> None:
+            print(self.describe(), file=sys.stderr, flush=True)
+
+        handlers = {signal.SIGINT: on_term, signal.SIGTERM: on_term, signal.SIGUSR1: on_usr1}
+        return {sig: signal.signal(sig, h) for sig, h in handlers.items()}
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    # -- statistics -------------------------------------------------------------------------
+    def stats_report(self) -> str:
+        lines = []
+        wall = time.monotonic() - self.started_at
+        for loop in self.loops:
+            s = loop.stats
+            total = sum(s.by_kind.values())
+            lines.append(f"vcpu{loop.vcpu.index}: {total} exits; in KVM_RUN {s.time_in_run:.3f} s, outside {s.time_outside:.3f} s, wall {wall:.3f} s")
+            lines += [f"  exits {kind}: {n}" for kind, n in s.by_kind.most_common()]
+            lines += [f"  device {name}: {n}" for name, n in s.by_device.most_common()]
+        lines += [f"emulation fallback {name}: {n}" for name, n in self.fallbacks.counts.items()]
+        for bus in (self.pio, self.mmio):
+            lines += [f"{bus.name} unclaimed {op}s: {n}" for op, n in bus.unclaimed.items()]
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        for loop in self.loops:
+            loop.vcpu.close()
+        self.vm.close()
+        self.kvm.close()
+        for region in self.mem.regions:
+            try:
+                region.view.release()
+                region.mapping.close()
+            except (BufferError, ValueError):
+                pass
