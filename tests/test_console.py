@@ -12,7 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -86,7 +86,7 @@ def test_other_escape_character() -> None:
 
 
 @pytest.fixture
-def pty() -> tuple[int, int]:
+def pty() -> Iterator[tuple[int, int]]:
     master, slave = os.openpty()
     yield master, slave
     os.close(master)
@@ -213,7 +213,7 @@ class FakePort:
 
 
 @pytest.fixture
-def loop() -> EventLoop:
+def loop() -> Iterator[EventLoop]:
     ev = EventLoop()
     ev.start()
     yield ev
@@ -416,4 +416,39 @@ def test_console_stdout_closed_keeps_quiet(loop: EventLoop) -> None:
             assert console.writer.error == errno.EPIPE
     finally:
         for fd in (r, w, out_w):
+            os.close(fd)
+
+
+def test_console_and_uart_end_to_end(loop: EventLoop) -> None:
+    """Keys through a pipe reach the guest's RBR; THR writes reach stdout."""
+    from minivmm.devices.serial import UART_IER, UART_IER_RDI, UART_LSR, UART_LSR_DR, UART_RX, UART_TX, Serial16550
+
+    class Line:
+        def __init__(self) -> None:
+            self.level = False
+
+        def set_level(self, level: bool) -> None:
+            self.level = level
+
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    irq = Line()
+    try:
+        console = Console(loop, on_quit=lambda: None, stdin_fd=r, stdout_fd=out_w)
+        uart = Serial16550(irq, output=console.write)
+        console.attach(uart)
+        with console:
+            uart.write(UART_IER, 1, UART_IER_RDI)
+            os.write(w, b"uname -a\r" + A + A)
+            wait_for(lambda: irq.level and uart.pending_input() == 10)
+            got = bytearray()
+            while uart.read(UART_LSR, 1) & UART_LSR_DR:
+                got.append(uart.read(UART_RX, 1))
+            assert got == b"uname -a\r" + A
+            assert not irq.level
+            for ch in b"Linux\r\n":
+                uart.write(UART_TX, 1, ch)
+            assert os.read(out_r, 100) == b"Linux\r\n"
+    finally:
+        for fd in (r, w, out_r, out_w):
             os.close(fd)

@@ -133,7 +133,8 @@ IFLAG, OFLAG, CFLAG, LFLAG, ISPEED, OSPEED, CC = range(7)
 # (OPOST/ONLCR) is kept: the guest already sends CR LF, and the VMM's own log lines on stderr,
 # which shares the terminal, still start at column 0.
 RAW_CLEAR_IFLAG = (
-    termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
+    termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+    | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
 )
 RAW_CLEAR_LFLAG = termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN
 RAW_SET_OFLAG = termios.OPOST | termios.ONLCR
