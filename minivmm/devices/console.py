@@ -401,7 +401,8 @@ class Console:
 
     def stop(self) -> None:
         """Stop reading stdin and restore the terminal (idempotent). When it returns the
-        event loop no longer watches stdin (unless the loop is wedged: then after 2 s)."""
+        event loop no longer watches stdin. Call it before stopping the loop: with the
+        loop already stopped it waits SYNC_TIMEOUT for an answer that cannot come."""
         self._stop_reading(wait=True)
         self.terminal.restore()
         self._started = False
@@ -417,7 +418,7 @@ class Console:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    SYNC_TIMEOUT = 2.0  # seconds to wait for the loop to drop stdin (it may be stopped)
+    SYNC_TIMEOUT = 1.0  # seconds to wait for the loop to drop stdin (stop the console first)
 
     def _stop_reading(self, *, wait: bool = False) -> None:
         if self._reading:
