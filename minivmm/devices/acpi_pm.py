@@ -1,0 +1,93 @@
+"""The sleep control and sleep status registers of a hardware-reduced ACPI platform.
+
+On a HW-reduced platform (FADT flag HW_REDUCED_ACPI) there are no PM1 blocks; the FADT's
+SLEEP_CONTROL_REG and SLEEP_STATUS_REG (ACPI 6.x §4.8.3.7 "Sleep Control Register" and
+§4.8.3.8 "Sleep Status Register") say where the OS writes to enter a sleep state. To power
+off, Linux (ACPICA ``acpi_hw_extended_sleep``) writes WAK_STS to the status register to
+clear it, then ``SLP_TYPx << 2 | SLP_EN`` to the control register, with SLP_TYPx the value of
+the \\_S5 package in the DSDT.
+
+The device knows no port numbers. The layout places the registers (by default 0x600 for
+control and 0x601 for status); the machine registers ``control_port`` and ``status_port``
+as 1-byte ranges there — or, when they are adjacent, the device itself as one 2-byte range
+(offset 0 control, offset 1 status).
+
+Threads: ``on_sleep`` is called on the vCPU thread that made the write.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+# Sleep control register (§4.8.3.7): bits 1:0 reserved, 4:2 SLP_TYPx, 5 SLP_EN, 7:6 reserved.
+SLP_TYP_SHIFT = 2
+SLP_TYP_MASK = 0x7
+SLP_EN = 0x20
+
+# Sleep status register (§4.8.3.8): bit 7 WAK_STS (write 1 to clear), the rest reserved.
+WAK_STS = 0x80
+
+CONTROL_OFFSET = 0
+STATUS_OFFSET = 1
+
+
+class _Register:
+    """One 1-byte register as a bus device."""
+
+    def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
+        self._read = read
+        self._write = write
+
+    def read(self, offset: int, size: int) -> int:
+        return self._read() if offset == 0 else 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0:
+            self._write(value & 0xFF)
+
+
+class AcpiSleepRegisters:
+    """Sleep control and sleep status registers.
+
+    ``on_sleep(slp_typ)`` is called for every control write with SLP_EN set; the machine
+    compares ``slp_typ`` with the S5 value it put in the DSDT and ends the run.
+    """
+
+    def __init__(self, on_sleep: Callable[[int], None]) -> None:
+        self._on_sleep = on_sleep
+        self._wak_sts = False
+        self.control_port = _Register(self._read_control, self._write_control)
+        self.status_port = _Register(self._read_status, self._write_status)
+        self._by_offset = {CONTROL_OFFSET: self.control_port, STATUS_OFFSET: self.status_port}
+
+    # BusDevice for the adjacent 2-byte layout.
+    def read(self, offset: int, size: int) -> int:
+        value = 0
+        for i in range(size):
+            reg = self._by_offset.get(offset + i)
+            value |= (reg.read(0, 1) if reg else 0) << (8 * i)
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        for i in range(size):
+            reg = self._by_offset.get(offset + i)
+            if reg:
+                reg.write(0, 1, (value >> (8 * i)) & 0xFF)
+
+    def wake(self) -> None:
+        """The machine resumed the guest from a sleep state: set WAK_STS for the OS to see."""
+        self._wak_sts = True
+
+    def _read_control(self) -> int:
+        return 0  # SLP_EN is write-only and SLP_TYPx is only meaningful with it
+
+    def _write_control(self, value: int) -> None:
+        if value & SLP_EN:
+            self._on_sleep((value >> SLP_TYP_SHIFT) & SLP_TYP_MASK)
+
+    def _read_status(self) -> int:
+        return WAK_STS if self._wak_sts else 0
+
+    def _write_status(self, value: int) -> None:
+        if value & WAK_STS:
+            self._wak_sts = False  # write-1-to-clear
