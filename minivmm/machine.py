@@ -13,12 +13,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from . import cpu, hostcheck, layout
 from .boot import acpi, load_kernel
 from .bus import Bus
-from .devices.acpi_pm import AcpiSleepControl
+from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
 from .devices.pvpanic import PvPanic
@@ -43,7 +42,7 @@ class MachineConfig:
     trace: bool = False
     stats: bool = False
     watchdog: float | None = None
-    stdin: TextIO | None = None  # None: sys.stdin
+    stdin_fd: int = 0
     stdout_fd: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -89,12 +88,19 @@ class Machine:
 
     # -- devices --------------------------------------------------------------------------
     def _add_platform_devices(self) -> None:
-        self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), self._write_console)
+        self.console = Console(
+            self.events,
+            on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)")),
+            stdin_fd=self.config.stdin_fd,
+            stdout_fd=self.config.stdout_fd,
+        )
+        self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), output=self.console.write)
+        self.console.attach(self.serial)
         self.pio.register(layout.COM1_PORT, 8, self.serial, "serial")
         self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)")))
-        self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042, "i8042")
+        self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
         self.pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042")
-        self.acpi_pm = AcpiSleepControl(on_sleep=self._on_sleep)
+        self.acpi_pm = AcpiSleepRegisters(on_sleep=self._on_sleep)
         self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
         self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
@@ -102,9 +108,6 @@ class Machine:
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == ACPI_S5:
             self.request_stop(Stop(0, "guest powered off (ACPI S5)"))
-
-    def _write_console(self, data: bytes) -> None:
-        self.console.write(data)
 
     # -- stop -----------------------------------------------------------------------------
     def request_stop(self, stop: Stop) -> None:
@@ -139,26 +142,26 @@ class Machine:
     def run(self) -> Stop:
         """Boot and run the guest until it ends; returns why it ended."""
         install_kick_handler()
-        self.console = Console(self.serial, self.events, on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)")),
-                               stdin=self.config.stdin, stdout_fd=self.config.stdout_fd)
         if self.host.software_kvm and self.host.notice:
             print(f"minivmm: {self.host.notice}", file=sys.stderr)
         self._boot()
         old_handlers = self._install_signal_handlers()
-        with self.console:
-            self.events.start()
-            for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
-                loop.start()
-            try:
-                self._wait()
-            finally:
-                for loop in self.loops:
-                    loop.kick()
-                for loop in self.loops:
-                    if loop.thread is not None:
-                        loop.thread.join(timeout=5)
-                self.events.stop()
-                self._restore_signal_handlers(old_handlers)
+        self.events.start()
+        try:
+            with self.console:  # raw terminal while the guest runs; restored whatever happens
+                for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
+                    loop.start()
+                try:
+                    self._wait()
+                finally:
+                    for loop in self.loops:
+                        loop.kick()
+                    for loop in self.loops:
+                        if loop.thread is not None:
+                            loop.thread.join(timeout=5)
+        finally:
+            self.events.stop()
+            self._restore_signal_handlers(old_handlers)
         assert self._stop is not None
         return self._stop
 
