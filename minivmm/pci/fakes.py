@@ -12,6 +12,10 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..bus import Bus
 
 
 class FakeMsiRoute:
@@ -106,3 +110,70 @@ class FakeIoEventRegistry:
         if key not in self.active:
             raise OSError(errno.ENOENT, "no such ioeventfd")
         self.active.discard(key)
+
+
+class GuestConf1:
+    """The guest side of configuration mechanism #1, shaped like Linux's `pci_conf1_read/write`
+    (arch/x86/pci/direct.c) on top of a PIO `Bus`: one CONFIG_ADDRESS write, then a data
+    access at 0xCFC + (reg & 3)."""
+
+    def __init__(self, pio: "Bus") -> None:
+        self.pio = pio
+
+    @staticmethod
+    def address(bus: int, dev: int, fn: int, reg: int) -> int:
+        return 0x8000_0000 | bus << 16 | dev << 11 | fn << 8 | (reg & 0xFC)
+
+    def read(self, dev: int, reg: int, size: int, *, bus: int = 0, fn: int = 0) -> int:
+        self.pio.write(0xCF8, 4, self.address(bus, dev, fn, reg))
+        return self.pio.read(0xCFC + (reg & 3), size)[0]
+
+    def write(self, dev: int, reg: int, size: int, value: int, *, bus: int = 0, fn: int = 0) -> None:
+        self.pio.write(0xCF8, 4, self.address(bus, dev, fn, reg))
+        self.pio.write(0xCFC + (reg & 3), size, value)
+
+    def capabilities(self, dev: int) -> list[tuple[int, int]]:
+        """(offset, cap_id) of each capability, walked like `pci_find_capability`."""
+        found: list[tuple[int, int]] = []
+        if not self.read(dev, 0x06, 2) & 0x10:  # PCI_STATUS_CAP_LIST
+            return found
+        pos = self.read(dev, 0x34, 1)
+        ttl = 48
+        while ttl and pos >= 0x40:
+            pos &= ~3
+            ent = self.read(dev, pos, 2)
+            if ent & 0xFF == 0xFF:
+                break
+            found.append((pos, ent & 0xFF))
+            pos = ent >> 8
+            ttl -= 1
+        return found
+
+    def size_bar(self, dev: int, index: int) -> tuple[int, int, int]:
+        """Size memory BAR `index` as Linux's `__pci_read_base` does: decoding off, save,
+        write ~0, read, restore (both dwords of a 64-bit BAR), decoding back.
+        Returns (address, size, flags)."""
+        pos = 0x10 + 4 * index
+        orig_cmd = self.read(dev, 0x04, 2)
+        if orig_cmd & 0x3:  # PCI_COMMAND_DECODE_ENABLE
+            self.write(dev, 0x04, 2, orig_cmd & ~0x3)
+        lo = self.read(dev, pos, 4)
+        self.write(dev, pos, 4, 0xFFFF_FFFF)
+        sz = self.read(dev, pos, 4)
+        self.write(dev, pos, 4, lo)
+        hi = sz_hi = 0
+        mem64 = lo & 0x6 == 0x4
+        if mem64:
+            hi = self.read(dev, pos + 4, 4)
+            self.write(dev, pos + 4, 4, 0xFFFF_FFFF)
+            sz_hi = self.read(dev, pos + 4, 4)
+            self.write(dev, pos + 4, 4, hi)
+        if orig_cmd & 0x3:
+            self.write(dev, 0x04, 2, orig_cmd)
+        if sz in (0, 0xFFFF_FFFF) and not sz_hi:
+            return 0, 0, 0
+        mask = (sz_hi << 32 | sz) & ~0xF
+        if not mem64:
+            mask |= 0xFFFF_FFFF_0000_0000
+        size = (mask & -mask) if mask else 0
+        return (hi << 32 | lo) & ~0xF, size, lo & 0xF

@@ -140,7 +140,7 @@ class PciHostBridge:
         self.mmio_bus = mmio_bus
         self.ioevents = ioevents
         self.windows = (mmio32,) if mmio64 is None else (mmio32, mmio64)
-        self._next = {mmio32: mmio32.base, **({mmio64: mmio64.base} if mmio64 else {})}
+        self._assigned: list[tuple[int, int]] = []  # pre-assigned BAR ranges (base, end)
         self.mmio32, self.mmio64 = mmio32, mmio64
         self._lock = threading.RLock()
         self._slots: dict[int, _Slot] = {}
@@ -162,8 +162,11 @@ class PciHostBridge:
             elif not 1 <= slot < PCI_SLOTS or slot in self._slots:
                 raise ValueError(f"PCI slot {slot} is not free")
             config = device.config
-            for bar in sorted(config.bars.values(), key=lambda b: -b.size):
-                config.set_bar_address(bar.index, self._allocate(bar))
+            taken = list(self._assigned)
+            placed = {bar.index: self._allocate(bar, taken) for bar in sorted(config.bars.values(), key=lambda b: -b.size)}
+            self._assigned = taken
+            for index, addr in placed.items():
+                config.set_bar_address(index, addr)
             if enable_memory:
                 config.set(PCI_COMMAND, 2, config.command | PCI_COMMAND_MEMORY)
             self._attach(slot, device)
@@ -188,14 +191,20 @@ class PciHostBridge:
     def devices(self) -> dict[int, PciDevice]:
         return {n: s.device for n, s in self._slots.items()}
 
-    def _allocate(self, bar: BarInfo) -> int:
+    def _allocate(self, bar: BarInfo, taken: list[tuple[int, int]]) -> int:
+        """First fit, naturally aligned, in the preferred window; `taken` gets the new range."""
         order = [self.mmio64, self.mmio32] if bar.mem64 else [self.mmio32]
         for window in order:
             if window is None:
                 continue
-            addr = (self._next[window] + bar.size - 1) & ~(bar.size - 1)
+            addr = (window.base + bar.size - 1) & ~(bar.size - 1)
+            for base, end in sorted(taken):
+                if addr + bar.size <= base:
+                    break
+                if end > addr:
+                    addr = (end + bar.size - 1) & ~(bar.size - 1)
             if window.contains(addr, bar.size):
-                self._next[window] = addr + bar.size
+                taken.append((addr, addr + bar.size))
                 return addr
         raise ValueError(f"no room for a {bar.size:#x}-byte BAR in the MMIO windows")
 
