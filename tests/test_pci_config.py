@@ -56,9 +56,9 @@ def test_identification_fields_read_only():
 def test_every_size_and_unaligned_offset():
     c = make()
     raw = bytes(c.read(i, 1) for i in range(8))
-    for off in range(0, 6):
+    for off in range(6):
         assert c.read(off, 2) == int.from_bytes(raw[off : off + 2], "little")
-    for off in range(0, 5):
+    for off in range(5):
         assert c.read(off, 4) == int.from_bytes(raw[off : off + 4], "little")
     # an unaligned 4-byte write straddling command/status dwords is split byte by byte
     c.write(PCI_INTERRUPT_LINE - 1, 2, 0x0B00)
@@ -126,7 +126,7 @@ def test_bar64_address_commits_on_upper_dword():
     c = make()
     c.add_bar(0, 0x4000)
     calls = []
-    c.on_change = lambda: calls.append((c.bar_address(0)))
+    c.on_change = lambda: calls.append(c.bar_address(0))
     c.write(PCI_BASE_ADDRESS_0, 4, 0xD000_0000)
     assert c.bar_address(0) == 0 and calls == []  # lower half alone does not move the BAR
     c.write(PCI_BASE_ADDRESS_0 + 4, 4, 0x1)

@@ -58,7 +58,7 @@ def setup():
 
 
 def test_conf1_address_register(setup):
-    bridge, _, pio, _, _ = setup
+    _bridge, _, pio, _, _ = setup
     assert pio.read(0xCF8, 4)[0] == 0
     pio.write(0xCFB, 1, 0x01)  # pci_check_type1's byte write: not CONFIG_ADDRESS
     pio.write(0xCF8, 4, 0x8000_0000)
@@ -140,7 +140,7 @@ def test_preassigned_bars_and_mapping(setup):
 
 
 def test_linux_bar_sizing_keeps_mapping(setup):
-    bridge, mmio, _, reg, g = setup
+    bridge, _mmio, _, reg, g = setup
     dev = Dev()
     slot = bridge.add_device(dev)
     before = (bridge.mapped_bars, set(reg.active))
@@ -152,7 +152,7 @@ def test_linux_bar_sizing_keeps_mapping(setup):
 
 
 def test_sizing_with_decoding_left_on_is_silent(setup):
-    bridge, mmio, _, reg, g = setup
+    bridge, _mmio, _, _reg, g = setup
     dev = Dev()
     slot = bridge.add_device(dev)
     g.write(slot, PCI_BASE_ADDRESS_0 + 8, 4, 0xFFFF_FFFF)  # like mmio_always_on: decoding stays on
@@ -194,7 +194,7 @@ def test_bar_move_and_memory_toggle(setup):
 def test_overlap_and_outside_window_are_warnings(setup):
     bridge, mmio, _, reg, g = setup
     a, b = Dev(), Dev()
-    sa, sb = bridge.add_device(a), bridge.add_device(b)
+    sa, _sb = bridge.add_device(a), bridge.add_device(b)
     b2 = b.config.bar_address(2)
     # put a's 32-bit BAR on top of b's
     g.write(sa, PCI_BASE_ADDRESS_0 + 8, 4, b2)
@@ -243,3 +243,13 @@ def test_linux_scan_finds_devices(setup):
     bridge.add_device(Dev(), slot=3)
     found = [d for d in range(32) if g.read(d, PCI_VENDOR_ID, 4) != 0xFFFF_FFFF]
     assert found == [0, 3]
+
+
+def test_removed_device_frees_its_window_space():
+    bridge = PciHostBridge(Bus("mmio"), FakeIoEventRegistry(), MmioWindow(0xC000_0000, 0x8000))
+    a = bridge.add_device(Dev())
+    with pytest.raises(ValueError):
+        bridge.add_device(Dev())
+    bridge.remove_device(a)
+    bridge.add_device(Dev())
+    assert sorted(bridge.mapped_bars.values()) == [0xC000_0000, 0xC000_4000]

@@ -174,7 +174,7 @@ def test_capabilities(env):
 
 
 def test_feature_negotiation_with_high_bits(env):
-    t, dev, d, _ = env
+    t, _dev, d, _ = env
     assert d.read("num_queues") == 1
     d.write("device_feature_select", 0)
     assert d.read("device_feature") == F_DEV_LOW
@@ -196,7 +196,7 @@ def test_feature_negotiation_with_high_bits(env):
 
 @pytest.mark.parametrize("features", [F_DEV_LOW, VIRTIO_F_VERSION_1 | 1 << 5, VIRTIO_F_VERSION_1 | 1 << 40])
 def test_features_ok_rejected(env, features):
-    t, _, d, _ = env
+    _t, _, d, _ = env
     status = d.negotiate(features)
     assert status == VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
     d.write("device_status", status | VIRTIO_CONFIG_S_DRIVER_OK)  # DRIVER_OK needs FEATURES_OK
@@ -295,11 +295,11 @@ def test_no_vector_means_isr_only(env):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(desc=0x1008),  # descriptor table not 16-byte aligned
-        dict(device=0x10_0000_0000),  # used ring outside guest memory
-        dict(size=24),  # not a power of 2
-        dict(size=512),  # larger than the maximum
-        dict(size=0),
+        {"desc": 0x1008},  # descriptor table not 16-byte aligned
+        {"device": 0x10_0000_0000},  # used ring outside guest memory
+        {"size": 24},  # not a power of 2
+        {"size": 512},  # larger than the maximum
+        {"size": 0},
     ],
 )
 def test_bad_queue_needs_reset(env, kwargs):
@@ -313,7 +313,7 @@ def test_bad_queue_needs_reset(env, kwargs):
 
 
 def test_reset_and_reactivate(env):
-    t, dev, d, routes = env
+    t, dev, d, _routes = env
     bridge_reg = FakeIoEventRegistry()
     bridge = PciHostBridge(Bus("mmio"), bridge_reg, MmioWindow(0xC000_0000, 0x1000_0000))
     bridge.add_device(t)
@@ -371,7 +371,7 @@ def test_two_queues_and_gaps():
     d.setup_queue(0, 8, 0x1000, 0x2000, 0x3000, vector=1)
     d.setup_queue(1, 8, 0x4000, 0x5000, 0x6000, vector=2)
     d.write("device_status", d.read("device_status") | VIRTIO_CONFIG_S_DRIVER_OK)
-    ((_, queues, fds, _, _),) = dev.activated
+    ((_, queues, _fds, _, _),) = dev.activated
     assert [q.desc_table for q in queues] == [0x1000, 0x4000]
     assert [e.offset for e in t.ioeventfds()] == [NOTIFY_CFG_OFFSET, NOTIFY_CFG_OFFSET + 4]
     t.close()

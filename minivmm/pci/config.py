@@ -21,8 +21,8 @@ capability).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .regs import (
     PCI_BASE_ADDRESS_0,

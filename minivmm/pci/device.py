@@ -10,8 +10,8 @@ guest moves a BAR or toggles PCI_COMMAND_MEMORY, or when the device calls
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from ..bus import BusDevice
 from .config import BarInfo, PciConfigSpace

@@ -117,7 +117,7 @@ class GuestConf1:
     (arch/x86/pci/direct.c) on top of a PIO `Bus`: one CONFIG_ADDRESS write, then a data
     access at 0xCFC + (reg & 3)."""
 
-    def __init__(self, pio: "Bus") -> None:
+    def __init__(self, pio: Bus) -> None:
         self.pio = pio
 
     @staticmethod

@@ -90,7 +90,7 @@ class HostBridge(PciDevice):
 class Conf1:
     """The PIO device at 0xCF8-0xCFF (register it on the PIO bus at PCI_CONF1_ADDRESS_PORT)."""
 
-    def __init__(self, bridge: "PciHostBridge") -> None:
+    def __init__(self, bridge: PciHostBridge) -> None:
         self._bridge = bridge
         self.address = 0
 
@@ -140,7 +140,7 @@ class PciHostBridge:
         self.mmio_bus = mmio_bus
         self.ioevents = ioevents
         self.windows = (mmio32,) if mmio64 is None else (mmio32, mmio64)
-        self._assigned: list[tuple[int, int]] = []  # pre-assigned BAR ranges (base, end)
+        self._assigned: dict[int, list[tuple[int, int]]] = {}  # slot -> pre-assigned (base, end)
         self.mmio32, self.mmio64 = mmio32, mmio64
         self._lock = threading.RLock()
         self._slots: dict[int, _Slot] = {}
@@ -162,9 +162,13 @@ class PciHostBridge:
             elif not 1 <= slot < PCI_SLOTS or slot in self._slots:
                 raise ValueError(f"PCI slot {slot} is not free")
             config = device.config
-            taken = list(self._assigned)
-            placed = {bar.index: self._allocate(bar, taken) for bar in sorted(config.bars.values(), key=lambda b: -b.size)}
-            self._assigned = taken
+            taken = [r for ranges in self._assigned.values() for r in ranges]
+            mine: list[tuple[int, int]] = []
+            placed = {}
+            for bar in sorted(config.bars.values(), key=lambda b: -b.size):
+                placed[bar.index] = addr = self._allocate(bar, taken)
+                mine.append((addr, addr + bar.size))
+            self._assigned[slot] = mine
             for index, addr in placed.items():
                 config.set_bar_address(index, addr)
             if enable_memory:
@@ -180,6 +184,7 @@ class PciHostBridge:
     def remove_device(self, slot: int) -> None:
         with self._lock:
             s = self._slots.pop(slot)
+            self._assigned.pop(slot, None)
             s.device.set_mapping_listener(None)
             self._apply(s, {}, set())
 
@@ -255,8 +260,8 @@ class PciHostBridge:
                         wanted[bar.index] = addr
             events: set[tuple[int, int, int, int | None]] = set()
             for ev in s.device.ioeventfds():
-                bar = config.bars.get(ev.bar)
-                if ev.bar in wanted and bar is not None and 0 <= ev.offset and ev.offset + ev.length <= bar.size:
+                target = config.bars.get(ev.bar)
+                if ev.bar in wanted and target is not None and 0 <= ev.offset <= target.size - ev.length:
                     events.add((wanted[ev.bar] + ev.offset, ev.length, ev.fd, ev.datamatch))
             self._apply(s, wanted, events, slot)
 

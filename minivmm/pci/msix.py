@@ -30,11 +30,7 @@ from .config import PciConfigSpace
 from .regs import (
     PCI_CAP_ID_MSIX,
     PCI_MSIX_ENTRY_CTRL_MASKBIT,
-    PCI_MSIX_ENTRY_DATA,
-    PCI_MSIX_ENTRY_LOWER_ADDR,
     PCI_MSIX_ENTRY_SIZE,
-    PCI_MSIX_ENTRY_UPPER_ADDR,
-    PCI_MSIX_ENTRY_VECTOR_CTRL,
     PCI_MSIX_FLAGS,
     PCI_MSIX_FLAGS_ENABLE,
     PCI_MSIX_FLAGS_MASKALL,
@@ -59,7 +55,7 @@ def pba_size(nvectors: int) -> int:
 
 
 class _TableRegion:
-    def __init__(self, msix: "MsixTable") -> None:
+    def __init__(self, msix: MsixTable) -> None:
         self._msix = msix
 
     def read(self, offset: int, size: int) -> int:
@@ -70,7 +66,7 @@ class _TableRegion:
 
 
 class _PbaRegion:
-    def __init__(self, msix: "MsixTable") -> None:
+    def __init__(self, msix: MsixTable) -> None:
         self._msix = msix
 
     def read(self, offset: int, size: int) -> int:

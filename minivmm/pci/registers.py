@@ -8,8 +8,8 @@ outside every register read 0 and ignore writes. Writes to read-only registers a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)

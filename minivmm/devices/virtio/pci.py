@@ -49,8 +49,8 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ...errors import GuestMemoryError
 from ...interrupts import InterruptController
@@ -161,7 +161,7 @@ class _QueueRegs:
 class _Common:
     """struct virtio_pci_common_cfg, accessed under the transport lock."""
 
-    def __init__(self, t: "VirtioPciDevice") -> None:
+    def __init__(self, t: VirtioPciDevice) -> None:
         self._t = t
 
     def read(self, offset: int, size: int) -> int:
@@ -174,7 +174,7 @@ class _Common:
 
 
 class _Isr:
-    def __init__(self, t: "VirtioPciDevice") -> None:
+    def __init__(self, t: VirtioPciDevice) -> None:
         self._t = t
 
     def read(self, offset: int, size: int) -> int:
@@ -185,7 +185,7 @@ class _Isr:
 
 
 class _DeviceCfg:
-    def __init__(self, t: "VirtioPciDevice") -> None:
+    def __init__(self, t: VirtioPciDevice) -> None:
         self._t = t
 
     def read(self, offset: int, size: int) -> int:
@@ -196,7 +196,7 @@ class _DeviceCfg:
 
 
 class _Notify:
-    def __init__(self, t: "VirtioPciDevice") -> None:
+    def __init__(self, t: VirtioPciDevice) -> None:
         self._t = t
 
     def read(self, offset: int, size: int) -> int:
@@ -464,22 +464,32 @@ class VirtioPciDevice(PciDevice):
     def _get_queue_notify_off(self) -> int:
         return self._queue_select if self._queue_select < self.num_queues else 0
 
-    def _queue_addr_setter(name: str):  # type: ignore[no-untyped-def]
-        def setter(self: "VirtioPciDevice", value: int) -> None:
-            q = self._selected()
-            if q is not None and not self._live():
-                setattr(q, name, value)
+    def _get_queue_desc(self) -> int:
+        q = self._selected()
+        return 0 if q is None else q.desc
 
-        def getter(self: "VirtioPciDevice") -> int:
-            q = self._selected()
-            return 0 if q is None else getattr(q, name)
+    def _set_queue_desc(self, value: int) -> None:
+        q = self._selected()
+        if q is not None and not self._live():
+            q.desc = value  # alignment and placement are checked at DRIVER_OK
 
-        return getter, setter
+    def _get_queue_driver(self) -> int:
+        q = self._selected()
+        return 0 if q is None else q.driver
 
-    _get_queue_desc, _set_queue_desc = _queue_addr_setter("desc")
-    _get_queue_driver, _set_queue_driver = _queue_addr_setter("driver")
-    _get_queue_device, _set_queue_device = _queue_addr_setter("device")
-    del _queue_addr_setter
+    def _set_queue_driver(self, value: int) -> None:
+        q = self._selected()
+        if q is not None and not self._live():
+            q.driver = value
+
+    def _get_queue_device(self) -> int:
+        q = self._selected()
+        return 0 if q is None else q.device
+
+    def _set_queue_device(self, value: int) -> None:
+        q = self._selected()
+        if q is not None and not self._live():
+            q.device = value
 
     def _get_queue_notify_data(self) -> int:
         return 0
