@@ -253,3 +253,21 @@ def test_removed_device_frees_its_window_space():
     bridge.remove_device(a)
     bridge.add_device(Dev())
     assert sorted(bridge.mapped_bars.values()) == [0xC000_0000, 0xC000_4000]
+
+
+def test_linux_pci_check_type1(setup):
+    """arch/x86/pci/direct.c: pci_check_type1 + pci_sanity_check (no DMI date: the scan runs)."""
+    _, _, pio, _, g = setup
+    pio.write(0xCFB, 1, 0x01)
+    tmp = pio.read(0xCF8, 4)[0]
+    pio.write(0xCF8, 4, 0x8000_0000)
+    assert pio.read(0xCF8, 4)[0] == 0x8000_0000
+    sane = False
+    for devfn in range(0x100):
+        dev, fn = devfn >> 3, devfn & 7
+        if g.read(dev, PCI_CLASS_DEVICE, 2, fn=fn) in (0x0600, 0x0300):
+            sane = True
+            break
+    assert sane
+    pio.write(0xCF8, 4, tmp)
+    assert pio.read(0xCF8, 4)[0] == tmp
