@@ -513,3 +513,45 @@ def test_linux_probe_sequence():
     # driver removal: reset; the ioeventfd goes away with the queue
     cw("device_status", 0)
     assert dev.resets == 2 and ioev.active == set()  # the probe-time reset counted too
+
+
+def test_reset_while_device_thread_signals():
+    """device.reset() joins a worker that keeps calling signal_used/needs_reset: a vCPU
+    resetting the device must not deadlock against it."""
+    import threading
+
+    class Worker(FakeDevice):
+        def activate(self, mem, queues, notify_fds, signal_used, needs_reset) -> None:
+            super().activate(mem, queues, notify_fds, signal_used, needs_reset)
+            self.stop = threading.Event()
+
+            def run() -> None:
+                while not self.stop.is_set():
+                    signal_used(0)
+
+            self.thread = threading.Thread(target=run)
+            self.thread.start()
+
+        def reset(self) -> None:
+            super().reset()
+            if self.activated:
+                self.stop.set()
+                self.thread.join()
+
+    mem = GuestMemory.anonymous(MB)
+    dev = Worker()
+    t = VirtioPciDevice(dev, mem, FakeInterruptController())
+    d = Driver(t)
+    activate(t, d)
+    done = threading.Event()
+
+    def vcpu() -> None:
+        for _ in range(50):
+            t.router.read(ISR_CFG_OFFSET, 1)
+        d.write("device_status", 0)
+        done.set()
+
+    threading.Thread(target=vcpu).start()
+    assert done.wait(5), "reset deadlocked against the device thread"
+    assert not dev.thread.is_alive()
+    t.close()

@@ -75,6 +75,7 @@ class BarRouter:
     def __init__(self, size: int, regions: Sequence[SubRegion] = ()) -> None:
         self.size = size
         self._regions: list[SubRegion] = []
+        self._offsets: list[int] = []
         for r in regions:
             self.add(r)
 
@@ -85,13 +86,14 @@ class BarRouter:
             if region.offset < other.offset + other.size and other.offset < region.offset + region.size:
                 raise ValueError(f"sub-region {region.name} overlaps {other.name}")
         bisect.insort(self._regions, region, key=lambda r: r.offset)
+        self._offsets = [r.offset for r in self._regions]
 
     @property
     def regions(self) -> tuple[SubRegion, ...]:
         return tuple(self._regions)
 
     def _find(self, offset: int, size: int) -> SubRegion | None:
-        i = bisect.bisect_right([r.offset for r in self._regions], offset) - 1
+        i = bisect.bisect_right(self._offsets, offset) - 1
         if i >= 0:
             r = self._regions[i]
             if offset + size <= r.offset + r.size:
