@@ -1,0 +1,338 @@
+"""PCI bus 0: the host bridge, configuration mechanism #1 and BAR mapping.
+
+Configuration mechanism #1 (PCI 3.0 section 3.2.2.3.2): CONFIG_ADDRESS is the dword at
+I/O port 0xCF8 (bit 31 enable, bits 23:16 bus, 15:11 device, 10:8 function, 7:2 register);
+CONFIG_DATA is 0xCFC-0xCFF, accessed with 1, 2 or 4 bytes at any of those ports (the low two
+address bits come from the port). Only dword accesses reach CONFIG_ADDRESS; byte and word
+accesses to 0xCF8-0xCFB are ignored (Linux's `pci_check_type1` writes a byte to 0xCFB).
+A disabled address, another bus, a function other than 0 or an empty slot reads all-ones.
+
+The host bridge function at 00:00.0 has class 0x060000 and IDs 1b36:0008 (Red Hat's generic
+"PCIe host bridge" ID, which Linux knows by name and has no quirks for). Its presence makes
+Linux's conf1 sanity check (`pci_sanity_check`: a host bridge or VGA class on bus 0) pass.
+
+BAR placement. `add_device` pre-assigns every BAR the way firmware would and enables memory
+decoding: 64-bit BARs go to the 64-bit window when one is given (else the 32-bit window),
+32-bit BARs to the 32-bit window, each naturally aligned. A Linux guest scanning bus 0 without
+ACPI keeps those addresses (`pcibios_allocate_resources` claims them: the root bus spans all
+of iomem and the windows hold no RAM), and reassigns them only if it finds a conflict or is
+told to (`pci=realloc`); either way this bridge follows whatever the guest writes.
+
+Mapping. For each BAR the bridge registers the device's handler on the MMIO bus at the BAR
+address while PCI_COMMAND_MEMORY is set and the address lies inside a window, and attaches
+the device's ioeventfds at BAR address + offset. Moving a BAR or clearing the memory bit moves
+or removes both. A BAR the guest places outside the windows or on top of another range is
+left unmapped and counted in `warnings` (it never raises into the vCPU loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..bus import Bus, BusError, Range
+from ..interrupts import IoEventRegistry
+from .config import BarInfo, PciConfigSpace
+from .device import PciDevice
+from .regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
+
+log = logging.getLogger(__name__)
+
+PCI_CONF1_ADDRESS_PORT = 0xCF8
+PCI_CONF1_DATA_PORT = 0xCFC
+PCI_CONF1_PORT_COUNT = 8
+PCI_CONF1_ENABLE = 1 << 31
+PCI_CONF1_ADDRESS_MASK = PCI_CONF1_ENABLE | 0x00FF_FFFC  # reserved bits 30:24 and 1:0 read 0
+
+PCI_SLOTS = 32
+HOST_BRIDGE_VENDOR_ID = 0x1B36  # Red Hat, Inc.
+HOST_BRIDGE_DEVICE_ID = 0x0008  # generic PCIe host bridge
+
+
+@dataclass(frozen=True)
+class MmioWindow:
+    """A guest-physical range the bridge may place BARs in (and decodes BARs within)."""
+
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    def contains(self, addr: int, size: int) -> bool:
+        return self.base <= addr and addr + size <= self.end
+
+
+def conf1_address(bus: int, device: int, function: int, register: int) -> int:
+    """The CONFIG_ADDRESS value selecting a register (as a guest driver builds it)."""
+    return PCI_CONF1_ENABLE | bus << 16 | device << 11 | function << 8 | (register & 0xFC)
+
+
+class HostBridge(PciDevice):
+    """The host bridge function at 00:00.0: identification only, no BARs."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            PciConfigSpace(
+                vendor_id=HOST_BRIDGE_VENDOR_ID,
+                device_id=HOST_BRIDGE_DEVICE_ID,
+                class_code=PCI_CLASS_BRIDGE_HOST,
+                subsystem_vendor_id=HOST_BRIDGE_VENDOR_ID,
+                subsystem_id=0x1100,
+            ),
+            "host-bridge",
+        )
+
+
+class Conf1:
+    """The PIO device at 0xCF8-0xCFF (register it on the PIO bus at PCI_CONF1_ADDRESS_PORT)."""
+
+    def __init__(self, bridge: PciHostBridge) -> None:
+        self._bridge = bridge
+        self.address = 0
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == 0 and size == 4:
+            return self.address
+        if offset >= 4:
+            return self._bridge.read_config_at(self.address, offset - 4, size)
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0 and size == 4:
+            self.address = value & PCI_CONF1_ADDRESS_MASK
+        elif offset >= 4:
+            self._bridge.write_config_at(self.address, offset - 4, size, value)
+
+
+@dataclass
+class _Slot:
+    device: PciDevice
+    mapped: dict[int, tuple[int, Range]] = field(default_factory=dict)  # BAR -> (address, range)
+    ioevents: set[tuple[int, int, int, int | None]] = field(default_factory=set)  # addr, len, fd, match
+    rejected: dict[int, int] = field(default_factory=dict)  # BAR -> address already warned about
+
+
+class PciHostBridge:
+    """Bus 0 with the host bridge at 00:00.0 and up to 31 single-function devices.
+
+    `mmio_bus` is the machine's MMIO `Bus`; `ioevents` attaches ioeventfds (KVM_IOEVENTFD);
+    `mmio32` is the BAR window below 4 GiB (e.g. 0xC000_0000-0xFEBF_FFFF) and `mmio64` an
+    optional window above RAM. If `pio_bus` is given, conf1 is registered there at 0xCF8.
+    """
+
+    def __init__(
+        self,
+        mmio_bus: Bus,
+        ioevents: IoEventRegistry,
+        mmio32: MmioWindow,
+        mmio64: MmioWindow | None = None,
+        *,
+        pio_bus: Bus | None = None,
+    ) -> None:
+        if mmio32.end > 1 << 32 or mmio32.size <= 0:
+            raise ValueError("the 32-bit MMIO window must lie below 4 GiB")
+        if mmio64 is not None and mmio64.size <= 0:
+            raise ValueError("empty 64-bit MMIO window")
+        self.mmio_bus = mmio_bus
+        self.ioevents = ioevents
+        self.windows = (mmio32,) if mmio64 is None else (mmio32, mmio64)
+        self._assigned: dict[int, list[tuple[int, int]]] = {}  # slot -> pre-assigned (base, end)
+        self.mmio32, self.mmio64 = mmio32, mmio64
+        self._lock = threading.RLock()
+        self._slots: dict[int, _Slot] = {}
+        self.warnings = Counter[str]()  # "bar-overlap", "bar-outside-window", "ioeventfd"
+        self.conf1 = Conf1(self)
+        self.conf1_range = pio_bus.register(PCI_CONF1_ADDRESS_PORT, PCI_CONF1_PORT_COUNT, self.conf1, "pci-conf1") if pio_bus else None
+        self._attach(0, HostBridge())
+
+    # -- devices --------------------------------------------------------------------------
+
+    def add_device(self, device: PciDevice, slot: int | None = None, *, enable_memory: bool = True) -> int:
+        """Plug `device` in as function 0 of `slot` (the lowest free of 1..31 by default),
+        pre-assign its BARs and, like firmware, enable memory decoding. Returns the slot."""
+        with self._lock:
+            if slot is None:
+                slot = next((s for s in range(1, PCI_SLOTS) if s not in self._slots), None)
+                if slot is None:
+                    raise ValueError("PCI bus 0 is full")
+            elif not 1 <= slot < PCI_SLOTS or slot in self._slots:
+                raise ValueError(f"PCI slot {slot} is not free")
+            config = device.config
+            taken = [r for ranges in self._assigned.values() for r in ranges]
+            mine: list[tuple[int, int]] = []
+            placed = {}
+            for bar in sorted(config.bars.values(), key=lambda b: -b.size):
+                placed[bar.index] = addr = self._allocate(bar, taken)
+                mine.append((addr, addr + bar.size))
+            self._assigned[slot] = mine
+            for index, addr in placed.items():
+                config.set_bar_address(index, addr)
+            if enable_memory:
+                config.set(PCI_COMMAND, 2, config.command | PCI_COMMAND_MEMORY)
+            self._attach(slot, device)
+        return slot
+
+    def _attach(self, slot: int, device: PciDevice) -> None:
+        self._slots[slot] = _Slot(device)
+        device.set_mapping_listener(lambda: self.reconcile(slot))
+        self.reconcile(slot)
+
+    def remove_device(self, slot: int) -> None:
+        with self._lock:
+            s = self._slots.pop(slot)
+            self._assigned.pop(slot, None)
+            s.device.set_mapping_listener(None)
+            self._apply(s, {}, set())
+
+    def device(self, slot: int) -> PciDevice | None:
+        s = self._slots.get(slot)
+        return None if s is None else s.device
+
+    @property
+    def devices(self) -> dict[int, PciDevice]:
+        return {n: s.device for n, s in self._slots.items()}
+
+    def _allocate(self, bar: BarInfo, taken: list[tuple[int, int]]) -> int:
+        """First fit, naturally aligned, in the preferred window; `taken` gets the new range."""
+        order = [self.mmio64, self.mmio32] if bar.mem64 else [self.mmio32]
+        for window in order:
+            if window is None:
+                continue
+            addr = (window.base + bar.size - 1) & ~(bar.size - 1)
+            for base, end in sorted(taken):
+                if addr + bar.size <= base:
+                    break
+                if end > addr:
+                    addr = (end + bar.size - 1) & ~(bar.size - 1)
+            if window.contains(addr, bar.size):
+                taken.append((addr, addr + bar.size))
+                return addr
+        raise ValueError(f"no room for a {bar.size:#x}-byte BAR in the MMIO windows")
+
+    # -- configuration access -------------------------------------------------------------------
+
+    def _function(self, address: int) -> PciDevice | None:
+        if not address & PCI_CONF1_ENABLE:
+            return None
+        bus, dev, fn = (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 0x7
+        if bus != 0 or fn != 0:
+            return None
+        s = self._slots.get(dev)
+        return None if s is None else s.device
+
+    def read_config_at(self, address: int, byte: int, size: int) -> int:
+        """A CONFIG_DATA read: `byte` (0-3) is the port offset from 0xCFC."""
+        device = self._function(address)
+        if device is None:
+            return (1 << (8 * size)) - 1
+        return device.config.read((address & 0xFC) + byte, size)
+
+    def write_config_at(self, address: int, byte: int, size: int, value: int) -> None:
+        device = self._function(address)
+        if device is not None:
+            device.config.write((address & 0xFC) + byte, size, value)
+
+    def read_config(self, slot: int, register: int, size: int) -> int:
+        """Read config space of 00:slot.0 directly (as mechanism #1 would)."""
+        return self.read_config_at(conf1_address(0, slot, 0, register), register & 3, size)
+
+    def write_config(self, slot: int, register: int, size: int, value: int) -> None:
+        self.write_config_at(conf1_address(0, slot, 0, register), register & 3, size, value)
+
+    # -- BAR mapping --------------------------------------------------------------------------
+
+    def reconcile(self, slot: int) -> None:
+        """Make the MMIO bus and ioeventfds match the device's BARs and command register."""
+        with self._lock:
+            s = self._slots.get(slot)
+            if s is None:
+                return
+            config = s.device.config
+            wanted: dict[int, int] = {}
+            if config.memory_enabled:
+                for bar in config.bars.values():
+                    addr = config.bar_address(bar.index)
+                    if self._placeable(s, bar, addr):
+                        wanted[bar.index] = addr
+            events: set[tuple[int, int, int, int | None]] = set()
+            for ev in s.device.ioeventfds():
+                target = config.bars.get(ev.bar)
+                if ev.bar in wanted and target is not None and 0 <= ev.offset <= target.size - ev.length:
+                    events.add((wanted[ev.bar] + ev.offset, ev.length, ev.fd, ev.datamatch))
+            self._apply(s, wanted, events, slot)
+
+    def _placeable(self, s: _Slot, bar: BarInfo, addr: int) -> bool:
+        if addr == 0:
+            return False  # unassigned
+        if any(w.contains(addr, bar.size) for w in self.windows):
+            return True
+        if self._is_sizing_pattern(bar, addr):
+            return False  # mid-sizing with decoding left on: not a placement
+        self._warn_once(s, bar.index, addr, "bar-outside-window", "outside the MMIO windows")
+        return False
+
+    @staticmethod
+    def _is_sizing_pattern(bar: BarInfo, addr: int) -> bool:
+        low_mask = ~(bar.size - 1) & 0xFFFF_FFF0
+        return addr & 0xFFFF_FFF0 == low_mask or (bar.mem64 and addr >> 32 == 0xFFFF_FFFF)
+
+    def _warn_once(self, s: _Slot, index: int, addr: int, kind: str, what: str) -> None:
+        if s.rejected.get(index) == addr:
+            return
+        s.rejected[index] = addr
+        self.warnings[kind] += 1
+        log.warning("pci %s: BAR%d at %#x %s: left unmapped", s.device.name, index, addr, what)
+
+    def _apply(
+        self, s: _Slot, wanted: dict[int, int], events: set[tuple[int, int, int, int | None]], slot: int = -1
+    ) -> None:
+        for ev in sorted(s.ioevents - events, key=str):
+            self._remove_ioevent(ev)
+            s.ioevents.discard(ev)
+        for index, (addr, rng) in list(s.mapped.items()):
+            if wanted.get(index) != addr:
+                self.mmio_bus.unregister(rng)
+                del s.mapped[index]
+        for index, addr in wanted.items():
+            if index in s.mapped:
+                continue
+            bar = s.device.config.bars[index]
+            try:
+                rng = self.mmio_bus.register(
+                    addr, bar.size, s.device.bar_handlers[index], f"pci-00:{slot:02x}.0-{s.device.name}-bar{index}"
+                )
+            except BusError as exc:
+                self._warn_once(s, index, addr, "bar-overlap", f"overlaps another range ({exc})")
+                continue
+            s.mapped[index] = (addr, rng)
+            s.rejected.pop(index, None)
+        for ev in sorted(events - s.ioevents, key=str):
+            if self._map_addr_ok(s, ev[0]):
+                try:
+                    self.ioevents.add_ioeventfd(ev[0], ev[1], ev[2], datamatch=ev[3])
+                except OSError as exc:
+                    self.warnings["ioeventfd"] += 1
+                    log.warning("pci %s: ioeventfd at %#x: %s", s.device.name, ev[0], exc)
+                    continue
+                s.ioevents.add(ev)
+
+    @staticmethod
+    def _map_addr_ok(s: _Slot, addr: int) -> bool:
+        return any(base <= addr < rng.end for base, rng in s.mapped.values())
+
+    def _remove_ioevent(self, ev: tuple[int, int, int, int | None]) -> None:
+        try:
+            self.ioevents.remove_ioeventfd(ev[0], ev[1], ev[2], datamatch=ev[3])
+        except OSError as exc:
+            self.warnings["ioeventfd"] += 1
+            log.warning("pci: removing ioeventfd at %#x: %s", ev[0], exc)
+
+    @property
+    def mapped_bars(self) -> dict[tuple[int, int], int]:
+        """(slot, BAR) -> the address it is mapped at, for diagnostics and tests."""
+        with self._lock:
+            return {(n, i): addr for n, s in self._slots.items() for i, (addr, _) in s.mapped.items()}
