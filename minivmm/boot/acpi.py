@@ -1,0 +1,282 @@
+"""ACPI tables for a hardware-reduced platform (ACPI 6.5, chapter 5), and the sleep registers.
+
+Layout, all in `layout.ACPI` (0xE0000-0xFFFFF, so a guest that is not told where the RSDP is
+finds it by scanning, section 5.2.5.1): RSDP (revision 2) at 0xE0000 -> XSDT -> FADT and
+MADT; FADT -> DSDT.
+
+Power-off (section 4.1 "Hardware-Reduced ACPI", 4.8.3.7 "Sleep Control and Status
+Registers", 7.4.2 "\\_Sx (System States)"): the FADT sets HW_REDUCED_ACPI and gives
+SLEEP_CONTROL_REG and SLEEP_STATUS_REG as one-byte System I/O registers at
+`layout.ACPI_SLEEP_CONTROL_PORT` / `layout.ACPI_SLEEP_STATUS_PORT`. The DSDT has
+`Name(_S5, Package(){5, 0})`. To power off, Linux reads SLP_TYPa = 5 from \\_S5, writes
+WAK_STS (0x80) to the status register to clear it, then writes
+`SLP_TYPx << 2 | SLP_EN (1 << 5)` = 0x34 to the control register. `SleepControl` below is
+the device on those ports: it calls `on_sleep(slp_typ)` and the machine ends the run when
+that is `S5_SLP_TYP`.
+
+The DSDT also describes the pvpanic device (`Device(PEVT)`, _HID "QEMU0001", one I/O port at
+`layout.PVPANIC_PORT`; Linux's pvpanic-mmio driver reads the port for the supported events
+and writes 1 (PVPANIC_PANICKED) on panic) and, unless `pci=False`, the PCI host bridge
+`\\_SB.PCI0` (PNP0A03) with its bus, I/O and memory windows and the INTx routing (_PRT):
+with ACPI on, Linux finds PCI root buses only through such an object.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import layout
+from ..memory import GuestMemory
+from . import aml
+
+OEM_ID = b"MINVMM"
+OEM_TABLE_ID = b"MINIVMM "
+OEM_REVISION = 1
+CREATOR_ID = b"MVMM"
+CREATOR_REVISION = 1
+
+# Table header (5.2.6): Signature, Length, Revision, Checksum, OEMID, OEM Table ID,
+# OEM Revision, Creator ID, Creator Revision.
+ACPI_TABLE_HEADER = struct.Struct("<4sIBB6s8sI4sI")
+# RSDP (5.2.5.3): Signature, Checksum, OEMID, Revision, RsdtAddress, Length, XsdtAddress,
+# Extended Checksum, Reserved.
+RSDP_STRUCT = struct.Struct("<8sB6sBIIQB3s")
+RSDP_SIGNATURE = b"RSD PTR "
+RSDP_REVISION = 2
+RSDP_V1_LENGTH = 20
+# Generic Address Structure (5.2.3.2): Address Space ID, Register Bit Width, Register Bit
+# Offset, Access Size, Address.
+GENERIC_ADDRESS = struct.Struct("<BBBBQ")
+ACPI_ADR_SPACE_SYSTEM_IO = 1
+ACCESS_SIZE_BYTE = 1
+
+XSDT_REVISION = 1
+DSDT_REVISION = 2  # 64-bit AML integers
+MADT_REVISION = 5
+FADT_REVISION = 6
+FADT_MINOR_VERSION = 5
+FADT_LENGTH = 276
+
+# FADT field offsets (5.2.9, table 5.9).
+FADT_FIRMWARE_CTRL = 36
+FADT_DSDT = 40
+FADT_PREFERRED_PM_PROFILE = 45
+FADT_SCI_INT = 46
+FADT_IAPC_BOOT_ARCH = 109
+FADT_FLAGS = 112
+FADT_MINOR_VERSION_OFFSET = 131
+FADT_X_FIRMWARE_CTRL = 132
+FADT_X_DSDT = 140
+FADT_SLEEP_CONTROL_REG = 244
+FADT_SLEEP_STATUS_REG = 256
+FADT_HYPERVISOR_VENDOR_IDENTITY = 268
+
+# FADT Flags (table 5.10).
+WBINVD = 1 << 0
+PWR_BUTTON = 1 << 4  # no fixed-feature power button
+SLP_BUTTON = 1 << 5  # no fixed-feature sleep button
+HW_REDUCED_ACPI = 1 << 20
+# IA-PC Boot Architecture Flags (table 5.11).
+LEGACY_DEVICES = 1 << 0  # ISA devices: COM1
+IAPC_8042 = 1 << 1  # an i8042 at 0x60/0x64
+VGA_NOT_PRESENT = 1 << 2
+MSI_NOT_SUPPORTED = 1 << 3
+CMOS_RTC_NOT_PRESENT = 1 << 5
+
+# MADT (5.2.12): Local Interrupt Controller Address, Flags, then structures.
+MADT_FIXED = struct.Struct("<II")
+PCAT_COMPAT = 1 << 0  # dual 8259s present
+MADT_LOCAL_APIC = struct.Struct("<BBBBI")  # Type 0, Length 8, ACPI Processor UID, APIC ID, Flags
+MADT_IO_APIC = struct.Struct("<BBBBII")  # Type 1, Length 12, I/O APIC ID, Reserved, Address, GSI Base
+MADT_INTERRUPT_SOURCE_OVERRIDE = struct.Struct("<BBBBIH")  # Type 2, Length 10, Bus, Source, GSI, Flags
+MADT_LOCAL_APIC_NMI = struct.Struct("<BBBHB")  # Type 4, Length 6, UID, Flags, LINT#
+LOCAL_APIC_ENABLED = 1 << 0
+IOAPIC_ID = 0  # what KVM's in-kernel IOAPIC reports in its ID register after reset
+ALL_PROCESSORS = 0xFF
+MPS_INTI_POLARITY_HIGH = 1
+MPS_INTI_TRIGGER_EDGE = 1 << 2
+
+# Sleep registers (4.8.3.7).
+SLP_TYP_SHIFT = 2
+SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
+SLP_EN = 1 << 5
+WAK_STS = 1 << 7
+S5_SLP_TYP = 5
+
+PVPANIC_HID = "QEMU0001"
+
+
+def checksum(data: bytes | bytearray) -> int:
+    """The byte that makes `data` sum to 0 modulo 256 (5.2.6)."""
+    return (-sum(data)) & 0xFF
+
+
+def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
+    """A System Description Table: header (5.2.6) + body, with the checksum filled in."""
+    length = ACPI_TABLE_HEADER.size + len(body)
+    header = ACPI_TABLE_HEADER.pack(signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, OEM_REVISION, CREATOR_ID, CREATOR_REVISION)
+    table = bytearray(header + body)
+    table[9] = checksum(table)
+    return bytes(table)
+
+
+def gas_io(port: int, width_bits: int = 8) -> bytes:
+    return GENERIC_ADDRESS.pack(ACPI_ADR_SPACE_SYSTEM_IO, width_bits, 0, ACCESS_SIZE_BYTE, port)
+
+
+def rsdp(xsdt_addr: int) -> bytes:
+    """RSDP revision 2 (5.2.5.3): the first 20 bytes and the whole 36 bytes each sum to 0."""
+    raw = bytearray(RSDP_STRUCT.pack(RSDP_SIGNATURE, 0, OEM_ID, RSDP_REVISION, 0, RSDP_STRUCT.size, xsdt_addr, 0, b"\0\0\0"))
+    raw[8] = checksum(raw[:RSDP_V1_LENGTH])
+    raw[32] = checksum(raw)
+    return bytes(raw)
+
+
+def xsdt(entries: list[int]) -> bytes:
+    return sdt(b"XSDT", XSDT_REVISION, b"".join(struct.pack("<Q", e) for e in entries))
+
+
+def fadt(dsdt_addr: int, cmos_rtc: bool = False) -> bytes:
+    """FADT revision 6 (5.2.9) for a hardware-reduced platform with legacy COM1 and i8042."""
+    body = bytearray(FADT_LENGTH)
+    struct.pack_into("<I", body, FADT_DSDT, dsdt_addr)
+    boot_arch = LEGACY_DEVICES | IAPC_8042 | VGA_NOT_PRESENT | (0 if cmos_rtc else CMOS_RTC_NOT_PRESENT)
+    struct.pack_into("<H", body, FADT_IAPC_BOOT_ARCH, boot_arch)
+    struct.pack_into("<I", body, FADT_FLAGS, WBINVD | PWR_BUTTON | SLP_BUTTON | HW_REDUCED_ACPI)
+    body[FADT_MINOR_VERSION_OFFSET] = FADT_MINOR_VERSION
+    struct.pack_into("<Q", body, FADT_X_DSDT, dsdt_addr)
+    body[FADT_SLEEP_CONTROL_REG : FADT_SLEEP_CONTROL_REG + GENERIC_ADDRESS.size] = gas_io(layout.ACPI_SLEEP_CONTROL_PORT)
+    body[FADT_SLEEP_STATUS_REG : FADT_SLEEP_STATUS_REG + GENERIC_ADDRESS.size] = gas_io(layout.ACPI_SLEEP_STATUS_PORT)
+    body[FADT_HYPERVISOR_VENDOR_IDENTITY : FADT_LENGTH] = b"MINIVMM\0"
+    return sdt(b"FACP", FADT_REVISION, bytes(body[ACPI_TABLE_HEADER.size :]))
+
+
+def madt(ncpus: int) -> bytes:
+    """MADT (5.2.12): one enabled Processor Local APIC per vCPU (APIC ID = index), the I/O
+    APIC with GSI base 0, ISA IRQ0 -> GSI 2 override, and LINT1 as NMI on every CPU."""
+    parts = [MADT_FIXED.pack(layout.LAPIC.base, PCAT_COMPAT)]
+    for cpu in range(ncpus):
+        parts.append(MADT_LOCAL_APIC.pack(0, MADT_LOCAL_APIC.size, cpu, cpu, LOCAL_APIC_ENABLED))
+    parts.append(MADT_IO_APIC.pack(1, MADT_IO_APIC.size, IOAPIC_ID, 0, layout.IOAPIC.base, 0))
+    parts.append(MADT_INTERRUPT_SOURCE_OVERRIDE.pack(2, MADT_INTERRUPT_SOURCE_OVERRIDE.size, 0, 0, 2, 0))
+    parts.append(MADT_LOCAL_APIC_NMI.pack(4, MADT_LOCAL_APIC_NMI.size, ALL_PROCESSORS, 0, 1))
+    return sdt(b"APIC", MADT_REVISION, b"".join(parts))
+
+
+def pci_host_bridge(mem_size: int) -> bytes:
+    """\\_SB.PCI0: the PCI host bridge (PNP0A03) using configuration mechanism #1."""
+    mmio32 = layout.PCI_MMIO32
+    mmio64_base, mmio64_size = layout.pci_mmio64_window(mem_size)
+    crs = aml.resource_template(
+        aml.word_bus_number(0x00, 0xFF),
+        aml.io_port(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_ADDRESS_PORT, 1, layout.PCI_CONFIG_PORT_COUNT),
+        aml.word_io(0x0000, layout.PCI_CONFIG_ADDRESS_PORT - 1),
+        aml.word_io(0x0D00, 0xFFFF),
+        aml.dword_memory(mmio32.base, mmio32.end - 1),
+        aml.qword_memory(mmio64_base, mmio64_base + mmio64_size - 1),
+    )
+    prt = aml.package(
+        *(
+            aml.package(aml.dword(slot << 16 | 0xFFFF), aml.integer(pin), aml.integer(0), aml.integer(layout.pci_intx_gsi(slot, pin)))
+            for slot in range(32)
+            for pin in range(4)
+        )
+    )
+    return aml.device(
+        "PCI0",
+        aml.name("_HID", aml.eisa_id("PNP0A03")),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(0)),
+        aml.name("_CRS", crs),
+        aml.name("_PRT", prt),
+    )
+
+
+def pvpanic_device() -> bytes:
+    port = layout.PVPANIC_PORT
+    return aml.device(
+        "PEVT",
+        aml.name("_HID", aml.string(PVPANIC_HID)),
+        aml.name("_CRS", aml.resource_template(aml.io_port(port, port, 1, 1))),
+    )
+
+
+def dsdt_aml(mem_size: int, pci: bool = True) -> bytes:
+    """The DSDT's definition block body (AML)."""
+    sb = [pci_host_bridge(mem_size)] if pci else []
+    sb.append(pvpanic_device())
+    return aml.name("_S5_", aml.package(aml.integer(S5_SLP_TYP), aml.integer(0))) + aml.scope("\\_SB_", *sb)
+
+
+def dsdt(mem_size: int, pci: bool = True) -> bytes:
+    return sdt(b"DSDT", DSDT_REVISION, dsdt_aml(mem_size, pci))
+
+
+@dataclass(frozen=True)
+class AcpiTables:
+    """Where each table went: signature -> (gpa, length)."""
+
+    rsdp_addr: int
+    tables: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _align(n: int) -> int:
+    return layout.align_up(n, 16)
+
+
+def write_acpi_tables(mem: GuestMemory, ncpus: int, mem_size: int, *, pci: bool = True, cmos_rtc: bool = False) -> AcpiTables:
+    """Build every table into `layout.ACPI`; the RSDP is at its start."""
+    if not 1 <= ncpus <= 255:
+        raise ValueError(f"ncpus {ncpus} out of range")
+    area = layout.ACPI
+    rsdp_addr = area.base
+    xsdt_addr = _align(rsdp_addr + RSDP_STRUCT.size)
+    dsdt_blob = dsdt(mem_size, pci)
+    madt_blob = madt(ncpus)
+    # XSDT holds two 8-byte entries.
+    fadt_addr = _align(xsdt_addr + ACPI_TABLE_HEADER.size + 2 * 8)
+    madt_addr = _align(fadt_addr + FADT_LENGTH)
+    dsdt_addr = _align(madt_addr + len(madt_blob))
+    if dsdt_addr + len(dsdt_blob) > area.end:
+        raise ValueError("ACPI tables do not fit in the ACPI area")
+    blobs = {
+        "RSDP": (rsdp_addr, rsdp(xsdt_addr)),
+        "XSDT": (xsdt_addr, xsdt([fadt_addr, madt_addr])),
+        "FACP": (fadt_addr, fadt(dsdt_addr, cmos_rtc)),
+        "APIC": (madt_addr, madt_blob),
+        "DSDT": (dsdt_addr, dsdt_blob),
+    }
+    mem.write(area.base, bytes(area.size))
+    for addr, blob in blobs.values():
+        mem.write(addr, blob)
+    return AcpiTables(rsdp_addr, {sig: (addr, len(blob)) for sig, (addr, blob) in blobs.items()})
+
+
+def build_acpi(mem: GuestMemory, ncpus: int, mem_size: int, *, pci: bool = True, cmos_rtc: bool = False) -> int:
+    """Write the ACPI tables; returns the RSDP address (for boot_params/hvm_start_info)."""
+    return write_acpi_tables(mem, ncpus, mem_size, pci=pci, cmos_rtc=cmos_rtc).rsdp_addr
+
+
+class SleepControl:
+    """The hardware-reduced sleep registers as one 2-port bus device (register it at
+    `layout.ACPI_SLEEP_CONTROL_PORT`, size 2): offset 0 is SLEEP_CONTROL_REG, offset 1 is
+    SLEEP_STATUS_REG. A control write with SLP_EN set calls `on_sleep(SLP_TYP)`; the machine
+    powers off when that is `S5_SLP_TYP`. Status reads return WAK_STS once a sleep was
+    requested; writing WAK_STS clears it."""
+
+    def __init__(self, on_sleep: Callable[[int], None]) -> None:
+        self.on_sleep = on_sleep
+        self.status = 0
+
+    def read(self, offset: int, size: int) -> int:
+        return self.status if offset == 1 else 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 1:
+            self.status &= ~(value & WAK_STS)
+        elif offset == 0 and value & SLP_EN:
+            self.status |= WAK_STS
+            self.on_sleep((value & SLP_TYP_MASK) >> SLP_TYP_SHIFT)

@@ -1,0 +1,293 @@
+"""The guest physical memory map and the platform's fixed I/O ports: one declared table.
+
+Everything that places something in guest-physical space or claims a port takes its address
+from here, so the map below is the whole truth (README copies it):
+
+=========================  =========================  ==========================================
+guest physical range       name                       contents
+=========================  =========================  ==========================================
+0x0000_0000-0x0000_0FFF    real_mode_ivt_bda          real-mode IVT and BIOS data area (zero)
+0x0000_1000-0x0000_1FFF    boot_gdt                   GDT for the entry state (code32, code64,
+                                                      data, TSS); Linux __BOOT_CS=0x10/DS=0x18
+0x0000_2000-0x0000_2FFF    pvh_start_info             hvm_start_info, hvm_modlist_entry[1],
+                                                      hvm_memmap_table_entry[] (PVH boot)
+0x0000_6000-0x0000_6FFF    boot_stack                 initial stack (RSP = 0x6FF0)
+0x0000_7000-0x0000_7FFF    zero_page                  boot_params (bzImage boot)
+0x0000_9000-0x0000_EFFF    page_tables                PML4, PDPT, 4 PDs: 4 GiB identity, 2 MiB
+0x0002_0000-0x0002_0FFF    cmdline                    kernel command line, NUL terminated
+0x0009_FC00-0x0009_FFFF    ebda                       extended BIOS data area (reserved)
+0x000A_0000-0x000D_FFFF    vga_rom_hole               legacy VGA/option-ROM hole (reserved)
+0x000E_0000-0x000F_FFFF    acpi                       ACPI tables; RSDP at 0xE0000 (scannable)
+0x0010_0000-...            kernel                     bzImage protected-mode code at 1 MiB;
+                                                      vmlinux at its p_paddr (usually 16 MiB)
+...-low RAM top            initrd                     page aligned, as high as allowed
+low RAM top = min(mem, 3 GiB)
+0xC000_0000-0xFEBF_FFFF    pci_mmio32                 32-bit PCI MMIO window (BARs)
+0xFEC0_0000-0xFEC0_0FFF    ioapic                     I/O APIC
+0xFEE0_0000-0xFEE0_0FFF    lapic                      local APICs
+0x1_0000_0000-...          ram_high                   RAM above 3 GiB continues at 4 GiB
+align_up(top, 1 GiB)       pci_mmio64                 64-bit PCI MMIO window, 16 GiB
+after pci_mmio64           pmem                       pmem slots, 128 MiB aligned, below the
+                                                      guest physical address limit (2^39)
+=========================  =========================  ==========================================
+
+Platform I/O ports (all owned by the machine's devices):
+
+=============  ===========================================================
+0x0060, 0x64   i8042 keyboard controller (data, command/status); reset
+0x0080         POST diagnostic port (writes ignored)
+0x03F8-0x3FF   COM1 16550 UART, ISA IRQ 4
+0x0505         pvpanic (ACPI "QEMU0001"); reads report capabilities
+0x0600         ACPI sleep control register (FADT SLEEP_CONTROL_REG)
+0x0601         ACPI sleep status register (FADT SLEEP_STATUS_REG)
+0x0CF8-0xCFF   PCI configuration mechanism #1 (address 0xCF8, data 0xCFC)
+=============  ===========================================================
+
+E820 types follow the ACPI spec, section 15 ("System Address Map Interfaces").
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import UserError
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE_SIZE = 4 * KiB
+
+
+def align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def align_down(value: int, align: int) -> int:
+    return value // align * align
+
+
+@dataclass(frozen=True)
+class Range:
+    """One named guest-physical range of the fixed map."""
+
+    name: str
+    base: int
+    size: int
+    description: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    def __contains__(self, gpa: int) -> bool:
+        return self.base <= gpa < self.end
+
+
+# --- the fixed map (addresses independent of the memory size) ---------------------------------
+
+REAL_MODE_IVT_BDA = Range("real_mode_ivt_bda", 0x0000, 0x1000, "real-mode IVT and BIOS data area")
+BOOT_GDT = Range("boot_gdt", 0x1000, 0x1000, "GDT for the entry state")
+PVH_START_INFO = Range("pvh_start_info", 0x2000, 0x1000, "hvm_start_info, modlist and memmap")
+BOOT_STACK = Range("boot_stack", 0x6000, 0x1000, "initial stack")
+ZERO_PAGE = Range("zero_page", 0x7000, 0x1000, "boot_params (zero page)")
+PAGE_TABLES = Range("page_tables", 0x9000, 0x6000, "PML4, PDPT and 4 PDs identity-mapping 4 GiB")
+CMDLINE = Range("cmdline", 0x20000, 0x1000, "kernel command line")
+EBDA = Range("ebda", 0x9FC00, 0x400, "extended BIOS data area")
+VGA_ROM_HOLE = Range("vga_rom_hole", 0xA0000, 0x40000, "legacy VGA and option-ROM hole")
+ACPI = Range("acpi", 0xE0000, 0x20000, "ACPI tables; RSDP at the start")
+HIGH_MEMORY = 0x100000  # 1 MiB: the bzImage protected-mode kernel is loaded here
+KERNEL_LOAD = Range("kernel", HIGH_MEMORY, 0, "kernel image (size depends on the kernel)")
+
+LOW_RAM_MAX = 3 * GiB  # RAM below 4 GiB ends here at most
+FOUR_GIB = 4 * GiB
+PCI_MMIO32 = Range("pci_mmio32", 0xC000_0000, 0xFEC0_0000 - 0xC000_0000, "32-bit PCI MMIO window")
+IOAPIC = Range("ioapic", 0xFEC0_0000, 0x1000, "I/O APIC")
+LAPIC = Range("lapic", 0xFEE0_0000, 0x1000, "local APIC")
+PCI_MMIO64_SIZE = 16 * GiB
+PCI_MMIO64_ALIGN = 1 * GiB
+PMEM_ALIGN = 128 * MiB  # the x86-64 memory hotplug section size
+DEFAULT_PHYS_ADDR_BITS = 39
+
+FIXED_MAP: tuple[Range, ...] = (
+    REAL_MODE_IVT_BDA,
+    BOOT_GDT,
+    PVH_START_INFO,
+    BOOT_STACK,
+    ZERO_PAGE,
+    PAGE_TABLES,
+    CMDLINE,
+    EBDA,
+    VGA_ROM_HOLE,
+    ACPI,
+    PCI_MMIO32,
+    IOAPIC,
+    LAPIC,
+)
+
+# Sub-layout of the fixed ranges.
+BOOT_STACK_TOP = BOOT_STACK.end - 0x10
+PVH_MODLIST_ADDR = PVH_START_INFO.base + 0x40
+PVH_MEMMAP_ADDR = PVH_START_INFO.base + 0x80
+PML4_ADDR = PAGE_TABLES.base
+PDPT_ADDR = PAGE_TABLES.base + 0x1000
+PD_ADDR = PAGE_TABLES.base + 0x2000  # 4 consecutive page directories
+RSDP_ADDR = ACPI.base
+SETUP_HEAP_END = 0xE000  # boot.rst: end of the setup heap, relative to the real-mode code
+
+# --- platform I/O ports and interrupts --------------------------------------------------------
+
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+I8042_IRQ = 1
+POST_PORT = 0x80
+COM1_PORT = 0x3F8
+COM1_PORT_COUNT = 8
+COM1_IRQ = 4
+PVPANIC_PORT = 0x505
+ACPI_SLEEP_CONTROL_PORT = 0x600
+ACPI_SLEEP_STATUS_PORT = 0x601
+PCI_CONFIG_ADDRESS_PORT = 0xCF8
+PCI_CONFIG_DATA_PORT = 0xCFC
+PCI_CONFIG_PORT_COUNT = 8  # 0xCF8-0xCFF
+IOAPIC_NUM_PINS = 24
+PCI_INTX_GSI_BASE = 16  # GSIs 16..23 carry PCI INTx
+
+
+def pci_intx_gsi(slot: int, pin: int) -> int:
+    """The IOAPIC GSI that PCI device `slot` (0-31) pin `pin` (0=INTA..3=INTD) is wired to.
+
+    The conventional swizzle over the 8 free IOAPIC pins 16-23; the DSDT's _PRT says the same,
+    so the PCI model must assert exactly this GSI (level triggered, active low)."""
+    return PCI_INTX_GSI_BASE + (slot + pin) % (IOAPIC_NUM_PINS - PCI_INTX_GSI_BASE)
+
+
+# --- RAM and the E820 map ----------------------------------------------------------------------
+
+E820_RAM = 1
+E820_RESERVED = 2
+E820_ACPI = 3
+E820_NVS = 4
+E820_UNUSABLE = 5
+E820_PMEM = 7
+E820_MAX_ENTRIES_ZEROPAGE = 128
+
+MIN_MEM_SIZE = 16 * MiB
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    """One entry of the BIOS E820 map (struct boot_e820_entry: addr, size, type)."""
+
+    addr: int
+    size: int
+    type: int
+
+    FORMAT = struct.Struct("<QQI")  # struct boot_e820_entry, packed, 20 bytes
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(self.addr, self.size, self.type)
+
+
+def check_mem_size(mem_size: int, phys_addr_bits: int = DEFAULT_PHYS_ADDR_BITS) -> None:
+    """Reject a RAM size the map cannot hold (UserError)."""
+    if mem_size < MIN_MEM_SIZE:
+        raise UserError(f"memory size {mem_size // MiB} MiB is too small: the minimum is {MIN_MEM_SIZE // MiB} MiB")
+    if mem_size % PAGE_SIZE:
+        raise UserError(f"memory size {mem_size:#x} is not a multiple of 4 KiB")
+    top = FOUR_GIB + mem_size - LOW_RAM_MAX if mem_size > LOW_RAM_MAX else mem_size
+    if pmem_base(top) > 1 << phys_addr_bits:
+        raise UserError(
+            f"memory size {mem_size // GiB} GiB does not fit below the {phys_addr_bits}-bit guest physical address limit"
+        )
+
+
+def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
+    """Guest RAM as (gpa, size): up to 3 GiB from 0, the rest from 4 GiB."""
+    check_mem_size(mem_size)
+    low = min(mem_size, LOW_RAM_MAX)
+    ranges = [(0, low)]
+    if mem_size > low:
+        ranges.append((FOUR_GIB, mem_size - low))
+    return ranges
+
+
+def low_ram_top(mem_size: int) -> int:
+    """End of the RAM below 4 GiB (where the kernel, initrd and boot data must go)."""
+    return min(mem_size, LOW_RAM_MAX)
+
+
+def ram_top(mem_size: int) -> int:
+    """End of the highest RAM range."""
+    gpa, size = ram_ranges(mem_size)[-1]
+    return gpa + size
+
+
+def pci_mmio64_window(mem_size: int) -> tuple[int, int]:
+    """(base, size) of the 64-bit PCI MMIO window: 1 GiB aligned above RAM and above 4 GiB."""
+    base = align_up(max(ram_top(mem_size), FOUR_GIB), PCI_MMIO64_ALIGN)
+    return base, PCI_MMIO64_SIZE
+
+
+def pmem_base(ram_top: int) -> int:
+    """First pmem slot address: 128 MiB aligned, past RAM ending at `ram_top` and past the
+    64-bit PCI window (which sits 1 GiB aligned right above RAM and 4 GiB)."""
+    mmio64 = align_up(max(ram_top, FOUR_GIB), PCI_MMIO64_ALIGN)
+    return align_up(mmio64 + PCI_MMIO64_SIZE, PMEM_ALIGN)
+
+
+class PmemAllocator:
+    """Hands out 128 MiB-aligned guest-physical slots for pmem regions.
+
+    Slots are consecutive from `pmem_base(ram_top)`; a region of any size occupies a slot
+    rounded up to 128 MiB so the next one stays aligned. Everything stays below
+    2**phys_addr_bits (the guest's physical address width)."""
+
+    def __init__(self, ram_top: int, phys_addr_bits: int = DEFAULT_PHYS_ADDR_BITS) -> None:
+        self.limit = 1 << phys_addr_bits
+        self.phys_addr_bits = phys_addr_bits
+        self.next = pmem_base(ram_top)
+        self.slots: list[tuple[int, int]] = []
+
+    def allocate(self, size: int, name: str = "pmem") -> int:
+        if size <= 0:
+            raise UserError(f"{name}: size must be positive")
+        gpa = self.next
+        end = gpa + align_up(size, PMEM_ALIGN)
+        if end > self.limit:
+            raise UserError(
+                f"{name}: {size // MiB} MiB at {gpa:#x} exceeds the {self.phys_addr_bits}-bit guest physical address limit"
+            )
+        self.next = end
+        self.slots.append((gpa, size))
+        return gpa
+
+
+def e820_map(mem_size: int) -> list[E820Entry]:
+    """The E820 map the guest sees (also the PVH memmap): RAM, with the EBDA reserved, the
+    VGA/ROM hole left out, the ACPI tables area typed ACPI and RAM from 1 MiB up."""
+    low = low_ram_top(mem_size)
+    entries = [
+        E820Entry(0, EBDA.base, E820_RAM),
+        E820Entry(EBDA.base, EBDA.size, E820_RESERVED),
+        E820Entry(ACPI.base, ACPI.size, E820_ACPI),
+        E820Entry(HIGH_MEMORY, low - HIGH_MEMORY, E820_RAM),
+    ]
+    for gpa, size in ram_ranges(mem_size)[1:]:
+        entries.append(E820Entry(gpa, size, E820_RAM))
+    return entries
+
+
+def describe(mem_size: int) -> list[tuple[int, int, str]]:
+    """The full map for `mem_size` as (base, size, name), sorted: for --trace and README."""
+    rows = [(r.base, r.size, r.name) for r in FIXED_MAP]
+    for i, (gpa, size) in enumerate(ram_ranges(mem_size)):
+        rows.append((gpa, size, "ram_low" if i == 0 else "ram_high"))
+    base, size = pci_mmio64_window(mem_size)
+    rows.append((base, size, "pci_mmio64"))
+    rows.append((pmem_base(ram_top(mem_size)), 0, "pmem"))
+    return sorted(rows)

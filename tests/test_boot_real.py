@@ -1,0 +1,69 @@
+"""Loading the real default guest kernel (vmlinux through PVH, bzImage through the 64-bit
+protocol), checked against what pyelftools and the raw header say independently."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from minivmm import layout
+from minivmm.boot import acpi, bzimage, load_kernel, pvh
+from minivmm.memory import GuestMemory
+
+MEM = 256 * layout.MiB
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory.anonymous(MEM)
+    return m
+
+
+def test_vmlinux_pvh(guest_kernel_dir, mem):
+    path = guest_kernel_dir / "vmlinux"
+    rsdp = acpi.build_acpi(mem, 1, MEM)
+    entry = load_kernel(mem, path, None, "console=ttyS0", MEM, rsdp)
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        phys32 = []
+        for seg in elf.iter_segments():
+            if seg.header.p_type == "PT_LOAD":
+                data = seg.data()
+                assert mem.read(seg.header.p_paddr, len(data)) == data
+                tail = seg.header.p_memsz - seg.header.p_filesz
+                if tail:
+                    assert not any(mem.read(seg.header.p_paddr + seg.header.p_filesz, tail))
+            elif seg.header.p_type == "PT_NOTE":
+                for note in seg.iter_notes():
+                    if note["n_name"] == "Xen" and note["n_descsz"] in (4, 8) and note["n_type"] in (18, "NT_GNU_PROPERTY_TYPE_0"):
+                        if note["n_type"] == 18 or note["n_descsz"] == 4:
+                            phys32.append(int.from_bytes(note["n_descdata"], "little"))
+    assert entry.rip in phys32
+    assert entry.mode == "protected32" and entry.rbx == layout.PVH_START_INFO.base
+    magic, version, *_ = mem.read_struct(entry.rbx, pvh.HVM_START_INFO)
+    assert (magic, version) == (pvh.XEN_HVM_START_MAGIC_VALUE, 1)
+    assert entry.kernel.gpa >= layout.HIGH_MEMORY and entry.kernel.end <= MEM
+
+
+def test_bzimage(guest_kernel_dir, mem, tmp_path):
+    path = guest_kernel_dir / "bzImage"
+    raw = path.read_bytes()
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\x07" * 100_000)
+    entry = load_kernel(mem, path, initrd, "console=ttyS0", MEM, 0xE0000)
+    setup_sects = raw[0x1F1] or 4
+    setup = (setup_sects + 1) * 512
+    assert mem.read(layout.HIGH_MEMORY, len(raw) - setup) == raw[setup:]
+    zp = layout.ZERO_PAGE.base
+    version = struct.unpack_from("<H", raw, 0x206)[0]
+    assert mem.read_int(zp + 0x206, 2) == version >= 0x020C
+    assert mem.read_int(zp + 0x210, 1) == 0xFF
+    assert entry.rip == layout.HIGH_MEMORY + 0x200 and entry.rsi == zp and entry.mode == "long64"
+    init_size = struct.unpack_from("<I", raw, 0x260)[0]
+    pref = struct.unpack_from("<Q", raw, 0x258)[0]
+    assert entry.initrd.gpa >= max(pref, layout.HIGH_MEMORY) + init_size
+    assert entry.initrd.end <= struct.unpack_from("<I", raw, 0x22C)[0] + 1
+    hdr = bzimage.SetupHeader.unpack(mem.read(zp + 0x1F1, bzimage.SetupHeader.FORMAT.size))
+    assert hdr.ramdisk_image == entry.initrd.gpa and hdr.cmd_line_ptr == layout.CMDLINE.base
