@@ -7,6 +7,7 @@ have set (Intel SDM vol. 3, "Processor Initialization"; Documentation/virt/kvm/a
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Any, Iterable
 
@@ -55,8 +56,6 @@ APIC_LVT1 = 0x360
 APIC_MODE_EXTINT = 0x7
 APIC_MODE_NMI = 0x4
 
-SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g")
-SEGMENT_REGISTERS = ("cs", "ds", "es", "fs", "gs", "ss", "tr")
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 
 
@@ -101,20 +100,18 @@ def setup_lapic(vcpu: Vcpu) -> None:
 
 
 def apply_entry(vcpu: Vcpu, entry: Any) -> None:
-    """Copy a boot entry (segments, control registers, GDT, RIP, registers) into the vCPU."""
+    """Copy a `BootEntry` (segments, control registers, descriptor tables, registers) into the vCPU."""
     sregs = vcpu.get_sregs()
-    for name in SEGMENT_REGISTERS:
-        seg = getattr(entry, name)
+    for name, seg in entry.segments.items():
         dst = getattr(sregs, name)
-        for field in SEGMENT_FIELDS:
-            setattr(dst, field, getattr(seg, field))
+        for f in dataclasses.fields(seg):
+            setattr(dst, f.name, getattr(seg, f.name))
     for name in CONTROL_REGISTERS:
         setattr(sregs, name, getattr(entry, name))
     sregs.gdt.base, sregs.gdt.limit = entry.gdt_base, entry.gdt_limit
+    sregs.idt.base, sregs.idt.limit = entry.idt_base, entry.idt_limit
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
     for name, value in entry.regs.items():
         setattr(regs, name, value)
-    regs.rip = entry.rip
-    regs.rflags = 0x2  # bit 1 is reserved-one; interrupts off until the kernel enables them
     vcpu.set_regs(regs)

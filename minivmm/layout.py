@@ -104,6 +104,10 @@ FOUR_GIB = 4 * GiB
 PCI_MMIO32 = Range("pci_mmio32", 0xC000_0000, 0xFEC0_0000 - 0xC000_0000, "32-bit PCI MMIO window")
 IOAPIC = Range("ioapic", 0xFEC0_0000, 0x1000, "I/O APIC")
 LAPIC = Range("lapic", 0xFEE0_0000, 0x1000, "local APIC")
+# Intel VMX needs three pages for real-mode emulation (KVM_SET_TSS_ADDR) and one for the EPT
+# identity map (KVM_SET_IDENTITY_MAP_ADDR); they sit above the LAPIC, clear of every window.
+IDENTITY_MAP_ADDR = 0xFEFF_C000
+TSS_ADDR = 0xFEFF_D000
 PCI_MMIO64_SIZE = 16 * GiB
 PCI_MMIO64_ALIGN = 1 * GiB
 PMEM_ALIGN = 128 * MiB  # the x86-64 memory hotplug section size

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cpu, hostcheck, layout
-from .boot import acpi, load_kernel
+from .boot import build_acpi, load_kernel
 from .bus import Bus
 from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
@@ -122,7 +122,7 @@ class Machine:
     # -- boot -----------------------------------------------------------------------------
     def _boot(self) -> None:
         cfg = self.config
-        rsdp = acpi.build_acpi(self.mem, ncpus=cfg.cpus)
+        rsdp = build_acpi(self.mem, cfg.cpus, cfg.mem_size)
         cmdline = cfg.cmdline
         if self.host.software_kvm:
             cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
