@@ -1,0 +1,79 @@
+#!/bin/sh
+# /init of the minivmm default guest (busybox sh).
+#
+# Kernel command line:
+#   minivmm.script=NAME   run /etc/minivmm/NAME.sh, then power off
+#   minivmm.nomount       leave /dev/pmem0 unmounted
+# Without minivmm.script: an interactive shell on the console; power off when
+# it exits.  Every log line starts with "minivmm: " (tests match them).
+
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+
+# To the kernel log (synchronous, survives a broken tty path) and the console.
+log() {
+	echo "minivmm: $*" >/dev/kmsg 2>/dev/null
+	echo "minivmm: $*" >/dev/console 2>/dev/null
+}
+
+# Flush filesystems (virtio-pmem only persists what is flushed) and stop.
+power_off() {
+	log "powering off"
+	sync
+	umount /mnt 2>/dev/null
+	exec poweroff -f
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /tmp /mnt
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+
+log "init started"
+cmdline=$(cat /proc/cmdline)
+log "cmdline: $cmdline"
+
+script=
+nomount=
+for word in $cmdline; do
+	case "$word" in
+	minivmm.script=*) script=${word#minivmm.script=} ;;
+	minivmm.nomount) nomount=1 ;;
+	esac
+done
+
+if [ -b /dev/pmem0 ]; then
+	if [ -n "$nomount" ]; then
+		log "/dev/pmem0 not mounted (minivmm.nomount)"
+	elif mount -o dax /dev/pmem0 /mnt 2>/dev/null; then
+		log "mounted /dev/pmem0 on /mnt with dax"
+	elif mount /dev/pmem0 /mnt; then
+		log "mounted /dev/pmem0 on /mnt without dax (dax mount failed)"
+	else
+		log "mount of /dev/pmem0 failed"
+	fi
+fi
+
+if [ -n "$script" ]; then
+	case "$script" in
+	*/* | .*) log "bad script name: $script" ;;
+	*)
+		if [ -f "/etc/minivmm/$script.sh" ]; then
+			log "running script $script"
+			sh "/etc/minivmm/$script.sh"
+			log "script $script exited with status $?"
+		else
+			log "no script /etc/minivmm/$script.sh"
+		fi
+		;;
+	esac
+	power_off
+fi
+
+log "starting shell"
+# setsid + cttyhack: the shell gets the real console as its controlling tty,
+# so job control and ^C work.
+setsid cttyhack sh
+log "shell exited"
+power_off

@@ -1,0 +1,599 @@
+/*
+ * minivmm-test: a static test init for the minivmm default guest.
+ *
+ * Boot it with rdinit=/sbin/minivmm-test.  It never forks (threads only), so a
+ * guest whose fork/exec path is broken still reports.  It runs the steps named
+ * on the kernel command line and then ends the VM:
+ *
+ *   minivmm.steps=hello,mounts,getpid:1000,uname   (comma separated)
+ *   minivmm.end=poweroff|reboot|panic|none          (default: poweroff)
+ *
+ * A step is NAME, NAME:ARG, or NAME followed by digits (getpid1000 is
+ * getpid:1000).  Parameters containing a dot never reach init's argv or
+ * environment (the kernel takes them for module parameters), so they are read
+ * from /proc/cmdline.  Run from a shell, the arguments are the steps instead.
+ *
+ * Every line starts with "minivmm-test: " and goes both to /dev/kmsg (printk
+ * is synchronous, so it shows even when the tty path is broken) and to
+ * /dev/console.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PREFIX "minivmm-test: "
+#define MNT "/mnt"
+#define TOKEN_FILE MNT "/minivmm-token"
+#define MAX_LINE 512
+
+static int console_fd = -1;
+/* Run as pid 1 (the guest's init), not from a shell. */
+static int is_init;
+
+/* One result line to the kernel log and to the console. */
+static void say(const char *fmt, ...)
+{
+	char line[MAX_LINE];
+	int n, head;
+	va_list ap;
+
+	/* KERN_ERR level so the line is printed even with "quiet". */
+	head = snprintf(line, sizeof line, "<3>" PREFIX);
+	va_start(ap, fmt);
+	n = vsnprintf(line + head, sizeof line - head - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	n += head;
+	if (n > (int)sizeof line - 2)
+		n = sizeof line - 2;
+	line[n++] = '\n';
+
+	/* From a shell, stdout only: never the kernel log of whoever runs us. */
+	if (!is_init) {
+		(void)!write(1, line + 3, n - 3);
+		return;
+	}
+	/* Reopen per line: /dev/kmsg rate-limits each open file to 10 lines. */
+	int kfd = open("/dev/kmsg", O_WRONLY | O_CLOEXEC);
+	if (kfd >= 0) {
+		(void)!write(kfd, line, n);
+		close(kfd);
+	}
+	(void)!write(console_fd >= 0 ? console_fd : 2, line + 3, n - 3);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+
+/* mount(2) that treats "already mounted" as success. */
+static int mount_once(const char *src, const char *dst, const char *type,
+		      const char *opts)
+{
+	mkdir(dst, 0755);
+	if (mount(src, dst, type, 0, opts) == 0 || errno == EBUSY)
+		return 0;
+	return -1;
+}
+
+/* proc, sysfs and devtmpfs; only as init, never over a host's mounts. */
+static void basic_mounts(void)
+{
+	if (!is_init)
+		return;
+	mount_once("proc", "/proc", "proc", NULL);
+	mount_once("sysfs", "/sys", "sysfs", NULL);
+	mount_once("devtmpfs", "/dev", "devtmpfs", NULL);
+}
+
+static long parse_count(const char *arg, long dflt)
+{
+	char *end;
+	long v;
+
+	if (!arg || !*arg)
+		return dflt;
+	v = strtol(arg, &end, 10);
+	return (*end || v <= 0) ? -1 : v;
+}
+
+/* Read a whole small file into buf; returns length or -1. */
+static ssize_t read_small(const char *path, char *buf, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, size - 1);
+	close(fd);
+	if (n < 0)
+		return -1;
+	buf[n] = 0;
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+		buf[--n] = 0;
+	return n;
+}
+
+/* ---- steps: each returns 0 on success, or -1 after saying why ---- */
+
+static int step_hello(const char *arg)
+{
+	(void)arg;
+	say("hello pid=%d", (int)getpid());
+	return 0;
+}
+
+static int mounted(const char *mounts, const char *dir, const char *type)
+{
+	char pat[64];
+
+	snprintf(pat, sizeof pat, " %s %s ", dir, type);
+	return strstr(mounts, pat) != NULL;
+}
+
+static int step_mounts(const char *arg)
+{
+	static char buf[8192];
+	int proc, sys, dev;
+
+	(void)arg;
+	basic_mounts();
+	if (read_small("/proc/mounts", buf, sizeof buf) < 0) {
+		say("mounts FAILED: cannot read /proc/mounts: %s", strerror(errno));
+		return -1;
+	}
+	proc = mounted(buf, "/proc", "proc");
+	sys = mounted(buf, "/sys", "sysfs");
+	dev = mounted(buf, "/dev", "devtmpfs");
+	say("mounts proc=%s sys=%s dev=%s", proc ? "ok" : "missing",
+	    sys ? "ok" : "missing", dev ? "ok" : "missing");
+	return proc && sys && dev ? 0 : -1;
+}
+
+static int step_getpid(const char *arg)
+{
+	long n = parse_count(arg, 1000), i;
+	uint64_t t0, t1;
+
+	if (n < 0) {
+		say("getpid FAILED: bad count '%s'", arg);
+		return -1;
+	}
+	t0 = now_ns();
+	for (i = 0; i < n; i++)
+		syscall(SYS_getpid);	/* direct: never a libc-cached value */
+	t1 = now_ns();
+	say("getpid n=%ld total_ns=%llu ns_per_call=%llu", n,
+	    (unsigned long long)(t1 - t0), (unsigned long long)((t1 - t0) / n));
+	return 0;
+}
+
+static int step_uname(const char *arg)
+{
+	struct utsname u;
+
+	(void)arg;
+	if (uname(&u) < 0) {
+		say("uname FAILED: %s", strerror(errno));
+		return -1;
+	}
+	say("uname sysname=%s release=%s machine=%s version=%s", u.sysname,
+	    u.release, u.machine, u.version);
+	return 0;
+}
+
+static int step_sleep(const char *arg)
+{
+	long ms = parse_count(arg, 1000);
+	struct timespec ts;
+
+	if (ms < 0) {
+		say("sleep FAILED: bad milliseconds '%s'", arg);
+		return -1;
+	}
+	ts.tv_sec = ms / 1000;
+	ts.tv_nsec = (ms % 1000) * 1000000;
+	nanosleep(&ts, NULL);
+	say("sleep ms=%ld", ms);
+	return 0;
+}
+
+static int is_pmem_name(const char *name)
+{
+	return strncmp(name, "pmem", 4) == 0 && name[4] >= '0' && name[4] <= '9';
+}
+
+static int step_pmem_list(const char *arg)
+{
+	char path[300], val[64];
+	struct dirent *de;
+	int count = 0;
+	DIR *d;
+
+	(void)arg;
+	d = opendir("/sys/block");
+	if (!d) {
+		say("pmem-list FAILED: /sys/block: %s", strerror(errno));
+		return -1;
+	}
+	while ((de = readdir(d)) != NULL) {
+		unsigned long long sectors = 0;
+		int dax = -1;
+
+		if (!is_pmem_name(de->d_name))
+			continue;
+		snprintf(path, sizeof path, "/sys/block/%s/size", de->d_name);
+		if (read_small(path, val, sizeof val) > 0)
+			sectors = strtoull(val, NULL, 10);
+		snprintf(path, sizeof path, "/sys/block/%s/queue/dax", de->d_name);
+		if (read_small(path, val, sizeof val) > 0)
+			dax = atoi(val);
+		say("pmem-list dev=%s bytes=%llu dax=%d", de->d_name, sectors * 512,
+		    dax);
+		count++;
+	}
+	closedir(d);
+	say("pmem-list count=%d", count);
+	return 0;
+}
+
+/* pmem-mount[:pmemN]: ext4 on /mnt with DAX, falling back to no DAX. */
+static int step_pmem_mount(const char *arg)
+{
+	const char *name = arg && *arg ? arg : "pmem0";
+	char dev[64];
+	int err;
+
+	snprintf(dev, sizeof dev, "/dev/%s", name);
+	mkdir(MNT, 0755);
+	if (mount(dev, MNT, "ext4", 0, "dax") == 0) {
+		say("pmem-mount dev=%s dir=" MNT " dax=1", dev);
+		return 0;
+	}
+	err = errno;
+	if (mount(dev, MNT, "ext4", 0, NULL) == 0) {
+		say("pmem-mount dev=%s dir=" MNT " dax=0 (dax mount failed: %s)", dev,
+		    strerror(err));
+		return 0;
+	}
+	say("pmem-mount FAILED: %s: %s", dev, strerror(errno));
+	return -1;
+}
+
+static int write_all(int fd, const char *buf, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, buf, len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		buf += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int step_pmem_write(const char *arg)
+{
+	int fd;
+
+	if (!arg || !*arg) {
+		say("pmem-write FAILED: no token (use pmem-write:TOKEN)");
+		return -1;
+	}
+	fd = open(TOKEN_FILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0 || write_all(fd, arg, strlen(arg)) < 0 || write_all(fd, "\n", 1) < 0 ||
+	    fsync(fd) < 0) {
+		say("pmem-write FAILED: " TOKEN_FILE ": %s", strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	close(fd);
+	say("pmem-write token=%s", arg);
+	return 0;
+}
+
+static int step_pmem_read(const char *arg)
+{
+	char buf[256];
+
+	(void)arg;
+	if (read_small(TOKEN_FILE, buf, sizeof buf) < 0) {
+		say("pmem-read FAILED: " TOKEN_FILE ": %s", strerror(errno));
+		return -1;
+	}
+	say("pmem-read token=%s", buf);
+	return 0;
+}
+
+struct flush_result {
+	long n;
+	int id;
+	int failed_errno;
+	uint64_t total_ns, min_ns, max_ns;
+};
+
+/* n x (4 KiB pwrite + fdatasync) on MNT/minivmm-flush-<id>. */
+static void *flush_worker(void *p)
+{
+	struct flush_result *r = p;
+	static const char block[4096] = { 'm' };
+	char path[64];
+	long i;
+	int fd;
+
+	r->min_ns = UINT64_MAX;
+	snprintf(path, sizeof path, MNT "/minivmm-flush-%d", r->id);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		r->failed_errno = errno;
+		return NULL;
+	}
+	for (i = 0; i < r->n; i++) {
+		uint64_t t0 = now_ns(), dt;
+
+		if (pwrite(fd, block, sizeof block, (off_t)(i % 256) * 4096) !=
+			    (ssize_t)sizeof block || fdatasync(fd) < 0) {
+			r->failed_errno = errno ? errno : EIO;
+			break;
+		}
+		dt = now_ns() - t0;
+		r->total_ns += dt;
+		if (dt < r->min_ns)
+			r->min_ns = dt;
+		if (dt > r->max_ns)
+			r->max_ns = dt;
+	}
+	close(fd);
+	unlink(path);
+	return NULL;
+}
+
+static int step_flush_bench(const char *arg)
+{
+	struct flush_result r = { .n = parse_count(arg, 100) };
+
+	if (r.n < 0) {
+		say("flush-bench FAILED: bad count '%s'", arg);
+		return -1;
+	}
+	flush_worker(&r);
+	if (r.failed_errno) {
+		say("flush-bench FAILED: %s", strerror(r.failed_errno));
+		return -1;
+	}
+	say("flush-bench n=%ld ns_per_op=%llu min_ns=%llu max_ns=%llu", r.n,
+	    (unsigned long long)(r.total_ns / r.n), (unsigned long long)r.min_ns,
+	    (unsigned long long)r.max_ns);
+	return 0;
+}
+
+/* flush-threads:TxN: T threads, each N x (4 KiB write + fdatasync), at once. */
+static int step_flush_threads(const char *arg)
+{
+	long threads = 4, n = 16;
+	struct flush_result r[64];
+	pthread_t tid[64];
+	uint64_t t0, t1;
+	int i, failed = 0;
+
+	if (arg && *arg && (sscanf(arg, "%ldx%ld", &threads, &n) < 1 ||
+			    threads < 1 || threads > 64 || n < 1)) {
+		say("flush-threads FAILED: bad argument '%s' (use TxN, T<=64)", arg);
+		return -1;
+	}
+	memset(r, 0, sizeof r);
+	t0 = now_ns();
+	for (i = 0; i < threads; i++) {
+		r[i].n = n;
+		r[i].id = i;
+		if (pthread_create(&tid[i], NULL, flush_worker, &r[i]) != 0) {
+			threads = i;
+			failed = 1;
+			break;
+		}
+	}
+	for (i = 0; i < threads; i++)
+		pthread_join(tid[i], NULL);
+	t1 = now_ns();
+	for (i = 0; i < threads; i++)
+		if (r[i].failed_errno) {
+			say("flush-threads FAILED: thread %d: %s", i,
+			    strerror(r[i].failed_errno));
+			failed = 1;
+		}
+	if (failed)
+		return -1;
+	say("flush-threads threads=%ld n=%ld wall_ns=%llu ops_per_s=%llu", threads, n,
+	    (unsigned long long)(t1 - t0),
+	    (unsigned long long)(threads * n * 1000000000ull / (t1 - t0 ? t1 - t0 : 1)));
+	return 0;
+}
+
+static int step_umount(const char *arg)
+{
+	(void)arg;
+	sync();
+	if (umount(MNT) < 0) {
+		say("umount FAILED: " MNT ": %s", strerror(errno));
+		return -1;
+	}
+	say("umount dir=" MNT);
+	return 0;
+}
+
+static int step_end(const char *arg);
+
+struct step {
+	const char *name;
+	int (*run)(const char *arg);
+};
+
+/* New steps are new rows; names are what minivmm.steps lists. */
+static const struct step steps[] = {
+	{ "hello", step_hello },
+	{ "mounts", step_mounts },
+	{ "getpid", step_getpid },
+	{ "uname", step_uname },
+	{ "sleep", step_sleep },
+	{ "pmem-list", step_pmem_list },
+	{ "pmem-mount", step_pmem_mount },
+	{ "pmem-write", step_pmem_write },
+	{ "pmem-read", step_pmem_read },
+	{ "flush-bench", step_flush_bench },
+	{ "flush-threads", step_flush_threads },
+	{ "umount", step_umount },
+	{ "end", step_end },
+};
+
+static const struct step *find_step(const char *name, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i < sizeof steps / sizeof steps[0]; i++)
+		if (strlen(steps[i].name) == len && !strncmp(steps[i].name, name, len))
+			return &steps[i];
+	return NULL;
+}
+
+/* ---- end of the run ---- */
+
+static const char *end_action = "poweroff";
+static int n_ok, n_failed;
+
+static void finish(void)
+{
+	say("done ok=%d failed=%d", n_ok, n_failed);
+	say("end action=%s", end_action);
+	sync();
+	/* Only init ends the machine: run from a shell, just exit. */
+	if (!is_init)
+		exit(n_failed ? 1 : 0);
+	if (!strcmp(end_action, "reboot"))
+		reboot(RB_AUTOBOOT);		/* LINUX_REBOOT_CMD_RESTART */
+	else if (!strcmp(end_action, "poweroff"))
+		reboot(RB_POWER_OFF);		/* LINUX_REBOOT_CMD_POWER_OFF */
+	else if (!strcmp(end_action, "panic"))
+		exit(7);			/* init exiting panics the kernel */
+	/* pid 1 must not return: wait for the VMM to stop us. */
+	if (strcmp(end_action, "none"))
+		say("end FAILED: action %s did not stop the machine: %s",
+		    end_action, strerror(errno));
+	for (;;)
+		pause();
+}
+
+static int step_end(const char *arg)
+{
+	if (arg && *arg)
+		end_action = arg;
+	finish();
+	return 0;
+}
+
+/* Run one step token: NAME, NAME:ARG or NAME<digits>. */
+static void run_token(const char *tok)
+{
+	const char *colon = strchr(tok, ':'), *arg = NULL;
+	const struct step *s;
+	size_t len;
+
+	if (colon) {
+		s = find_step(tok, colon - tok);
+		arg = colon + 1;
+	} else {
+		len = strlen(tok);
+		s = find_step(tok, len);
+		if (!s) {
+			while (len > 0 && tok[len - 1] >= '0' && tok[len - 1] <= '9')
+				len--;
+			arg = tok + len;
+			s = len ? find_step(tok, len) : NULL;
+		}
+	}
+	if (!s) {
+		say("unknown step '%s'", tok);
+		n_failed++;
+		return;
+	}
+	if (s->run(arg) == 0)
+		n_ok++;
+	else
+		n_failed++;
+}
+
+/* Value of "key=" in the kernel command line, copied into out. */
+static int cmdline_value(const char *cmdline, const char *key, char *out, size_t size)
+{
+	size_t klen = strlen(key);
+	const char *p = cmdline;
+
+	while ((p = strstr(p, key)) != NULL) {
+		if ((p == cmdline || p[-1] == ' ') && p[klen] == '=') {
+			size_t n = strcspn(p + klen + 1, " \n");
+
+			if (n >= size)
+				n = size - 1;
+			memcpy(out, p + klen + 1, n);
+			out[n] = 0;
+			return 1;
+		}
+		p += klen;
+	}
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	static char cmdline[4096], list[2048], end[32];
+	char *tok, *save;
+
+	is_init = getpid() == 1;
+	basic_mounts();
+	if (is_init)
+		console_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	if (read_small("/proc/cmdline", cmdline, sizeof cmdline) < 0)
+		cmdline[0] = 0;
+	if (cmdline_value(cmdline, "minivmm.end", end, sizeof end))
+		end_action = end;
+	else if (!is_init)
+		end_action = "none";
+
+	if (argc > 1) {		/* run from a shell: the arguments are the steps */
+		list[0] = 0;
+		for (int i = 1; i < argc; i++) {
+			strncat(list, argv[i], sizeof list - strlen(list) - 2);
+			strcat(list, ",");
+		}
+	} else if (!cmdline_value(cmdline, "minivmm.steps", list, sizeof list)) {
+		strcpy(list, "hello,mounts,uname,getpid");
+	}
+	say("start pid=%d steps=%s end=%s", (int)getpid(), list, end_action);
+	for (tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+		run_token(tok);
+	finish();
+	return 0;
+}

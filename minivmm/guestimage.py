@@ -1,0 +1,567 @@
+"""Build and locate the default guest: a small Linux kernel and a busybox initramfs.
+
+Inputs live in the repository's ``guest/`` directory; outputs in a content-addressed
+cache, ``${XDG_CACHE_HOME:-~/.cache}/minivmm``:
+
+- ``kernel-<hash16>/{vmlinux,bzImage,config,System.map}``
+- ``initramfs-<hash16>.cpio.gz``
+- ``linux-src-<version>/`` and ``linux-obj-<version>/``: the unpacked, patched Debian
+  ``linux-source-6.1`` tree and its object directory, reused so rebuilds are incremental
+- ``logs/``: full ``make`` output of each build
+
+Artifacts are built in a temporary path next to their final name and renamed at the
+end, so a killed build never leaves a half-written cache entry.
+
+Command line: ``python -m minivmm.guestimage build [--force]`` and ``... paths``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from minivmm.errors import MinivmmError, UserError
+
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+LINUX_PACKAGE = "linux-source-6.1"
+LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+BUSYBOX_PACKAGE = "busybox-static"
+BUSYBOX = Path("/bin/busybox")
+KERNEL_KINDS = ("vmlinux", "bzImage")
+MAKE_JOBS = 2
+
+# Bump when the build recipe itself changes (commands, layout), so the hash moves.
+KERNEL_RECIPE = "1"
+INITRAMFS_RECIPE = "1"
+
+# Tool on PATH (or header file) -> Debian package that provides it.
+_KERNEL_TOOLS = {
+    "make": "make", "gcc": "gcc", "ld": "binutils", "flex": "flex", "bison": "bison",
+    "bc": "bc", "perl": "perl", "tar": "tar", "xz": "xz-utils", "lz4": "lz4",
+    "patch": "patch",
+}
+_KERNEL_HEADERS = {"/usr/include/libelf.h": "libelf-dev"}
+_INITRAMFS_TOOLS = {"gcc": "gcc", "tar": "tar", "xz": "xz-utils"}
+_INITRAMFS_HEADERS = {"/usr/lib/x86_64-linux-gnu/libc.a": "libc6-dev"}
+
+# Directories of the initramfs (besides those busybox applets need).
+_INITRAMFS_DIRS = ("/bin", "/sbin", "/usr", "/usr/bin", "/usr/sbin", "/dev", "/proc",
+                   "/sys", "/mnt", "/tmp", "/etc", "/etc/minivmm", "/root")
+
+
+class BuildError(MinivmmError):
+    """A build step failed; the message names the log holding the details."""
+
+
+# ---------------------------------------------------------------- locations
+
+
+def cache_dir() -> Path:
+    """``${XDG_CACHE_HOME:-~/.cache}/minivmm``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "minivmm"
+
+
+def guest_dir() -> Path:
+    return GUEST_DIR
+
+
+def kernel_dir(guest: Path | None = None) -> Path:
+    """Cache directory of the kernel built from the current inputs."""
+    return cache_dir() / f"kernel-{kernel_hash(guest)[:16]}"
+
+
+def initramfs_path(guest: Path | None = None) -> Path:
+    """Cache path of the initramfs built from the current inputs."""
+    return cache_dir() / f"initramfs-{initramfs_hash(guest)[:16]}.cpio.gz"
+
+
+def default_kernel(kind: str = "vmlinux") -> Path | None:
+    """The default guest kernel (``vmlinux`` for PVH entry, or ``bzImage``), or None if not built."""
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kernel kind must be one of {KERNEL_KINDS}, not {kind!r}")
+    path = kernel_dir() / kind
+    return path if path.is_file() else None
+
+
+def default_initrd() -> Path | None:
+    """The default guest initramfs (gzip'd newc cpio), or None if not built."""
+    path = initramfs_path()
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------- input hashing
+
+
+def _run_text(cmd: Sequence[str]) -> str | None:
+    """stdout of a small query command, or None if it cannot run or fails."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _dpkg_version(package: str) -> str | None:
+    return _run_text(["dpkg-query", "-W", "-f=${Version}", package]) or None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def linux_source_version() -> str:
+    """Version of the kernel source: the Debian package's, else the tarball's sha256."""
+    version = _dpkg_version(LINUX_PACKAGE)
+    if version:
+        return version
+    if LINUX_TARBALL.is_file():
+        return "sha256-" + _file_sha256(LINUX_TARBALL)[:16]
+    raise UserError(f"{LINUX_TARBALL} not found: apt-get install {LINUX_PACKAGE}")
+
+
+def gcc_version() -> str:
+    first = (_run_text(["gcc", "--version"]) or "").splitlines()
+    return first[0] if first else "no-gcc"
+
+
+def busybox_version() -> str:
+    version = _dpkg_version(BUSYBOX_PACKAGE)
+    if version:
+        return version
+    return "sha256-" + _file_sha256(BUSYBOX)[:16] if BUSYBOX.is_file() else "no-busybox"
+
+
+def _guest_files(guest: Path, patterns: Sequence[str]) -> list[Path]:
+    files: set[Path] = set()
+    for pattern in patterns:
+        files.update(p for p in guest.glob(pattern) if p.is_file())
+    return sorted(files)
+
+
+def _hash_inputs(guest: Path, patterns: Sequence[str], facts: dict[str, str]) -> str:
+    """sha256 over the named guest/ files (path and bytes) and the tool/source facts."""
+    digest = hashlib.sha256()
+    for path in _guest_files(guest, patterns):
+        data = path.read_bytes()
+        rel = path.relative_to(guest).as_posix()
+        digest.update(f"file {rel} {len(data)}\n".encode())
+        digest.update(data)
+    for key in sorted(facts):
+        digest.update(f"fact {key}={facts[key]}\n".encode())
+    return digest.hexdigest()
+
+
+_KERNEL_INPUTS = ("kernel.config", "patches/*.patch")
+_INITRAMFS_INPUTS = ("init.sh", "testinit/*.c", "testinit/*.h", "scripts/*.sh")
+
+
+def kernel_hash(guest: Path | None = None) -> str:
+    """sha256 of everything the kernel build reads: fragment, patches, source and gcc versions."""
+    facts = {"recipe": KERNEL_RECIPE, "linux": linux_source_version(), "gcc": gcc_version()}
+    return _hash_inputs(guest or guest_dir(), _KERNEL_INPUTS, facts)
+
+
+def initramfs_hash(guest: Path | None = None) -> str:
+    """sha256 of everything in the initramfs: init script, C sources, scripts, busybox, gcc."""
+    facts = {
+        "recipe": INITRAMFS_RECIPE,
+        "busybox": busybox_version(),
+        "gcc": gcc_version(),
+        # gen_init_cpio comes from the kernel source tree.
+        "linux": linux_source_version(),
+    }
+    return _hash_inputs(guest or guest_dir(), _INITRAMFS_INPUTS, facts)
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _say(msg: str) -> None:
+    print(f"guest: {msg}", flush=True)
+
+
+def _check_tools(tools: dict[str, str], headers: dict[str, str]) -> None:
+    """UserError naming the Debian packages to install when a build tool is missing."""
+    missing = [pkg for tool, pkg in tools.items() if shutil.which(tool) is None]
+    missing += [pkg for path, pkg in headers.items() if not Path(path).exists()]
+    if missing:
+        pkgs = " ".join(sorted(set(missing)))
+        raise UserError(f"guest build needs missing packages: apt-get install {pkgs}")
+
+
+def _version_key(version: str) -> str:
+    """A Debian version usable in a file name (no ':' or '~')."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", version)
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """One build at a time per cache: builds share the source and object trees."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _fresh_tmp(final: Path) -> Path:
+    """A temporary sibling of ``final`` (same filesystem, so rename is atomic)."""
+    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+
+
+def is_static_elf(path: Path) -> bool:
+    """True if ``path`` is an ELF64 executable without a program interpreter."""
+    with path.open("rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+            return False
+        phoff, = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    types = [struct.unpack_from("<I", table, i * phentsize)[0] for i in range(phnum)]
+    pt_interp = 3
+    return pt_interp not in types
+
+
+def _run_logged(cmd: Sequence[str], log: Path, what: str, cwd: Path | None = None,
+                env: dict[str, str] | None = None) -> None:
+    """Run ``cmd``, appending its output to ``log`` and showing a short progress line."""
+    tty = sys.stdout.isatty()
+    start = time.monotonic()
+    last_shown = 0.0
+    count = 0
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            count += 1
+            now = time.monotonic()
+            # On a terminal: redraw one line; in a log or CI: one line per 15 s.
+            if now - last_shown >= (0.2 if tty else 15.0):
+                last_shown = now
+                _progress(what, now - start, line.strip(), tty)
+        rc = proc.wait()
+    if tty:
+        print("\r\033[K", end="", flush=True)
+    if rc != 0:
+        _show_log_tail(log)
+        raise BuildError(f"{what} failed (exit status {rc}); full log: {log}")
+
+
+def _progress(what: str, elapsed: float, line: str, tty: bool) -> None:
+    stamp = f"{int(elapsed) // 60}m{int(elapsed) % 60:02d}s"
+    text = f"guest: {what} {stamp} {line}"[:100]
+    print(("\r\033[K" + text) if tty else text, end="" if tty else "\n", flush=True)
+
+
+def _show_log_tail(log: Path, lines: int = 30) -> None:
+    tail = log.read_text(errors="replace").splitlines()[-lines:]
+    print(f"guest: last {len(tail)} lines of {log}:", file=sys.stderr)
+    for line in tail:
+        print(f"  {line}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- kernel source tree
+
+
+def _patches(guest: Path) -> list[Path]:
+    return _guest_files(guest, ["patches/*.patch"])
+
+
+def _patch_series_id(patches: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in patches:
+        digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _unpack_source(tree: Path, obj: Path, log: Path) -> None:
+    """Unpack the Debian tarball to ``tree`` (atomically) with no patches applied."""
+    if not LINUX_TARBALL.is_file():
+        raise UserError(f"{LINUX_TARBALL} not found: apt-get install {LINUX_PACKAGE}")
+    _say(f"unpacking {LINUX_TARBALL} (about 10 s)")
+    tmp = _fresh_tmp(tree)
+    _run_logged(["tar", "-xJf", str(LINUX_TARBALL), "-C", str(tmp)], log, "unpack")
+    tops = list(tmp.iterdir())
+    if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
+        raise BuildError(f"unexpected layout of {LINUX_TARBALL}")
+    (tops[0] / ".minivmm-patches").write_text(_patch_series_id([]))
+    # Objects built from another copy of the tree may be newer than these sources
+    # (tar keeps the archive's mtimes): start the object directory afresh.
+    shutil.rmtree(obj, ignore_errors=True)
+    tops[0].rename(tree)
+    tmp.rmdir()
+
+
+def _apply_patches(tree: Path, patches: list[Path], log: Path) -> None:
+    """Bring ``tree`` to exactly ``patches`` applied: revert the old series, apply the new."""
+    stamp = tree / ".minivmm-patches"
+    want = _patch_series_id(patches)
+    if stamp.read_text() == want:
+        return
+    applied = tree / ".minivmm-applied"
+    stamp.write_text("dirty")  # a crash from here on makes the next build re-unpack
+    for old in sorted(applied.glob("*.patch"), reverse=True) if applied.is_dir() else []:
+        _say(f"reverting {old.name}")
+        _run_logged(["patch", "-p1", "-R", "--batch", "-d", str(tree), "-i", str(old)],
+                    log, f"revert {old.name}")
+        old.unlink()
+    applied.mkdir(exist_ok=True)
+    for new in patches:
+        _say(f"applying {new.name}")
+        try:
+            _run_logged(["patch", "-p1", "--forward", "--batch", "-d", str(tree),
+                         "-i", str(new)], log, f"patch {new.name}")
+        except BuildError as err:
+            raise UserError(f"guest patch {new.name} does not apply to "
+                            f"{LINUX_PACKAGE} {linux_source_version()}: see {log}") from err
+        shutil.copyfile(new, applied / new.name)
+    stamp.write_text(want)
+
+
+def _source_tree(guest: Path, log: Path) -> tuple[Path, Path]:
+    """The patched source tree and object directory for this source version."""
+    key = _version_key(linux_source_version())
+    tree = cache_dir() / f"linux-src-{key}"
+    obj = cache_dir() / f"linux-obj-{key}"
+    stamp = tree / ".minivmm-patches"
+    if tree.is_dir() and (not stamp.is_file() or stamp.read_text() == "dirty"):
+        _say(f"discarding {tree}: interrupted patching")
+        shutil.rmtree(tree)
+    if not tree.is_dir():
+        _unpack_source(tree, obj, log)
+    _apply_patches(tree, _patches(guest), log)
+    obj.mkdir(exist_ok=True)
+    return tree, obj
+
+
+# ---------------------------------------------------------------- kernel
+
+
+def fragment_symbols(fragment: Path) -> list[str]:
+    """The ``CONFIG_X`` names a fragment sets to ``=y``."""
+    found = re.findall(r"^(CONFIG_[A-Za-z0-9_]+)=y\s*$", fragment.read_text(), re.M)
+    return list(dict.fromkeys(found))
+
+
+def config_values(config: Path) -> dict[str, str]:
+    """``CONFIG_X -> value`` for every set symbol of a ``.config``."""
+    values: dict[str, str] = {}
+    for line in config.read_text().splitlines():
+        m = re.match(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$", line)
+        if m:
+            values[m.group(1)] = m.group(2)
+    return values
+
+
+def missing_symbols(fragment: Path, config: Path) -> list[str]:
+    """Symbols the fragment wants ``=y`` that are not ``=y`` in ``config``."""
+    have = config_values(config)
+    return [s for s in fragment_symbols(fragment) if have.get(s) != "y"]
+
+
+def _kbuild_env() -> dict[str, str]:
+    # Fixed identity strings: the same inputs give the same `uname -v`.
+    env = dict(os.environ)
+    env.update(KBUILD_BUILD_USER="minivmm", KBUILD_BUILD_HOST="minivmm",
+               KBUILD_BUILD_TIMESTAMP="1970-01-01", LC_ALL="C")
+    return env
+
+
+def _configure(tree: Path, obj: Path, fragment: Path, log: Path) -> None:
+    """tinyconfig + fragment + olddefconfig, then check that every wanted symbol is ``=y``."""
+    make = ["make", "-C", str(tree), f"O={obj}"]
+    env = _kbuild_env()
+    _run_logged(make + ["tinyconfig"], log, "tinyconfig", env=env)
+    _run_logged([str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(obj),
+                 str(obj / ".config"), str(fragment)], log, "merge_config", cwd=tree, env=env)
+    _run_logged(make + ["olddefconfig"], log, "olddefconfig", env=env)
+    missing = missing_symbols(fragment, obj / ".config")
+    if missing:
+        raise BuildError("kernel config lost symbols (unmet Kconfig dependencies): "
+                         + " ".join(missing) + f"; see {obj / '.config'}")
+
+
+def build_kernel(force: bool = False, guest: Path | None = None) -> Path:
+    """Build the kernel if its cache entry is missing; returns ``kernel-<hash16>/``."""
+    guest = guest or guest_dir()
+    final = kernel_dir(guest)
+    if final.is_dir() and not force:
+        _say(f"kernel up to date: {final}")
+        return final
+    _check_tools(_KERNEL_TOOLS, _KERNEL_HEADERS)
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{final.name}.log"
+    log.write_text("")
+    started = time.monotonic()
+    _say(f"building kernel {final.name} (log: {log})")
+    tree, obj = _source_tree(guest, log)
+    _say("configuring: tinyconfig + guest/kernel.config")
+    _configure(tree, obj, guest / "kernel.config", log)
+    _say(f"compiling with make -j{MAKE_JOBS} (about 6 min from scratch on 2 cores)")
+    _run_logged(["make", "-C", str(tree), f"O={obj}", f"-j{MAKE_JOBS}", "vmlinux",
+                 "bzImage"], log, "make", env=_kbuild_env())
+    tmp = _fresh_tmp(final)
+    for src, name in ((obj / "vmlinux", "vmlinux"),
+                      (obj / "arch/x86/boot/bzImage", "bzImage"),
+                      (obj / ".config", "config"),
+                      (obj / "System.map", "System.map")):
+        shutil.copyfile(src, tmp / name)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _say(f"kernel done in {time.monotonic() - started:.0f} s: {final}")
+    return final
+
+
+# ---------------------------------------------------------------- initramfs
+
+
+def _busybox_applets() -> list[str]:
+    """Install paths of the busybox applets, e.g. ``bin/sh``, ``sbin/poweroff``."""
+    out = _run_text([str(BUSYBOX), "--list-full"])
+    if not out:
+        raise UserError(f"{BUSYBOX} cannot list its applets: apt-get install {BUSYBOX_PACKAGE}")
+    return [line.strip().lstrip("/") for line in out.splitlines() if line.strip()]
+
+
+def _cpio_list(guest: Path, test_init: Path) -> str:
+    """gen_init_cpio's file list: nothing root-owned is needed on the host."""
+    lines = [f"dir {d} 0755 0 0" for d in _INITRAMFS_DIRS]
+    lines += ["nod /dev/console 0600 0 0 c 5 1", "nod /dev/null 0666 0 0 c 1 3",
+              f"file /init {guest / 'init.sh'} 0755 0 0",
+              f"file /bin/busybox {BUSYBOX} 0755 0 0",
+              f"file /sbin/minivmm-test {test_init} 0755 0 0"]
+    for script in _guest_files(guest, ["scripts/*.sh"]):
+        lines.append(f"file /etc/minivmm/{script.name} {script} 0755 0 0")
+    dirs = set(_INITRAMFS_DIRS)
+    for applet in _busybox_applets():
+        path = "/" + applet
+        parent = os.path.dirname(path)
+        if parent not in dirs:  # an applet dir we do not create yet
+            dirs.add(parent)
+            lines.append(f"dir {parent} 0755 0 0")
+        if path not in ("/bin/busybox", "/init"):
+            lines.append(f"slink {path} /bin/busybox 0777 0 0")
+    return "\n".join(lines) + "\n"
+
+
+def _gen_init_cpio(tree: Path, tmp: Path, log: Path) -> Path:
+    tool = tmp / "gen_init_cpio"
+    _run_logged(["gcc", "-O2", "-o", str(tool), str(tree / "usr/gen_init_cpio.c")], log,
+                "gen_init_cpio")
+    return tool
+
+
+def build_initramfs(force: bool = False, guest: Path | None = None) -> Path:
+    """Build the initramfs if its cache entry is missing; returns its path."""
+    guest = guest or guest_dir()
+    final = initramfs_path(guest)
+    if final.is_file() and not force:
+        _say(f"initramfs up to date: {final}")
+        return final
+    _check_tools(_INITRAMFS_TOOLS, _INITRAMFS_HEADERS)
+    if not BUSYBOX.is_file() or not is_static_elf(BUSYBOX):
+        raise UserError(f"{BUSYBOX} is missing or not static: apt-get install {BUSYBOX_PACKAGE}")
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / (final.name.removesuffix(".cpio.gz") + ".log")
+    log.write_text("")
+    _say(f"building initramfs {final.name} (log: {log})")
+    tree, _ = _source_tree(guest, log)
+    tmp = _fresh_tmp(final)
+    try:
+        test_init = tmp / "minivmm-test"
+        _run_logged(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(test_init),
+                     str(guest / "testinit/minivmm-test.c")], log, "minivmm-test")
+        if not is_static_elf(test_init):
+            raise BuildError(f"{test_init} is not a static executable")
+        cpio_list = tmp / "cpio.list"
+        cpio_list.write_text(_cpio_list(guest, test_init))
+        tool = _gen_init_cpio(tree, tmp, log)
+        archive = subprocess.run([str(tool), "-t", "0", str(cpio_list)], check=False,
+                                 capture_output=True)
+        if archive.returncode != 0:
+            raise BuildError(f"gen_init_cpio failed: {archive.stderr.decode(errors='replace')}")
+        packed = tmp / final.name
+        # mtime=0: the same inputs give the same bytes.
+        with gzip.GzipFile(packed, "wb", compresslevel=9, mtime=0) as gz:
+            gz.write(archive.stdout)
+        packed.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"initramfs done: {final}")
+    return final
+
+
+# ---------------------------------------------------------------- both
+
+
+def build(force: bool = False, guest: Path | None = None) -> tuple[Path, Path]:
+    """Build what is missing (everything with ``force``); returns (kernel dir, initramfs)."""
+    with _build_lock():
+        kernel = build_kernel(force, guest)
+        initrd = build_initramfs(force, guest)
+    return kernel, initrd
+
+
+def _print_paths() -> int:
+    paths = {"vmlinux": default_kernel("vmlinux"), "bzImage": default_kernel("bzImage"),
+             "initrd": default_initrd()}
+    for name, path in paths.items():
+        print(f"{name}: {path if path else 'not built'}")
+    if None in paths.values():
+        print("build the default guest with: python -m minivmm.guestimage build",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minivmm.guestimage",
+                                     description="Build or locate the default minivmm guest.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build_cmd = sub.add_parser("build", help="build the kernel and initramfs if missing")
+    build_cmd.add_argument("--force", action="store_true", help="rebuild even if cached")
+    sub.add_parser("paths", help="print the artifact paths")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            kernel, initrd = build(force=args.force)
+            print(f"vmlinux: {kernel / 'vmlinux'}\nbzImage: {kernel / 'bzImage'}\n"
+                  f"initrd: {initrd}")
+            return 0
+        return _print_paths()
+    except MinivmmError as err:
+        print(f"minivmm: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("minivmm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
