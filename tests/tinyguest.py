@@ -7,11 +7,13 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
+import pytest
+
 from minivmm.bus import Bus
 from minivmm.fallback import EmulationFallbacks
 from minivmm.kvm import Kvm
 from minivmm.memory import GuestMemory
-from minivmm.vcpu import Stop, VcpuLoop
+from minivmm.vcpu import Stop, VcpuLoop, install_kick_handler
 
 RAM_SIZE = 2 << 20
 CODE = 0x10000  # long-mode page tables use 0x1000-0x6fff
@@ -381,7 +383,37 @@ class TinyGuest:
             raise AssertionError("tiny guest did not finish:\n" + self.loop.describe())
         return self.stops[0]
 
+    def run_ok(self, code: "bytes | Asm", timeout: float = 5.0) -> None:
+        """Run and require the guest to end at the done port (a diagnosis otherwise)."""
+        stop = self.run(code, timeout)
+        assert stop == Stop(0, "done"), f"{stop}\n{self.loop.describe()}"
+
     def close(self) -> None:
+        if self.loop.thread is not None and self.loop.thread.is_alive():
+            self.loop.kick()
+            self.loop.thread.join(5)
         self.vcpu.close()
         self.vm.close()
         self.kvm.close()
+
+
+# -- pytest fixtures (import them into a test module to use them) -----------------------------
+@pytest.fixture(scope="session", autouse=True)
+def kick_handler() -> None:
+    """A kick (SIGUSR2) must interrupt KVM_RUN, not kill pytest."""
+    install_kick_handler()
+
+
+@pytest.fixture
+def make_guest():
+    """`make_guest(long_mode=...)` -> a TinyGuest, closed (and its vCPU thread stopped) afterwards."""
+    guests: list[TinyGuest] = []
+
+    def make(**kwargs) -> TinyGuest:
+        guest = TinyGuest(**kwargs)
+        guests.append(guest)
+        return guest
+
+    yield make
+    for guest in guests:
+        guest.close()
