@@ -94,11 +94,13 @@ def test_pio_imm8_port_forms(make_guest, bits: int) -> None:
     assert g.done.value == pattern_value(1, 1)  # AL still holds what the device returned
 
 
+@pytest.mark.parametrize("size", [1, 2, 4], ids=["b", "w", "d"])
 @pytest.mark.parametrize("bits", MODES)
-def test_pio_rep_outsb_and_rep_insb(make_guest, bits: int) -> None:
-    """String I/O: one exit may carry `count` > 1 elements (KVM reads INS data ahead)."""
+def test_pio_rep_outs_and_rep_ins(make_guest, bits: int, size: int) -> None:
+    """String I/O: one exit may carry `count` > 1 elements (KVM reads INS data ahead; it
+    sends OUTS one element an exit), each `size` bytes of the shared data area."""
     g = make_guest(long_mode=bits == 64)
-    seq = SequenceDevice(start=0xA0)
+    seq = SequenceDevice(start=0xA0A1A2A3 & ((1 << (8 * size)) - 1))
     counts: list[tuple[str, int]] = []  # (op, kvm_run.io.count) at every element
 
     class Observed:
@@ -111,26 +113,31 @@ def test_pio_rep_outsb_and_rep_insb(make_guest, bits: int) -> None:
             seq.write(offset, size, value)
 
     g.pio.register(PORT, 8, Observed(), "seq")
-    message = b"hello, tiny world"
+    message = b"hello, tiny world, from a rep outs"[: 5 * size]  # 5 elements
     g.mem.write(DATA, message)
-    n_in = 20
+    n_in = 20  # elements
     a = Asm(bits)
     a.cld()  # cld
-    a.mov_dx_imm(PORT + 5)  # mov dx, 0x5005
+    a.mov_dx_imm(PORT + 4)  # mov dx, 0x5004
     a.mov_si_imm(DATA)  # mov si/esi, DATA
-    a.mov_cx_imm(len(message))  # mov cx/ecx, 17
-    a.rep_outsb()  # rep outsb
+    a.mov_cx_imm(5)  # mov cx/ecx, 5
+    a.rep_outs(size)  # rep outsb/outsw/outsd
     a.mov_di_imm(RESULTS)  # mov di/edi, RESULTS
     a.mov_cx_imm(n_in)  # mov cx/ecx, 20
-    a.rep_insb()  # rep insb
+    a.rep_ins(size)  # rep insb/insw/insd
     a.done()  # out 0xf4, al
     g.run_ok(a)
 
-    assert seq.writes == [(5, 1, b) for b in message]
-    assert seq.reads == [(5, 1)] * n_in
-    assert g.mem.read(RESULTS, n_in) == bytes(range(0xA0, 0xA0 + n_in))
-    assert ram(g, RESULTS + n_in, 1) == 0  # not one byte more
-    assert g.loop.stats.by_device == {"seq": len(message) + n_in, "done": 1}
+    elements = [int.from_bytes(message[i : i + size], "little") for i in range(0, len(message), size)]
+    assert seq.writes == [(4, size, v) for v in elements]
+    assert seq.reads == [(4, size)] * n_in
+    mask = (1 << (8 * size)) - 1
+    stored = g.mem.read(RESULTS, n_in * size)
+    assert [int.from_bytes(stored[i : i + size], "little") for i in range(0, len(stored), size)] == [
+        (seq.start + i) & mask for i in range(n_in)
+    ]
+    assert ram(g, RESULTS + n_in * size, 1) == 0  # not one byte more
+    assert g.loop.stats.by_device == {"seq": 5 + n_in, "done": 1}
     in_counts = [c for op, c in counts if op == "in"]
     out_counts = [c for op, c in counts if op == "out"]
     assert max(in_counts) > 1, f"every INS element came in its own exit: {counts}"

@@ -139,13 +139,13 @@ class Asm:
         """cld  (FC): string instructions count up"""
         return self.emit(0xFC)
 
-    def rep_outsb(self) -> "Asm":
-        """rep outsb  (F3 6E): CX/RCX bytes from DS:SI/RSI to port DX"""
-        return self.emit(0xF3, 0x6E)
+    def rep_outs(self, size: int) -> "Asm":
+        """rep outsb/outsw/outsd  (F3 6E / [66] F3 6F): CX/RCX elements from DS:SI/RSI to port DX"""
+        return self.emit(0xF3, 0x6E) if size == 1 else self.emit(self._osz(size), 0xF3, 0x6F)
 
-    def rep_insb(self) -> "Asm":
-        """rep insb  (F3 6C): CX/RCX bytes from port DX to ES:DI/RDI"""
-        return self.emit(0xF3, 0x6C)
+    def rep_ins(self, size: int) -> "Asm":
+        """rep insb/insw/insd  (F3 6C / [66] F3 6D): CX/RCX elements from port DX to ES:DI/RDI"""
+        return self.emit(0xF3, 0x6C) if size == 1 else self.emit(self._osz(size), 0xF3, 0x6D)
 
     def done(self) -> "Asm":
         """out 0xf4, al  (E6 F4): ends the tiny guest (DoneDevice)"""
@@ -163,6 +163,15 @@ class Asm:
     def int3(self) -> "Asm":
         """int3  (CC): #BP, a trap"""
         return self.emit(0xCC)
+
+    def iretq(self) -> "Asm":
+        """iretq  (48 CF): return from a long-mode interrupt handler"""
+        assert self.bits == 64
+        return self.emit(0x48, 0xCF)
+
+    def inc_byte_abs(self, addr: int) -> "Asm":
+        """inc byte [addr]  (FE /0: FE 06 disp16 in real mode, FE 04 25 disp32 in long mode)"""
+        return self.emit(0xFE, self._abs(0), self._disp(addr))
 
     def ud2(self) -> "Asm":
         """ud2  (0F 0B): #UD"""
