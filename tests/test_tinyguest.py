@@ -6,6 +6,7 @@ its encoding in the method's docstring). Guests store what they read into RAM at
 where the test checks it; they end by writing port 0xF4 (`out 0xf4, al`).
 """
 
+# ruff: noqa: F811  (test functions take the imported fixtures as parameters)
 from __future__ import annotations
 
 import threading
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from minivmm import kvm
+from tinyguest import kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 from tinyguest import (
     CODE,
     DATA,
@@ -21,8 +23,6 @@ from tinyguest import (
     Asm,
     PatternDevice,
     SequenceDevice,
-    kick_handler,  # noqa: F401  (fixture)
-    make_guest,  # noqa: F401  (fixture)
     pattern_value,
 )
 

@@ -12,13 +12,13 @@ switch restores one: FXRSTOR of an image whose status word holds an unmasked ZE 
 what `fldcw` (ZE unmasked) + `fdiv` by zero would leave — which both hosts execute.
 """
 
+# ruff: noqa: F811  (test functions take the imported fixtures as parameters)
 from __future__ import annotations
 
 import struct
 from pathlib import Path
 
-import pytest
-
+from tinyguest import kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 from tinyguest import (
     CODE,
     DATA,
@@ -26,8 +26,6 @@ from tinyguest import (
     RESULTS,
     Asm,
     fxsave_image,
-    kick_handler,  # noqa: F401  (fixture)
-    make_guest,  # noqa: F401  (fixture)
 )
 
 ON_PVM = Path("/sys/module/kvm_pvm").exists()

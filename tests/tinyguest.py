@@ -337,7 +337,7 @@ class TinyGuest:
         sregs.cs.base, sregs.cs.selector = CODE, CODE >> 4  # code at CS:0, data at DS=0
         self.vcpu.set_sregs(sregs)
         regs = self.vcpu.get_regs()
-        regs.rip, regs.rflags, regs.rsp = 0, 2, 0x8000
+        regs.rip, regs.rflags, regs.rsp = 0, 2, STACK_TOP
         self.vcpu.set_regs(regs)
 
     def _long_mode(self) -> None:
@@ -360,7 +360,7 @@ class TinyGuest:
         sregs.efer = (1 << 8) | (1 << 10)  # LME | LMA
         self.vcpu.set_sregs(sregs)
         regs = self.vcpu.get_regs()
-        regs.rip, regs.rflags, regs.rsp = CODE, 2, 0x8000
+        regs.rip, regs.rflags, regs.rsp = CODE, 2, STACK_TOP
         self.vcpu.set_regs(regs)
 
     def set_cpuid(self) -> None:
