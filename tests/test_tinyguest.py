@@ -15,6 +15,7 @@ import time
 import pytest
 
 from minivmm import kvm
+from minivmm.vcpu import Stop
 from tinyguest import kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 from tinyguest import (
     CODE,
@@ -311,6 +312,19 @@ def test_divide_error_without_an_idt_triple_faults(make_guest) -> None:
     stop = g.run(a)
     assert stop.status == 1 and "triple" in stop.reason, stop
     assert g.done.value is None
+
+
+@pytest.mark.parametrize("bits", MODES)
+def test_hlt_without_an_in_kernel_irqchip_ends_the_run(make_guest, bits: int) -> None:
+    g = make_guest(long_mode=bits == 64, irqchip=False)  # with an irqchip KVM would just block
+    a = Asm(bits)
+    a.hlt()  # hlt
+    a.done()  # out 0xf4, al          (never reached)
+    stop = g.run(a)
+    assert stop == Stop(0, "guest halted with interrupts off (KVM_EXIT_HLT)")
+    assert g.loop.stats.by_kind == {"hlt": 1}
+    assert g.done.value is None
+    assert g.vcpu.get_regs().rip == (1 if bits == 16 else CODE + 1)  # past the HLT
 
 
 def test_describe_shows_registers_and_the_code_at_rip(make_guest) -> None:

@@ -4,7 +4,6 @@ against test devices on the real buses, through the real exit path (`VcpuLoop`).
 from __future__ import annotations
 
 import struct
-import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -155,6 +154,10 @@ class Asm:
     def nop(self) -> "Asm":
         """nop  (90)"""
         return self.emit(0x90)
+
+    def hlt(self) -> "Asm":
+        """hlt  (F4)"""
+        return self.emit(0xF4)
 
     def jmp_self(self) -> "Asm":
         """jmp $  (EB FE): spin forever"""
