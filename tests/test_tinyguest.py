@@ -407,7 +407,8 @@ def test_kvm_layer_smoke() -> None:
         regs.rbx = 0xFEED_FACE_CAFE_BEEF
         vcpu.set_regs(regs)
         assert vcpu.get_regs().rbx == 0xFEED_FACE_CAFE_BEEF
-        vcpu.close()
+        vcpu.close()  # releases the kvm_run view first: closing a pinned mmap raises BufferError
+        assert vcpu.run_map.closed
         vm.close()
     finally:
         k.close()
