@@ -482,5 +482,6 @@ class Vcpu:
         return tr.physical_address if tr.valid else None
 
     def close(self) -> None:
+        ffi.release(self.run)  # the from_buffer view pins run_map: mmap.close() would raise BufferError
         self.run_map.close()
         os.close(self.fd)
