@@ -224,7 +224,10 @@ class Virtqueue:
 
     def avail_idx(self) -> int:
         """The driver's avail.idx (one 16-bit load; subsequent reads are ordered after it)."""
-        return _u16(self.mem, self.avail_ring + AVAIL_IDX)
+        try:
+            return _u16(self.mem, self.avail_ring + AVAIL_IDX)
+        except GuestMemoryError as exc:  # only if the ring's region was removed
+            raise VirtqueueError(str(exc)) from None
 
     def pending(self) -> int:
         """How many chains are available and not yet popped; VirtqueueError if impossible."""
@@ -242,11 +245,14 @@ class Virtqueue:
         if self.pending() == 0:
             return None
         slot = self.avail_ring + AVAIL_RING + 2 * (self.last_avail_idx % self.size)
-        head = _u16(self.mem, slot)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if head >= self.size:
-            raise VirtqueueError(f"avail ring names descriptor {head} of a queue of {self.size}")
-        return self._walk(head)
+        try:
+            head = _u16(self.mem, slot)
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+            if head >= self.size:
+                raise VirtqueueError(f"avail ring names descriptor {head} of a queue of {self.size}")
+            return self._walk(head)
+        except GuestMemoryError as exc:  # checked ranges make this unreachable unless memory was unplugged
+            raise VirtqueueError(str(exc)) from None
 
     def _read_desc(self, table: int, index: int) -> tuple[int, int, int, int]:
         gpa = table + virtq_desc.size * index
@@ -328,4 +334,7 @@ class Virtqueue:
         if self.used_idx == self._signalled_used_idx:
             return False
         self._signalled_used_idx = self.used_idx
-        return not _u16(self.mem, self.avail_ring + AVAIL_FLAGS) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        try:
+            return not _u16(self.mem, self.avail_ring + AVAIL_FLAGS) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        except GuestMemoryError as exc:
+            raise VirtqueueError(str(exc)) from None

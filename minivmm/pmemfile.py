@@ -1,0 +1,305 @@
+"""``--pmem`` backing files: option parsing, validation, creation and mapping.
+
+``--pmem PATH[,size=SIZE][,id=ID][,discard-writes=on|off]`` names a host file that becomes a
+virtio-pmem device (virtio 1.2 section 5.19): the guest maps its bytes directly, and a guest
+flush request becomes ``fdatasync`` of the file.
+
+Rules (every violation is a one-line `UserError`, and leaves every named file untouched):
+
+* a missing file is created sparse at ``size`` (``size`` is then required);
+* ``size`` may be omitted for an existing file: its length is used;
+* the size is a positive multiple of 2 MiB;
+* an existing file is never shrunk or truncated: a file longer than ``size`` is an error, a
+  shorter one is extended sparsely only when ``size`` is given (not with discard-writes=on);
+* the path must be a regular file (or missing, in an existing directory) openable read/write;
+* two ``--pmem`` options may not name the same file (same st_dev/st_ino) or the same id;
+* a file in use by another minivmm (``flock``) is refused.
+
+`open_all` validates every spec before it creates or extends anything, and undoes what it
+did (removes created files, truncates extended ones back to their old length and restores
+their times) if a later step fails.
+
+``discard-writes=on`` opens the file read-only and maps it MAP_PRIVATE with write permission:
+the guest may write, its writes land in private copy-on-write pages and never reach the file;
+a flush then succeeds without syncing anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .units import format_size, parse_size
+
+PMEM_SIZE_ALIGN = 2 << 20  # 2 MiB
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_BOOL = {"on": True, "off": False}
+
+
+@dataclass(frozen=True)
+class PmemSpec:
+    """One parsed ``--pmem`` option."""
+
+    path: str
+    size: int | None = None
+    id: str | None = None
+    discard_writes: bool = False
+
+
+@dataclass
+class PmemBacking:
+    """An opened, validated and mapped backing file. `close()` unmaps and closes it."""
+
+    fd: int
+    path: str
+    size: int
+    mapping: mmap.mmap = field(repr=False)
+    discard_writes: bool
+    id: str
+    created: bool = False  # the file did not exist before this run
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.mapping.close()
+        except BufferError:
+            pass  # still exported as guest memory; unmapped when the last view goes away
+        os.close(self.fd)
+        self.fd = -1
+
+
+def parse_pmem_option(text: str) -> PmemSpec:
+    """Parse ``PATH[,size=SIZE][,id=ID][,discard-writes=on|off]`` (a path cannot hold a comma)."""
+    path, *options = text.split(",")
+    if not path:
+        raise UserError(f"--pmem {text!r}: empty path")
+    size: int | None = None
+    ident: str | None = None
+    discard = False
+    seen: set[str] = set()
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        if not eq or not value:
+            raise UserError(f"--pmem {text!r}: expected key=value, got {opt!r}")
+        if key in seen:
+            raise UserError(f"--pmem {text!r}: {key} given twice")
+        seen.add(key)
+        if key == "size":
+            size = parse_size(value)
+            _check_size(size, f"--pmem {path}: size={value}")
+        elif key == "id":
+            if not _ID_RE.fullmatch(value):
+                raise UserError(f"--pmem {text!r}: bad id {value!r} (letters, digits, '_', '.', '-')")
+            ident = value
+        elif key == "discard-writes":
+            if value not in _BOOL:
+                raise UserError(f"--pmem {text!r}: discard-writes must be on or off, not {value!r}")
+            discard = _BOOL[value]
+        else:
+            raise UserError(f"--pmem {text!r}: unknown option {key!r} (known: size, id, discard-writes)")
+    return PmemSpec(path, size, ident, discard)
+
+
+def _check_size(size: int, what: str) -> None:
+    if size <= 0 or size % PMEM_SIZE_ALIGN:
+        raise UserError(f"{what}: size {format_size(size)} is not a positive multiple of 2M")
+
+
+@dataclass
+class _Plan:
+    """What open_all will do for one spec, decided before any side effect."""
+
+    spec: PmemSpec
+    ident: str
+    size: int
+    fd: int = -1  # opened existing file
+    old_stat: os.stat_result | None = None  # None: the file will be created
+    created: bool = False
+    extended: bool = False
+
+
+def open_backing(spec: PmemSpec) -> PmemBacking:
+    """Open, validate, create or extend, and map one backing file (see module docstring)."""
+    return open_all([spec])[0]
+
+
+def open_all(specs: list[PmemSpec]) -> list[PmemBacking]:
+    """Open every spec, or none: on any error nothing is left created, extended or open."""
+    plans: list[_Plan] = []
+    done: list[PmemBacking] = []
+    try:
+        ids = _assign_ids(specs)
+        seen: dict[object, str] = {}
+        for spec, ident in zip(specs, ids):
+            plan = _inspect(spec, ident)
+            plans.append(plan)
+            if plan.old_stat is not None:
+                key: object = (plan.old_stat.st_dev, plan.old_stat.st_ino)
+            else:
+                key = os.path.realpath(spec.path)
+            if key in seen:
+                raise UserError(f"--pmem {spec.path}: same file as --pmem {seen[key]}")
+            seen[key] = spec.path
+        for plan in plans:
+            _lock(plan)
+        for plan in plans:  # side effects start here
+            _create_or_extend(plan)
+        for plan in plans:
+            done.append(_map(plan))
+        return done
+    except BaseException:
+        for backing in done:
+            backing.mapping.close()
+        for plan in reversed(plans):
+            _undo(plan)
+        raise
+
+
+def _assign_ids(specs: list[PmemSpec]) -> list[str]:
+    given = [s.id for s in specs if s.id is not None]
+    dup = {i for i in given if given.count(i) > 1}
+    if dup:
+        raise UserError(f"--pmem: id {sorted(dup)[0]!r} given to more than one device")
+    ids, n = [], 0
+    for spec in specs:
+        if spec.id is not None:
+            ids.append(spec.id)
+            continue
+        while f"pmem{n}" in given:
+            n += 1
+        ids.append(f"pmem{n}")
+        n += 1
+    return ids
+
+
+def _inspect(spec: PmemSpec, ident: str) -> _Plan:
+    """Validate one spec; opens an existing file but changes nothing on disk."""
+    path = spec.path
+    if not path:
+        raise UserError("--pmem: empty path")
+    if spec.size is not None:
+        _check_size(spec.size, f"--pmem {path}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return _inspect_missing(spec, ident)
+    except OSError as exc:
+        raise UserError(f"--pmem {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"--pmem {path}: is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"--pmem {path}: not a regular file")
+    flags = (os.O_RDONLY if spec.discard_writes else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        mode = "read" if spec.discard_writes else "read/write"
+        raise UserError(f"--pmem {path}: cannot open {mode}: {exc.strerror}") from None
+    plan = _Plan(spec, ident, 0, fd)
+    try:
+        return _check_existing(plan)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_existing(plan: _Plan) -> _Plan:
+    spec, path = plan.spec, plan.spec.path
+    st = os.fstat(plan.fd)
+    plan.old_stat = st
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"--pmem {path}: not a regular file")
+    if spec.size is None:
+        if st.st_size == 0:
+            raise UserError(f"--pmem {path}: file is empty; give size=")
+        _check_size(st.st_size, f"--pmem {path}: file length")
+        plan.size = st.st_size
+    elif st.st_size > spec.size:
+        raise UserError(
+            f"--pmem {path}: file is {format_size(st.st_size)}, longer than size={format_size(spec.size)}; refusing to shrink"
+        )
+    elif st.st_size < spec.size and spec.discard_writes:
+        raise UserError(
+            f"--pmem {path}: file is {format_size(st.st_size)}, shorter than size={format_size(spec.size)}, "
+            "and discard-writes=on never extends it"
+        )
+    else:
+        plan.size = spec.size
+    return plan
+
+
+def _lock(plan: _Plan) -> None:
+    """Refuse a file another minivmm uses: exclusive lock, shared with discard-writes=on."""
+    if plan.fd < 0:
+        return
+    try:
+        fcntl.flock(plan.fd, (fcntl.LOCK_SH if plan.spec.discard_writes else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UserError(f"--pmem {plan.spec.path}: in use by another process") from None
+        raise UserError(f"--pmem {plan.spec.path}: cannot lock: {exc.strerror}") from None
+
+
+def _inspect_missing(spec: PmemSpec, ident: str) -> _Plan:
+    path = spec.path
+    if spec.size is None:
+        raise UserError(f"--pmem {path}: file does not exist; give size= to create it")
+    if spec.discard_writes:
+        raise UserError(f"--pmem {path}: file does not exist (discard-writes=on never creates one)")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise UserError(f"--pmem {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--pmem {path}: cannot create a file in {parent}")
+    return _Plan(spec, ident, spec.size)
+
+
+def _create_or_extend(plan: _Plan) -> None:
+    path = plan.spec.path
+    try:
+        if plan.old_stat is None:
+            plan.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
+            plan.created = True
+            fcntl.flock(plan.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(plan.fd, plan.size)  # sparse: no blocks allocated
+        elif plan.old_stat.st_size < plan.size:
+            plan.extended = True
+            os.ftruncate(plan.fd, plan.size)
+    except OSError as exc:
+        raise UserError(f"--pmem {path}: cannot create or extend to {format_size(plan.size)}: {exc.strerror}") from None
+
+
+def _map(plan: _Plan) -> PmemBacking:
+    path, discard = plan.spec.path, plan.spec.discard_writes
+    try:
+        mapping = mmap.mmap(
+            plan.fd,
+            plan.size,
+            mmap.MAP_PRIVATE if discard else mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--pmem {path}: cannot map {format_size(plan.size)}: {exc}") from None
+    return PmemBacking(plan.fd, path, plan.size, mapping, discard, plan.ident, plan.created)
+
+
+def _undo(plan: _Plan) -> None:
+    """Best-effort rollback of `_create_or_extend`, then close the fd."""
+    try:
+        if plan.created:
+            os.unlink(plan.spec.path)
+        elif plan.extended and plan.old_stat is not None:
+            os.ftruncate(plan.fd, plan.old_stat.st_size)
+            os.utime(plan.fd, ns=(plan.old_stat.st_atime_ns, plan.old_stat.st_mtime_ns))
+    except OSError:
+        pass
+    if plan.fd >= 0:
+        os.close(plan.fd)
+        plan.fd = -1
