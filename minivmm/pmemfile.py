@@ -166,7 +166,7 @@ def _assign_ids(specs: list[PmemSpec]) -> list[str]:
     given = [s.id for s in specs if s.id is not None]
     dup = {i for i in given if given.count(i) > 1}
     if dup:
-        raise UserError(f"--pmem: id {sorted(dup)[0]!r} given to more than one device")
+        raise UserError(f"--pmem: id {min(dup)!r} given to more than one device")
     ids, n = [], 0
     for spec in specs:
         if spec.id is not None:

@@ -205,7 +205,7 @@ def test_malformed_chain_needs_reset(harness, fsync_calls, descs) -> None:
     harness.kick()
     time.sleep(0.1)
     assert d.used_idx() == 0
-    assert harness.dev.errors == []
+    assert harness.dev.errors == [] and harness.dev.stats()["malformed"] == 1
 
 
 def test_good_requests_before_a_malformed_one_complete(harness) -> None:

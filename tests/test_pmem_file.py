@@ -257,7 +257,7 @@ def test_same_file_twice(tmp_path: Path) -> None:
     sym = tmp_path / "sym.img"
     sym.symlink_to(p)
     for other in (p, link, sym, tmp_path / "." / "a.img"):
-        msg = expect_user_error([p, link], lambda: open_all([PmemSpec(str(p)), PmemSpec(str(other), size=4 * MiB)]))
+        msg = expect_user_error([p, link], lambda other=other: open_all([PmemSpec(str(p)), PmemSpec(str(other), size=4 * MiB)]))
         assert "same file" in msg
 
 
@@ -266,7 +266,7 @@ def test_same_missing_file_twice(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "link").symlink_to(tmp_path)
     for other in (tmp_path / "sub" / ".." / "new.img", tmp_path / "link" / "new.img"):
-        msg = expect_user_error([p], lambda: open_all([PmemSpec(str(p), size=2 * MiB), PmemSpec(str(other), size=2 * MiB)]))
+        msg = expect_user_error([p], lambda other=other: open_all([PmemSpec(str(p), size=2 * MiB), PmemSpec(str(other), size=2 * MiB)]))
         assert "same file" in msg
 
 

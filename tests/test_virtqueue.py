@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from minivmm.memory import GuestMemory, Region
 from minivmm.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -23,6 +22,7 @@ from minivmm.devices.virtio.queue import (
     virtq_desc,
     virtq_used_elem,
 )
+from minivmm.memory import GuestMemory, Region
 
 # Guest memory: two adjacent regions and one beyond a hole, none starting at 0.
 R0, R0_SIZE = 0x10000, 0x4000
@@ -271,7 +271,7 @@ def test_bad_head(qd, head: int) -> None:
 
 @pytest.mark.parametrize("idx", [9, 100, 0x8000, 0xFFFF])
 def test_bad_avail_idx(qd, idx: int) -> None:
-    mem, q, d = qd
+    mem, q, _ = qd
     raw_write(mem, AVAIL + 2, struct.pack("<H", idx))
     expect_error(mem, q)
     with pytest.raises(VirtqueueError):

@@ -63,6 +63,7 @@ class PmemStats:
 
     flush_requests: int = 0  # VIRTIO_PMEM_REQ_TYPE_FLUSH requests completed
     bad_requests: int = 0  # unknown request types (answered with an error)
+    malformed: int = 0  # malformed chains / queue errors (each sets DEVICE_NEEDS_RESET)
     batches: int = 0  # wake-ups that completed at least one request
     host_fsyncs: int = 0  # fdatasync calls made
     fsync_errors: int = 0  # fdatasync calls that raised OSError
@@ -189,6 +190,9 @@ class VirtioPmem:
                 batch.append((chain, req_type))
         except VirtqueueError:
             healthy = False
+        if not healthy:
+            with self._stats_lock:
+                self._stats.malformed += 1
         if not batch:
             return healthy
         flushes = sum(t == VIRTIO_PMEM_REQ_TYPE_FLUSH for _, t in batch)
@@ -251,21 +255,24 @@ class _Flusher:
         try:
             sel.register(self.stop_r, selectors.EVENT_READ, "stop")
             sel.register(self.notify_fd, selectors.EVENT_READ, "notify")
-            serving = self._serve(time.monotonic())  # requests made available before DRIVER_OK
+            woke = time.monotonic()  # first pass: requests made available before DRIVER_OK
             while not self.stopping.is_set():
+                if not self._serve(woke):
+                    break  # broken queue: not served until reset; only wait for stop
                 events = sel.select()
                 woke = time.monotonic()
                 if any(key.data == "stop" for key, _ in events):
                     return
-                if not serving:
-                    continue
                 try:
-                    os.eventfd_read(self.notify_fd)
+                    os.eventfd_read(self.notify_fd)  # clear before popping: later notifies wake us again
                 except BlockingIOError:
                     pass
-                serving = self._serve(woke)
-                if not serving:
-                    sel.unregister(self.notify_fd)  # a broken queue is not served until reset
+            if not self.stopping.is_set():
+                sel.unregister(self.notify_fd)
+                sel.select()  # only the stop pipe is left
+        except Exception as exc:  # e.g. the notify fd was closed under us: report, stop serving
+            self.dev.errors.append(exc)
+            self.needs_reset()
         finally:
             sel.close()
 
