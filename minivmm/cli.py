@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", "--append", dest="cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
     run.add_argument("--mem", type=_size, default=parse_size(DEFAULT_MEM), metavar="SIZE", help=f"guest RAM, K/M/G suffixes (default {DEFAULT_MEM})")
     run.add_argument("--cpus", type=int, default=1, choices=[1], help="number of vCPUs (only 1 for now)")
+    run.add_argument(
+        "--pmem",
+        action="append",
+        default=[],
+        metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on]",
+        help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...)",
+    )
     run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
@@ -64,6 +71,7 @@ def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine, MachineConfig
+    from .pmemfile import open_all, parse_pmem_option
 
     kernel, initrd = _default_guest(args)
     for what, path in (("kernel", kernel), ("initrd", initrd)):
@@ -71,6 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {path}: no such file")
     if args.watchdog is not None and args.watchdog <= 0:
         raise UserError("--watchdog must be a positive number of seconds")
+    # Files are checked (and created/extended) before KVM is touched, all or nothing.
+    pmem = open_all([parse_pmem_option(text) for text in args.pmem])
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -80,8 +90,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         trace=args.trace,
         stats=args.stats,
         watchdog=args.watchdog,
+        pmem=pmem,
     )
-    machine = Machine(config)
+    try:
+        machine = Machine(config)
+    except BaseException:
+        for backing in pmem:
+            backing.close()
+        raise
     try:
         stop = machine.run()
         if args.stats:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 import signal
 import sys
 import threading
@@ -26,10 +27,22 @@ from .eventloop import EventLoop
 from .fallback import EmulationFallbacks
 from .irqchip import KvmInterrupts
 from .kvm import Kvm
+from .devices.virtio.pci import VirtioPciDevice
+from .devices.virtio.pmem import VirtioPmem
 from .memory import GuestMemory, Region
+from .pci import MmioWindow, PciHostBridge
+from .pmemfile import PmemBacking
 from .vcpu import Stop, VcpuLoop, install_kick_handler
 
 ACPI_S5 = 5
+
+
+def process_start_monotonic() -> float:
+    """This process's start time on the CLOCK_MONOTONIC scale (from /proc/self/stat, in ticks
+    since boot; CLOCK_BOOTTIME minus CLOCK_MONOTONIC corrects for time spent suspended)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    since_boot = ticks / os.sysconf("SC_CLK_TCK")
+    return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
 
 
 @dataclass
@@ -42,9 +55,9 @@ class MachineConfig:
     trace: bool = False
     stats: bool = False
     watchdog: float | None = None
+    pmem: list[PmemBacking] = field(default_factory=list)  # opened and validated by the caller
     stdin_fd: int = 0
     stdout_fd: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 class Machine:
@@ -74,6 +87,7 @@ class Machine:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._add_platform_devices()
+        self._add_pci_devices()
         self.loops: list[VcpuLoop] = []
         self.started_at = time.monotonic()
 
@@ -104,6 +118,30 @@ class Machine:
         self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
         self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
+
+    def _add_pci_devices(self) -> None:
+        base64, size64 = layout.pci_mmio64_window(self.config.mem_size)
+        self.pci = PciHostBridge(
+            self.mmio,
+            self.interrupts,
+            MmioWindow(layout.PCI_MMIO32.base, layout.PCI_MMIO32.size),
+            MmioWindow(base64, size64),
+            pio_bus=self.pio,
+        )
+        self.pmem_allocator = layout.PmemAllocator(layout.ram_top(self.config.mem_size))
+        self.pmem_devices: list[VirtioPmem] = []
+        for backing in self.config.pmem:
+            self.add_pmem(backing)
+
+    def add_pmem(self, backing: PmemBacking) -> VirtioPmem:
+        """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
+        describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
+        gpa = self.pmem_allocator.allocate(backing.size, backing.id or "pmem")
+        self.add_region(Region(gpa, backing.size, backing.mapping, name=backing.id or "pmem"))
+        device = VirtioPmem.from_backing(backing, start=gpa)
+        self.pci.add_device(VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id))
+        self.pmem_devices.append(device)
+        return device
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == ACPI_S5:
@@ -204,6 +242,9 @@ class Machine:
     def stats_report(self) -> str:
         lines = []
         wall = time.monotonic() - self.started_at
+        first = min((loop.stats.first_run for loop in self.loops if loop.stats.first_run), default=None)
+        if first is not None:
+            lines.append(f"startup: first KVM_RUN {first - process_start_monotonic():.3f} s after process start")
         for loop in self.loops:
             s = loop.stats
             total = sum(s.by_kind.values())
@@ -211,18 +252,27 @@ class Machine:
             lines += [f"  exits {kind}: {n}" for kind, n in s.by_kind.most_common()]
             lines += [f"  device {name}: {n}" for name, n in s.by_device.most_common()]
         lines += [f"emulation fallback {name}: {n}" for name, n in self.fallbacks.counts.items()]
+        for dev, backing in zip(self.pmem_devices, self.config.pmem):
+            st = dev.stats()
+            lines.append(
+                f"pmem {backing.id} ({backing.path}): {st['flush_requests']} flush requests, {st['host_fsyncs']} host fsyncs, "
+                f"service mean {st['service_time_mean'] * 1e3:.3f} ms max {st['service_time_max'] * 1e3:.3f} ms, "
+                f"fsync mean {st['fsync_time_mean'] * 1e3:.3f} ms"
+            )
         for bus in (self.pio, self.mmio):
             lines += [f"{bus.name} unclaimed {op}s: {n}" for op, n in bus.unclaimed.items()]
         return "\n".join(lines)
 
     def close(self) -> None:
+        for device in self.pmem_devices:
+            device.reset()  # stops its flusher thread before guest memory goes away
         for loop in self.loops:
             loop.vcpu.close()
         self.vm.close()
         self.kvm.close()
         for region in self.mem.regions:
-            try:
-                region.view.release()
+            region.view.release()
+            if region.name == "ram":
                 region.mapping.close()
-            except (BufferError, ValueError):
-                pass
+        for backing in self.config.pmem:
+            backing.close()
