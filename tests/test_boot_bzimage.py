@@ -50,7 +50,7 @@ def test_kernel_loaded_at_1mib_and_entry(tmp_path):
 def test_boot_params_fields(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD)
     initrd = os.urandom(123_457)
-    mem, e = boot(tmp_path, image, initrd=initrd, cmdline="console=ttyS0 root=/dev/ram")
+    mem, _e = boot(tmp_path, image, initrd=initrd, cmdline="console=ttyS0 root=/dev/ram")
     assert hdr_field(mem, "type_of_loader") == 0xFF
     flags = hdr_field(mem, "loadflags")
     assert flags & bzimage.LOADED_HIGH and flags & bzimage.CAN_USE_HEAP and not flags & bzimage.KEEP_SEGMENTS
@@ -135,7 +135,7 @@ def test_gdt_has_linux_boot_selectors(tmp_path):
 
 def test_initrd_respects_initrd_addr_max(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD, initrd_addr_max=0x037FFFFF)
-    mem, e = boot(tmp_path, image, initrd=bytes(100_000))
+    _mem, e = boot(tmp_path, image, initrd=bytes(100_000))
     assert e.initrd.end <= 0x03800000 and 0x03800000 - e.initrd.end < 4096 + 4096
 
 
@@ -186,7 +186,7 @@ def test_cmdline_longer_than_cmdline_size(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD, cmdline_size=100)
     with pytest.raises(UserError, match="too long: 101 bytes, the kernel accepts at most 100"):
         boot(tmp_path, image, cmdline="x" * 101)
-    mem, e = boot(tmp_path, image, cmdline="x" * 100)
+    _mem, e = boot(tmp_path, image, cmdline="x" * 100)
     assert e.cmdline.size == 101
 
 
