@@ -97,7 +97,6 @@ EBDA = Range("ebda", 0x9FC00, 0x400, "extended BIOS data area")
 VGA_ROM_HOLE = Range("vga_rom_hole", 0xA0000, 0x40000, "legacy VGA and option-ROM hole")
 ACPI = Range("acpi", 0xE0000, 0x20000, "ACPI tables; RSDP at the start")
 HIGH_MEMORY = 0x100000  # 1 MiB: the bzImage protected-mode kernel is loaded here
-KERNEL_LOAD = Range("kernel", HIGH_MEMORY, 0, "kernel image (size depends on the kernel)")
 
 LOW_RAM_MAX = 3 * GiB  # RAM below 4 GiB ends here at most
 FOUR_GIB = 4 * GiB

@@ -29,7 +29,7 @@ def test_rsdp(built):
     mem, t = built
     assert t.rsdp_addr == layout.RSDP_ADDR == acpi.build_acpi(mem, 4, MEM)
     raw = mem.read(t.rsdp_addr, 36)
-    sig, _, oem, rev, rsdt, length, xsdt_addr, _, _ = acpi.RSDP_STRUCT.unpack(raw)
+    sig, _, _oem, rev, rsdt, length, xsdt_addr, _, _ = acpi.RSDP_STRUCT.unpack(raw)
     assert sig == b"RSD PTR " and rev == 2 and length == 36 and rsdt == 0
     assert sum(raw[:20]) % 256 == 0 and sum(raw) % 256 == 0
     assert t.rsdp_addr % 16 == 0 and t.rsdp_addr in layout.ACPI

@@ -50,7 +50,7 @@ def test_kernel_loaded_at_1mib_and_entry(tmp_path):
 def test_boot_params_fields(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD)
     initrd = os.urandom(123_457)
-    mem, e = boot(tmp_path, image, initrd=initrd, cmdline="console=ttyS0 root=/dev/ram")
+    mem, _e = boot(tmp_path, image, initrd=initrd, cmdline="console=ttyS0 root=/dev/ram")
     assert hdr_field(mem, "type_of_loader") == 0xFF
     flags = hdr_field(mem, "loadflags")
     assert flags & bzimage.LOADED_HIGH and flags & bzimage.CAN_USE_HEAP and not flags & bzimage.KEEP_SEGMENTS
@@ -135,7 +135,7 @@ def test_gdt_has_linux_boot_selectors(tmp_path):
 
 def test_initrd_respects_initrd_addr_max(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD, initrd_addr_max=0x037FFFFF)
-    mem, e = boot(tmp_path, image, initrd=bytes(100_000))
+    _mem, e = boot(tmp_path, image, initrd=bytes(100_000))
     assert e.initrd.end <= 0x03800000 and 0x03800000 - e.initrd.end < 4096 + 4096
 
 
@@ -186,7 +186,7 @@ def test_cmdline_longer_than_cmdline_size(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD, cmdline_size=100)
     with pytest.raises(UserError, match="too long: 101 bytes, the kernel accepts at most 100"):
         boot(tmp_path, image, cmdline="x" * 101)
-    mem, e = boot(tmp_path, image, cmdline="x" * 100)
+    _mem, e = boot(tmp_path, image, cmdline="x" * 100)
     assert e.cmdline.size == 101
 
 
@@ -209,3 +209,27 @@ def test_setup_header_struct_matches_spec_offsets():
     assert offsets["initrd_addr_max"] == 0x22C and offsets["xloadflags"] == 0x236
     assert offsets["pref_address"] == 0x258 and offsets["init_size"] == 0x260
     assert offsets["kernel_info_offset"] == 0x268
+
+
+def test_memory_above_4gib_keeps_initrd_below_initrd_addr_max(tmp_path):
+    """With RAM split at the PCI hole the initrd still goes below initrd_addr_max (2 GiB here)."""
+    size = 3 * layout.GiB + 64 * layout.MiB
+    mem = GuestMemory()
+    for gpa, length in layout.ram_ranges(size):
+        mem.add_region(GuestMemory.anonymous(length, gpa).regions[0])
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(synthetic.make_bzimage(PAYLOAD))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\x5a" * 10_000)
+    e = load_kernel(mem, kernel, initrd, "", size, RSDP)
+    assert e.initrd.end <= 0x80000000 and 0x80000000 - e.initrd.end < 4096
+    assert mem.read(e.initrd.gpa, 10_000) == b"\x5a" * 10_000
+    n = mem.read_int(ZP + bzimage.BP_E820_ENTRIES, 1)
+    last = layout.E820Entry(*layout.E820Entry.FORMAT.unpack(mem.read(ZP + bzimage.BP_E820_TABLE + 20 * (n - 1), 20)))
+    assert last == layout.E820Entry(4 * layout.GiB, 64 * layout.MiB, layout.E820_RAM)
+
+
+def test_smoke_bzimage_entry_is_the_smoke_code(tmp_path):
+    mem, e = boot(tmp_path, synthetic.smoke_bzimage(b"hi\n"))
+    code = synthetic.smoke_code(b"hi\n")
+    assert mem.read(e.rip, len(code)) == code

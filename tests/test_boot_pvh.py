@@ -207,3 +207,26 @@ def test_too_long_cmdline(tmp_path):
 def test_cmdline_with_nul(tmp_path):
     with pytest.raises(UserError, match="NUL"):
         load(tmp_path, synthetic.make_pvh_elf(b"\x90"), cmdline="a\0b")
+
+
+def test_smoke_pvh_entry_is_the_smoke_code(tmp_path):
+    kernel = tmp_path / "smoke"
+    kernel.write_bytes(synthetic.smoke_pvh_elf(b"hi\n"))
+    mem = GuestMemory.anonymous(MEM)
+    e = load_kernel(mem, kernel, None, "", MEM, RSDP)
+    code = synthetic.smoke_code(b"hi\n")
+    assert mem.read(e.rip, len(code)) == code
+    assert code.endswith(b"\xb0\x34\xee\xf4\xeb\xfd")  # out 0x34 to the sleep register; hlt loop
+
+
+def test_pvh_memory_above_4gib(tmp_path, files):
+    kernel, initrd, _ = files
+    size = 3 * layout.GiB + 64 * layout.MiB
+    mem = GuestMemory()
+    for gpa, length in layout.ram_ranges(size):
+        mem.add_region(GuestMemory.anonymous(length, gpa).regions[0])
+    e = load_kernel(mem, kernel, initrd, "", size, RSDP)
+    assert e.initrd.end <= 3 * layout.GiB and 3 * layout.GiB - e.initrd.end < 4096
+    *_, memmap, entries, _ = mem.read_struct(e.rbx, pvh.HVM_START_INFO)
+    last = mem.read_struct(memmap + (entries - 1) * 24, pvh.HVM_MEMMAP_TABLE_ENTRY)
+    assert last == (4 * layout.GiB, 64 * layout.MiB, layout.E820_RAM, 0)

@@ -37,9 +37,8 @@ def test_vmlinux_pvh(guest_kernel_dir, mem):
                     assert not any(mem.read(seg.header.p_paddr + seg.header.p_filesz, tail))
             elif seg.header.p_type == "PT_NOTE":
                 for note in seg.iter_notes():
-                    if note["n_name"] == "Xen" and note["n_descsz"] in (4, 8) and note["n_type"] in (18, "NT_GNU_PROPERTY_TYPE_0"):
-                        if note["n_type"] == 18 or note["n_descsz"] == 4:
-                            phys32.append(int.from_bytes(note["n_descdata"], "little"))
+                    if note["n_name"] == "Xen" and note["n_type"] == pvh.XEN_ELFNOTE_PHYS32_ENTRY:
+                        phys32.append(int.from_bytes(note["n_descdata"], "little"))
     assert entry.rip in phys32
     assert entry.mode == "protected32" and entry.rbx == layout.PVH_START_INFO.base
     magic, version, *_ = mem.read_struct(entry.rbx, pvh.HVM_START_INFO)

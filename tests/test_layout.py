@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from minivmm import layout
@@ -34,7 +36,7 @@ def test_low_ram_never_reaches_the_pci_hole():
 @pytest.mark.parametrize("mem", [16 * MiB, 256 * MiB, 3 * GiB, 3 * GiB + 4096, 8 * GiB])
 def test_e820_sorted_disjoint_and_covers_ram(mem):
     e820 = layout.e820_map(mem)
-    for a, b in zip(e820, e820[1:]):
+    for a, b in itertools.pairwise(e820):
         assert a.end <= b.addr
     ram = [e for e in e820 if e.type == layout.E820_RAM]
     # All RAM but the EBDA and the 640 KiB-1 MiB hole is usable.
@@ -54,7 +56,7 @@ def test_e820_pack_is_boot_e820_entry():
 
 def test_fixed_map_disjoint_and_low_areas_below_640k():
     ranges = sorted(layout.FIXED_MAP, key=lambda r: r.base)
-    for a, b in zip(ranges, ranges[1:]):
+    for a, b in itertools.pairwise(ranges):
         assert a.end <= b.base, (a.name, b.name)
     for r in (layout.BOOT_GDT, layout.PVH_START_INFO, layout.BOOT_STACK, layout.ZERO_PAGE, layout.PAGE_TABLES, layout.CMDLINE):
         assert r.end <= layout.EBDA.base
@@ -114,7 +116,7 @@ def test_ports_and_irqs():
         (layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT),
     ]
     spans.sort()
-    for (a, n), (b, _) in zip(spans, spans[1:]):
+    for (a, n), (b, _) in itertools.pairwise(spans):
         assert a + n <= b
 
 

@@ -24,8 +24,8 @@ with ACPI on, Linux finds PCI root buses only through such an object.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .. import layout
 from ..memory import GuestMemory

@@ -18,7 +18,13 @@ from .. import layout
 from ..errors import UserError
 from ..memory import GuestMemory
 from .common import check_ram, place_initrd, read_file, write_cmdline
-from .cpu import BootEntry, LoadedRange, long64_state, write_boot_gdt, write_identity_page_tables
+from .cpu import (
+    BootEntry,
+    LoadedRange,
+    long64_state,
+    write_boot_gdt,
+    write_identity_page_tables,
+)
 
 SETUP_HEADER_OFFSET = 0x1F1
 BOOT_FLAG_MAGIC = 0xAA55
@@ -97,7 +103,7 @@ class SetupHeader:
     FORMAT = struct.Struct("<BHIHHHHHIHIHHBBHIIIIHBBIIIBBHIIQIIQQIII")  # 0x1F1..0x26B
 
     @classmethod
-    def unpack(cls, raw: bytes) -> "SetupHeader":
+    def unpack(cls, raw: bytes) -> SetupHeader:
         return cls(*cls.FORMAT.unpack(raw[: cls.FORMAT.size].ljust(cls.FORMAT.size, b"\0")))
 
     def pack(self) -> bytes:
@@ -147,8 +153,7 @@ def runtime_start(hdr: SetupHeader, load_address: int) -> int:
     """Where the kernel runs (boot.rst, init_size): relocatable kernels move up to
     pref_address, aligned to kernel_alignment; others run at pref_address."""
     if hdr.relocatable_kernel:
-        if load_address < hdr.pref_address:
-            load_address = hdr.pref_address
+        load_address = max(load_address, hdr.pref_address)
         return layout.align_up(load_address, max(hdr.kernel_alignment, 1))
     return hdr.pref_address
 

@@ -56,7 +56,7 @@ class Segment:
     dpl: int
     db: int
     s: int
-    l: int  # noqa: E741 (the kvm_segment field name)
+    l: int
     g: int
     avl: int = 0
     unusable: int = 0
@@ -76,7 +76,7 @@ class Segment:
         )
 
     @classmethod
-    def from_descriptor(cls, selector: int, desc: int) -> "Segment":
+    def from_descriptor(cls, selector: int, desc: int) -> Segment:
         """Decode an 8-byte GDT entry (the inverse of `descriptor`, for tests and tracing)."""
         limit = (desc & 0xFFFF) | (((desc >> 48) & 0xF) << 16)
         base = ((desc >> 16) & 0xFFFFFF) | (((desc >> 56) & 0xFF) << 24)
@@ -213,38 +213,38 @@ class BootEntry:
 def protected32_state() -> dict[str, object]:
     """Register state of the PVH entry (Xen docs/misc/pvh.pandoc): 32-bit protected mode,
     paging off, flat 4 GiB code and data segments, a busy 32-bit TSS."""
-    return dict(
-        mode="protected32",
-        cr0=X86_CR0_PE | X86_CR0_ET,
-        cr3=0,
-        cr4=0,
-        efer=0,
-        cs=CODE32,
-        ds=DATA,
-        es=DATA,
-        fs=DATA,
-        gs=DATA,
-        ss=DATA,
-        tr=TSS,
-        rsp=layout.BOOT_STACK_TOP,
-    )
+    return {
+        "mode": "protected32",
+        "cr0": X86_CR0_PE | X86_CR0_ET,
+        "cr3": 0,
+        "cr4": 0,
+        "efer": 0,
+        "cs": CODE32,
+        "ds": DATA,
+        "es": DATA,
+        "fs": DATA,
+        "gs": DATA,
+        "ss": DATA,
+        "tr": TSS,
+        "rsp": layout.BOOT_STACK_TOP,
+    }
 
 
 def long64_state(cr3: int) -> dict[str, object]:
     """Register state of the 64-bit boot protocol (boot.rst, "64-bit Boot Protocol"): long
     mode, paging on with an identity map, __BOOT_CS code and __BOOT_DS data segments."""
-    return dict(
-        mode="long64",
-        cr0=X86_CR0_PE | X86_CR0_ET | X86_CR0_PG,
-        cr3=cr3,
-        cr4=X86_CR4_PAE,
-        efer=EFER_LME | EFER_LMA,
-        cs=CODE64,
-        ds=DATA,
-        es=DATA,
-        fs=DATA,
-        gs=DATA,
-        ss=DATA,
-        tr=TSS,
-        rsp=layout.BOOT_STACK_TOP,
-    )
+    return {
+        "mode": "long64",
+        "cr0": X86_CR0_PE | X86_CR0_ET | X86_CR0_PG,
+        "cr3": cr3,
+        "cr4": X86_CR4_PAE,
+        "efer": EFER_LME | EFER_LMA,
+        "cs": CODE64,
+        "ds": DATA,
+        "es": DATA,
+        "fs": DATA,
+        "gs": DATA,
+        "ss": DATA,
+        "tr": TSS,
+        "rsp": layout.BOOT_STACK_TOP,
+    }

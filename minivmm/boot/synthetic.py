@@ -14,7 +14,13 @@ import struct
 
 from .. import layout
 from .acpi import S5_SLP_TYP, SLP_EN, SLP_TYP_SHIFT
-from .bzimage import HDRS_MAGIC, LOADED_HIGH, SETUP_HEADER_OFFSET, XLF_KERNEL_64, SetupHeader
+from .bzimage import (
+    HDRS_MAGIC,
+    LOADED_HIGH,
+    SETUP_HEADER_OFFSET,
+    XLF_KERNEL_64,
+    SetupHeader,
+)
 from .pvh import XEN_ELFNOTE_PHYS32_ENTRY
 
 ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
@@ -86,24 +92,24 @@ def make_bzimage(
     payload = payload + bytes(-len(payload) % 16)
     sects = setup_sects or 4
     hdr = SetupHeader.unpack(b"")
-    fields = dict(
-        setup_sects=setup_sects,
-        syssize=len(payload) // 16,
-        vid_mode=0xFFFF,
-        boot_flag=0xAA55,
-        jump=0xEB | ((0x26C - 0x202) << 8),
-        header=HDRS_MAGIC,
-        version=version,
-        loadflags=loadflags,
-        code32_start=layout.HIGH_MEMORY,
-        initrd_addr_max=initrd_addr_max,
-        kernel_alignment=kernel_alignment,
-        relocatable_kernel=relocatable_kernel,
-        xloadflags=xloadflags,
-        cmdline_size=cmdline_size,
-        pref_address=pref_address,
-        init_size=init_size,
-    )
+    fields = {
+        "setup_sects": setup_sects,
+        "syssize": len(payload) // 16,
+        "vid_mode": 0xFFFF,
+        "boot_flag": 0xAA55,
+        "jump": 0xEB | ((0x26C - 0x202) << 8),
+        "header": HDRS_MAGIC,
+        "version": version,
+        "loadflags": loadflags,
+        "code32_start": layout.HIGH_MEMORY,
+        "initrd_addr_max": initrd_addr_max,
+        "kernel_alignment": kernel_alignment,
+        "relocatable_kernel": relocatable_kernel,
+        "xloadflags": xloadflags,
+        "cmdline_size": cmdline_size,
+        "pref_address": pref_address,
+        "init_size": init_size,
+    }
     for key, value in fields.items():
         setattr(hdr, key, value)
     setup = bytearray((sects + 1) * 512)
