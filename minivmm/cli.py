@@ -15,7 +15,7 @@ from . import __version__
 from .errors import MinivmmError, UserError
 from .units import parse_size
 
-DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k pci=noacpi"
+DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"
 DEFAULT_MEM = "256M"
 
 
