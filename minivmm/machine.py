@@ -165,6 +165,13 @@ class Machine:
         if self.host.software_kvm:
             cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
         self.entry = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
+        if cfg.trace:
+            for base, size, name in layout.describe(cfg.mem_size):
+                print(f"map: {base:#014x} +{size:#x} {name}", file=sys.stderr)
+            for region in self.mem.regions:
+                print(f"map: {region.gpa:#014x} +{region.size:#x} slot {region.slot} {region.name}", file=sys.stderr)
+            for line in self.entry.describe():
+                print(line, file=sys.stderr)
         supported = self.kvm.supported_cpuid()
         for index in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(index)
