@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import cpu, hostcheck, layout
 from .boot import build_acpi, load_kernel
+from .boot.acpi import S5_SLP_TYP
 from .bus import Bus
 from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
@@ -33,9 +34,6 @@ from .memory import GuestMemory, Region
 from .pci import MmioWindow, PciHostBridge
 from .pmemfile import PmemBacking
 from .vcpu import Stop, VcpuLoop, install_kick_handler
-
-ACPI_S5 = 5
-
 
 def process_start_monotonic() -> float:
     """This process's start time on the CLOCK_MONOTONIC scale (from /proc/self/stat, in ticks
@@ -144,7 +142,7 @@ class Machine:
         return device
 
     def _on_sleep(self, slp_typ: int) -> None:
-        if slp_typ == ACPI_S5:
+        if slp_typ == S5_SLP_TYP:
             self.request_stop(Stop(0, "guest powered off (ACPI S5)"))
 
     # -- stop -----------------------------------------------------------------------------

@@ -281,16 +281,3 @@ def test_dsdt_pci_host_bridge(dsdt):
 def test_dsdt_without_pci():
     walker = AmlWalker(acpi.dsdt_aml(MEM, pci=False))
     assert walker.devices == ["\\_SB_.PEVT"]
-
-
-def test_sleep_control_device_reports_s5():
-    seen = []
-    dev = acpi.SleepControl(seen.append)
-    dev.write(1, 1, acpi.WAK_STS)  # Linux clears WAK_STS first
-    dev.write(0, 1, 0x14)  # SLP_TYP without SLP_EN: nothing
-    assert seen == []
-    dev.write(0, 1, (acpi.S5_SLP_TYP << 2) | acpi.SLP_EN)
-    assert seen == [5]
-    assert dev.read(1, 1) & acpi.WAK_STS
-    dev.write(1, 1, acpi.WAK_STS)
-    assert dev.read(1, 1) == 0

@@ -10,7 +10,7 @@ SLEEP_CONTROL_REG and SLEEP_STATUS_REG as one-byte System I/O registers at
 `layout.ACPI_SLEEP_CONTROL_PORT` / `layout.ACPI_SLEEP_STATUS_PORT`. The DSDT has
 `Name(_S5, Package(){5, 0})`. To power off, Linux reads SLP_TYPa = 5 from \\_S5, writes
 WAK_STS (0x80) to the status register to clear it, then writes
-`SLP_TYPx << 2 | SLP_EN (1 << 5)` = 0x34 to the control register. `SleepControl` below is
+`SLP_TYPx << 2 | SLP_EN (1 << 5)` = 0x34 to the control register. `minivmm.devices.acpi_pm.AcpiSleepRegisters` is
 the device on those ports: it calls `on_sleep(slp_typ)` and the machine ends the run when
 that is `S5_SLP_TYP`.
 
@@ -258,25 +258,3 @@ def write_acpi_tables(mem: GuestMemory, ncpus: int, mem_size: int, *, pci: bool 
 def build_acpi(mem: GuestMemory, ncpus: int, mem_size: int, *, pci: bool = True, cmos_rtc: bool = False) -> int:
     """Write the ACPI tables; returns the RSDP address (for boot_params/hvm_start_info)."""
     return write_acpi_tables(mem, ncpus, mem_size, pci=pci, cmos_rtc=cmos_rtc).rsdp_addr
-
-
-class SleepControl:
-    """The hardware-reduced sleep registers as one 2-port bus device (register it at
-    `layout.ACPI_SLEEP_CONTROL_PORT`, size 2): offset 0 is SLEEP_CONTROL_REG, offset 1 is
-    SLEEP_STATUS_REG. A control write with SLP_EN set calls `on_sleep(SLP_TYP)`; the machine
-    powers off when that is `S5_SLP_TYP`. Status reads return WAK_STS once a sleep was
-    requested; writing WAK_STS clears it."""
-
-    def __init__(self, on_sleep: Callable[[int], None]) -> None:
-        self.on_sleep = on_sleep
-        self.status = 0
-
-    def read(self, offset: int, size: int) -> int:
-        return self.status if offset == 1 else 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset == 1:
-            self.status &= ~(value & WAK_STS)
-        elif offset == 0 and value & SLP_EN:
-            self.status |= WAK_STS
-            self.on_sleep((value & SLP_TYP_MASK) >> SLP_TYP_SHIFT)

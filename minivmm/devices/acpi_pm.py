@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .register import ByteRegister
+
 # Sleep control register (§4.8.3.7): bits 1:0 reserved, 4:2 SLP_TYPx, 5 SLP_EN, 7:6 reserved.
 SLP_TYP_SHIFT = 2
 SLP_TYP_MASK = 0x7
@@ -31,21 +33,6 @@ CONTROL_OFFSET = 0
 STATUS_OFFSET = 1
 
 
-class _Register:
-    """One 1-byte register as a bus device."""
-
-    def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
-        self._read = read
-        self._write = write
-
-    def read(self, offset: int, size: int) -> int:
-        return self._read() if offset == 0 else 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset == 0:
-            self._write(value & 0xFF)
-
-
 class AcpiSleepRegisters:
     """Sleep control and sleep status registers.
 
@@ -56,8 +43,8 @@ class AcpiSleepRegisters:
     def __init__(self, on_sleep: Callable[[int], None]) -> None:
         self._on_sleep = on_sleep
         self._wak_sts = False
-        self.control_port = _Register(self._read_control, self._write_control)
-        self.status_port = _Register(self._read_status, self._write_status)
+        self.control_port = ByteRegister(self._read_control, self._write_control)
+        self.status_port = ByteRegister(self._read_status, self._write_status)
         self._by_offset = {CONTROL_OFFSET: self.control_port, STATUS_OFFSET: self.status_port}
 
     # BusDevice for the adjacent 2-byte layout.

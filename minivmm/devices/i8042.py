@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .register import ByteRegister
+
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64  # write: command; read: status
 
@@ -31,21 +33,6 @@ I8042_CMD_PULSE_RESET = 0xFE
 I8042_OUTPUT_RESET_LINE = 0x01
 
 
-class _Port:
-    """One I/O port of the controller, as a 1-byte bus device."""
-
-    def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
-        self._read = read
-        self._write = write
-
-    def read(self, offset: int, size: int) -> int:
-        return self._read() if offset == 0 else 0xFF
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset == 0:
-            self._write(value & 0xFF)
-
-
 class I8042:
     """A keyboard controller without a keyboard: only the reset line is wired.
 
@@ -55,8 +42,8 @@ class I8042:
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self._on_reset = on_reset
         self.resets = 0
-        self.data_port = _Port(self._read_data, self._write_data)
-        self.command_port = _Port(self._read_status, self._write_command)
+        self.data_port = ByteRegister(self._read_data, self._write_data, fill=0xFF)
+        self.command_port = ByteRegister(self._read_status, self._write_command, fill=0xFF)
 
     def _read_data(self) -> int:
         return 0  # no scancodes, no command responses
