@@ -28,8 +28,14 @@ deps:
 guest: deps venv
 	$(PY) -m minivmm.guestimage build
 
-run: guest
-	$(VENV)/bin/minivmm run $(ARGS)
+# The default pmem image: 4 GiB sparse, ext4 with 4 KiB blocks (ext4 DAX needs block size = page size).
+PMEM_IMG ?= pmem.img
+PMEM_SIZE ?= 4G
+$(PMEM_IMG):
+	truncate -s $(PMEM_SIZE) $@.tmp && mkfs.ext4 -q -F -b 4096 -L minivmm $@.tmp && mv $@.tmp $@
+
+run: guest $(PMEM_IMG)
+	$(VENV)/bin/minivmm run --pmem $(PMEM_IMG) $(ARGS)
 
 test: guest
 	$(PY) -m pytest -n 2 -v -rfE $(PYTEST_ARGS)
