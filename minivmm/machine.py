@@ -152,7 +152,7 @@ class Machine:
             if self._stop is None:
                 self._stop = stop
         for loop in self.loops:
-            loop.stopping = True
+            loop.kick()
         self._stopped.set()
 
     # -- boot -----------------------------------------------------------------------------
@@ -219,11 +219,10 @@ class Machine:
             if exits != last_exits:
                 last_exits, last_progress = exits, now
             elif now - last_progress > self.config.watchdog:
-                print(self.describe(), file=sys.stderr)
-                self.request_stop(Stop(1, f"watchdog: no progress for {self.config.watchdog:g} s"))
-
-    def describe(self) -> str:
-        return "\n".join(loop.describe() for loop in self.loops)
+                for loop in self.loops:
+                    loop.request_describe()
+                time.sleep(0.2)  # let the vCPU threads print before the stop interrupts them
+                self.request_stop(Stop(1, f"watchdog: no exit to the VMM for {self.config.watchdog:g} s"))
 
     def _install_signal_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
@@ -233,7 +232,8 @@ class Machine:
             self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}"))
 
         def on_usr1(signum: int, frame: object) -> None:
-            print(self.describe(), file=sys.stderr, flush=True)
+            for loop in self.loops:
+                loop.request_describe()
 
         handlers = {signal.SIGINT: on_term, signal.SIGTERM: on_term, signal.SIGUSR1: on_usr1}
         return {sig: signal.signal(sig, h) for sig, h in handlers.items()}

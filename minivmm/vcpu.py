@@ -9,6 +9,7 @@ delivers them through irqfd/ioeventfd.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -109,17 +110,19 @@ class VcpuLoop:
         self.stats = ExitStats()
         self.recent: deque[ExitRecord] = deque(maxlen=16)
         self.stopping = False
+        self.describe_requested = False
+        self.diagnostics = sys.stderr  # where state dumps go
         self.thread: threading.Thread | None = None
         self._handlers = {
             kvm.KVM_EXIT_IO: self._io,
             kvm.KVM_EXIT_MMIO: self._mmio,
-            kvm.KVM_EXIT_INTR: lambda: None,
+            kvm.KVM_EXIT_INTR: self._interrupted,
             kvm.KVM_EXIT_HLT: lambda: self._end(0, "guest halted with interrupts off (KVM_EXIT_HLT)"),
-            kvm.KVM_EXIT_SHUTDOWN: lambda: self._end(1, f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at {self._where()}"),
+            kvm.KVM_EXIT_SHUTDOWN: lambda: self._fail(f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at {self._where()}"),
             kvm.KVM_EXIT_SYSTEM_EVENT: self._system_event,
             kvm.KVM_EXIT_INTERNAL_ERROR: self._internal_error,
-            kvm.KVM_EXIT_FAIL_ENTRY: lambda: self._end(
-                1, f"KVM could not enter the guest (hardware reason {self.vcpu.run.u.fail_entry.hardware_entry_failure_reason:#x})"
+            kvm.KVM_EXIT_FAIL_ENTRY: lambda: self._fail(
+                f"KVM could not enter the guest (hardware reason {self.vcpu.run.u.fail_entry.hardware_entry_failure_reason:#x})"
             ),
         }
 
@@ -129,14 +132,33 @@ class VcpuLoop:
         self.thread.start()
 
     def kick(self) -> None:
-        """Make KVM_RUN return soon, from any thread (immediate_exit + a signal)."""
+        """Make KVM_RUN return and the loop end soon, from any thread."""
         self.stopping = True
+        self._interrupt()
+
+    def request_describe(self) -> None:
+        """Have the vCPU thread print its state (`describe`) and carry on, from any thread.
+
+        A vCPU's registers can only be read by its own thread between two KVM_RUNs, so the
+        request interrupts KVM_RUN and the dump happens on the vCPU thread."""
+        self.describe_requested = True
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        # immediate_exit covers the window before the thread re-enters KVM_RUN; the signal
+        # (whose handler does nothing) makes a running KVM_RUN return with EINTR.
         self.vcpu.run.immediate_exit = 1
         if self.thread is not None and self.thread.is_alive() and self.thread.ident is not None:
             try:
                 signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def _interrupted(self) -> None:
+        self.vcpu.run.immediate_exit = 0
+        if self.describe_requested:
+            self.describe_requested = False
+            print(self.describe(), file=self.diagnostics, flush=True)
 
     def run(self) -> None:
         run = self.vcpu.run
@@ -154,12 +176,17 @@ class VcpuLoop:
                 stats.by_kind[kind] += 1
                 handler = self._handlers.get(reason)
                 if handler is None:
-                    self._end(1, f"unexpected KVM exit {kind} at {self._where()}")
+                    self._fail(f"unexpected KVM exit {kind} at {self._where()}")
                 else:
                     handler()
                 stats.time_outside += clock() - t1
         except Exception as exc:  # a VMM bug: end the run with a reason rather than a dead thread
             self._end(1, f"vCPU {self.vcpu.index} failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        """End the run with status 1 after dumping this vCPU's state (a guest never fails silently)."""
+        print(self.describe(), file=self.diagnostics, flush=True)
+        self._end(1, reason)
 
     def _end(self, status: int, reason: str) -> None:
         self.stopping = True
@@ -215,10 +242,7 @@ class VcpuLoop:
         if internal.suberror == kvm.KVM_INTERNAL_ERROR_EMULATION and self.fallbacks.handle(self.vcpu, insn):
             self._record(ExitRecord("emulation-fallback", insn[:1].hex(), linear, 0, 0, "fallback"))
             return
-        self._end(
-            1,
-            f"KVM internal error (suberror {internal.suberror}) at rip={linear:#x} insn={insn.hex(' ') or '?'}",
-        )
+        self._fail(f"KVM internal error (suberror {internal.suberror}) at rip={linear:#x} insn={insn.hex(' ') or '?'}")
 
     def _where(self) -> str:
         linear, insn = fetch_instruction(self.vcpu, self.mem)
