@@ -1,0 +1,203 @@
+"""virtio-pmem end to end: the real default guest kernel on real KVM, booted by
+``python -m minivmm run`` with ``--pmem`` backing files in tmp_path.
+
+Four boots, each checking several things:
+
+* kernel-level flush, through PVH (vmlinux) and through the bzImage protocol: the kernel
+  itself mounts an ext4 root from /dev/pmem0 (no initrd) and runs /sbin/init from it (the
+  static test init, put into the image with debugfs, never mounting it on the host); the
+  superblock's mount count and last mount time change in the host file, and the kernel's
+  own superblock/journal writes reach the device as flush requests that become host fsyncs;
+* user space with two devices, then a second boot on the same image with
+  ``discard-writes=on``: sizes, a DAX mount, a token written, fsynced, read back in the guest
+  and found in the backing file by the host; then read back again on the next boot, while
+  a new guest write is visible to the guest but never reaches the file.
+
+Each boot takes about a minute to a few minutes on the software KVM (kvm_pvm) host.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+import pytest
+from pmembootutil import (
+    TOKEN_PATH_IN_FS,
+    MiB,
+    cat_file,
+    default_guest,
+    extract_test_init,
+    install_init,
+    make_ext4,
+    run_minivmm,
+    sha256,
+    superblock,
+)
+
+pytestmark = pytest.mark.boot
+
+BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k"
+
+
+@pytest.mark.parametrize("kernel_kind", ["vmlinux", "bzImage"], ids=["pvh", "bzimage"])
+def test_kernel_mounts_pmem_root_and_flushes(tmp_path, kernel_kind):
+    """No initrd: root=/dev/pmem0 is mounted by the kernel and its init comes from the image."""
+    guest = default_guest()
+    init = extract_test_init(guest["initrd"], tmp_path / "initrd")
+    image = make_ext4(tmp_path / "root.ext4", 96 * MiB)
+    install_init(image, init)
+    before = superblock(image)
+    assert before["Mount count"] == "0" and before["Last mount time"] == "n/a", before
+
+    run = run_minivmm(
+        tmp_path,
+        f"root-{kernel_kind}",
+        [
+            "--kernel", str(guest[kernel_kind]),
+            "--pmem", str(image),
+            "--cmdline",
+            f"{BASE_CMDLINE} root=/dev/pmem0 rootfstype=ext4 rw minivmm.steps=hello minivmm.end=poweroff",
+            "--stats",
+        ],
+    )  # fmt: skip
+
+    # The kernel found the device, mounted the root from it, and ran the image's init.
+    run.check(
+        re.search(r"^EXT4-fs \(pmem0\): mounted filesystem", run.stdout, re.MULTILINE),
+        "the kernel did not mount ext4 from pmem0",
+    )
+    run.check(
+        re.search(r"^VFS: Mounted root \(ext4 filesystem\) on device 259:0\.", run.stdout, re.MULTILINE),
+        "no 'VFS: Mounted root (ext4 filesystem)' line for /dev/pmem0 (block major 259)",
+    )
+    run.check(re.search(r"^Run /sbin/init as init process", run.stdout, re.MULTILINE), "the kernel did not run /sbin/init")
+    run.check("hello pid=1" in run.init_lines(), "the init from the pmem root did not say hello as pid 1")
+    run.check("done ok=1 failed=0" in run.init_lines(), "the init's steps did not all pass")
+    _check_poweroff(run)
+
+    # The kernel's superblock update landed in the host file (read without mounting).
+    after = superblock(image)
+    run.check(
+        int(after["Mount count"]) > int(before["Mount count"]),
+        f"Mount count {before['Mount count']} -> {after['Mount count']}: the mount did not reach the file",
+    )
+    run.check(
+        after["Last mount time"] != before["Last mount time"],
+        f"Last mount time unchanged ({after['Last mount time']})",
+    )
+
+    # The kernel's flushes (journal commits, FUA superblock writes, sync() at the end) were
+    # served as virtio-pmem flush requests, each batch covered by a host fdatasync.
+    st = run.stats_for("pmem0")
+    run.check(st.path == str(image), f"pmem0 is backed by {st.path}, not {image}")
+    run.check(st.flush_requests >= 1, f"no flush requests for pmem0 ({st})")
+    run.check(st.host_fsyncs >= 1, f"no host fsyncs for pmem0 ({st})")
+    run.check(st.host_fsyncs <= st.flush_requests, f"more host fsyncs than flush requests ({st})")
+
+
+def _check_poweroff(run) -> None:
+    """Exit status 0 because the guest powered off (a SIGTERM stop also exits 0)."""
+    run.check("end action=poweroff" in run.init_lines(), "the init did not reach its poweroff")
+    run.check("powered off" in run.stderr, "minivmm did not report that the guest powered off")
+    run.check(run.returncode == 0, f"minivmm exited {run.returncode}, not 0, after the guest's poweroff")
+
+
+def _check_steps_passed(run, n_steps: int) -> None:
+    run.check(f"done ok={n_steps} failed=0" in run.init_lines(), f"not all {n_steps} init steps passed")
+    failed = [line for line in run.init_lines() if "FAILED" in line]
+    run.check(not failed, "init steps failed: " + " | ".join(failed))
+
+
+def _check_dax_mount(run) -> None:
+    mount = run.init_line("pmem-mount ")
+    run.check(mount is not None, "no pmem-mount result line")
+    run.check(
+        mount.startswith("pmem-mount dev=/dev/pmem0 dir=/mnt dax=1"),
+        f"/dev/pmem0 was not mounted with DAX: {mount!r}",
+    )
+
+
+def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
+    """Boot 1 writes a token through a DAX mount of pmem0 next to a second, new device;
+    boot 2 (same image, discard-writes=on) reads it back and writes one that never lands."""
+    guest = default_guest()
+    img0 = make_ext4(tmp_path / "pmem0.ext4", 128 * MiB)
+    img1 = tmp_path / "pmem1.img"  # created by minivmm
+    token = f"tok{secrets.token_hex(8)}"
+    token2 = f"tok2{secrets.token_hex(8)}"
+    assert token != token2
+
+    # ---- boot 1: two devices, write through DAX, flushes from 4 threads at once
+    steps = ["hello", "mounts", "pmem-list", "pmem-mount", f"pmem-write:{token}", "pmem-read", "flush-threads:4x4", "umount"]
+    run = run_minivmm(
+        tmp_path,
+        "user-write",
+        [
+            "--kernel", str(guest["vmlinux"]),
+            "--initrd", str(guest["initrd"]),
+            "--pmem", str(img0),
+            "--pmem", f"{img1},size=64M",
+            "--cmdline",
+            f"{BASE_CMDLINE} rdinit=/sbin/minivmm-test minivmm.steps={','.join(steps)} minivmm.end=poweroff",
+            "--stats",
+        ],
+    )  # fmt: skip
+    _check_poweroff(run)
+    run.check(img1.is_file() and img1.stat().st_size == 64 * MiB, f"{img1} not created at 64 MiB")
+
+    listed = run.init_lines_with("pmem-list dev=")
+    run.check(
+        sorted(listed) == ["pmem-list dev=pmem0 bytes=134217728 dax=1", "pmem-list dev=pmem1 bytes=67108864 dax=1"],
+        f"expected pmem0 = 128 MiB and pmem1 = 64 MiB, both DAX-capable, in --pmem order; got {listed}",
+    )
+    run.check("pmem-list count=2" in run.init_lines(), "the guest does not see exactly two pmem devices")
+    _check_dax_mount(run)
+    run.check(f"pmem-write token={token}" in run.init_lines(), "the token was not written (and fsynced)")
+    run.check(f"pmem-read token={token}" in run.init_lines(), "the token was not read back in the guest")
+    run.check(run.init_line("flush-threads threads=4 n=4 ") is not None, "flush-threads:4x4 did not complete")
+    run.check("umount dir=/mnt" in run.init_lines(), "/mnt was not unmounted")
+    _check_steps_passed(run, len(steps))
+
+    # The host sees the token in the backing file, read with debugfs (no mount).
+    on_host = cat_file(img0, TOKEN_PATH_IN_FS)
+    run.check(on_host == f"{token}\n", f"{img0}:{TOKEN_PATH_IN_FS} holds {on_host!r}, not the token")
+
+    st0 = run.stats_for("pmem0")
+    run.check(st0.path == str(img0), f"pmem0 is backed by {st0.path}, not {img0}")
+    run.check(st0.flush_requests >= 1 and st0.host_fsyncs >= 1, f"pmem0: no flushes or no host fsyncs ({st0})")
+    run.check(st0.host_fsyncs <= st0.flush_requests, f"pmem0: more host fsyncs than flush requests ({st0})")
+    st1 = run.stats_for("pmem1")
+    run.check(st1.path == str(img1), f"pmem1 is backed by {st1.path}, not {img1}")
+
+    # ---- boot 2: same image, discard-writes=on
+    digest = sha256(img0)
+    steps = ["pmem-mount", "pmem-read", f"pmem-write:{token2}", "pmem-read", "umount"]
+    run = run_minivmm(
+        tmp_path,
+        "user-discard",
+        [
+            "--kernel", str(guest["vmlinux"]),
+            "--initrd", str(guest["initrd"]),
+            "--pmem", f"{img0},discard-writes=on",
+            "--cmdline",
+            f"{BASE_CMDLINE} rdinit=/sbin/minivmm-test minivmm.steps={','.join(steps)} minivmm.end=poweroff",
+            "--stats",
+        ],
+    )  # fmt: skip
+    _check_poweroff(run)
+    mount = run.init_line("pmem-mount ")
+    run.check(mount is not None and mount.startswith("pmem-mount dev=/dev/pmem0 dir=/mnt dax="), f"mount failed: {mount!r}")
+    reads = run.init_lines_with("pmem-read ")
+    run.check(
+        reads == [f"pmem-read token={token}", f"pmem-read token={token2}"],
+        f"expected the first boot's token, then the new one; got {reads}",
+    )
+    run.check(f"pmem-write token={token2}" in run.init_lines(), "the guest could not write (and fsync) token2")
+    run.check("umount dir=/mnt" in run.init_lines(), "/mnt was not unmounted")
+    _check_steps_passed(run, len(steps))
+
+    run.check(sha256(img0) == digest, f"{img0} changed during a discard-writes=on boot")
+    st = run.stats_for("pmem0")
+    run.check(st.flush_requests >= 1, f"no flush requests with discard-writes=on ({st})")
+    run.check(st.host_fsyncs == 0, f"discard-writes=on made host fsyncs ({st})")
