@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from bootutil import (
     SOFTWARE_KVM,
     TRACEBACK,

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from bootutil import TRACEBACK, Run, cli
+
 from minivmm import __version__
 
 MiB = 1 << 20
@@ -81,6 +81,23 @@ def test_bad_mem(mem, pattern, guest, tmp_path):
 def test_mem_equals_negative(guest, tmp_path):
     """`--mem=-1` (no separate argument for argparse to mistake for an option)."""
     assert_user_error(cli("run", "--kernel", guest.vmlinux, "--mem=-1", workdir=tmp_path), r"--mem.*bad size '-1'")
+
+
+def test_mem_larger_than_the_host(tmp_path):
+    """100 GiB fits the guest map (check_mem_size accepts it) but not this host's RAM. Guest
+    RAM is meant to be reserved lazily (MAP_NORESERVE), so the run should get as far as the
+    kernel (random bytes here: a one-line UserError); if the host refuses the reservation,
+    that too must be one line, not a traceback."""
+    kernel = tmp_path / "random-kernel"
+    kernel.write_bytes(os.urandom(64 * 1024))
+    run = cli("run", "--kernel", kernel, "--mem", "100G", workdir=tmp_path)
+    assert TRACEBACK not in run.stderr, run.describe()
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and ONE_ERROR_LINE.match(lines[0]), run.describe()
+    if "random-kernel" in lines[0]:
+        assert run.status == 2, run.describe()
+    else:  # could not reserve guest RAM: the user's choice (2) or the host's limit (1)
+        assert run.status in (1, 2) and re.search(r"memory|RAM|--mem", lines[0]), run.describe()
 
 
 @pytest.mark.parametrize("seconds", ["0", "-1", "-0.5", "0.0"])
@@ -277,7 +294,8 @@ def test_run_help_lists_every_option(tmp_path):
     run = cli("run", "--help", workdir=tmp_path)
     assert run.status == 0, run.describe()
     assert run.stderr == "", run.describe()
-    for option in ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--watchdog", "--help"):
+    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--watchdog", "--help")
+    for option in options:
         assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", run.stdout), f"{option} missing from run --help\n{run.stdout}"
 
 
