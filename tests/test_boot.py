@@ -1,0 +1,161 @@
+"""Boot the real default guest on the real /dev/kvm, as a user would, and check what comes out.
+
+Exactly three boots, each checking as much as it can: a boot costs minutes of one CPU core on a
+software KVM (kvm_pvm), so with ``pytest -n 2`` this file takes about two boot-times.
+
+1. PVH entry (vmlinux) ending in an ACPI S5 power-off, with --stats;
+2. the bzImage through the 64-bit boot protocol, ending in a reboot (i8042 reset);
+3. PVH again, ending in a kernel panic reported through pvpanic.
+
+Nothing is mocked. Each boot's stdout/stderr stay in the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from bootutil import (
+    SOFTWARE_KVM,
+    TRACEBACK,
+    Run,
+    index_of,
+    init_lines,
+    kernel_command_line,
+    run_minivmm,
+    stats_devices,
+    stats_exits,
+)
+
+pytestmark = pytest.mark.boot
+
+BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test"
+SOFTWARE_KVM_NOTICE = re.compile(r"^minivmm: software KVM \(kvm_pvm\) detected: .*clearcpuid=", re.MULTILINE)
+
+
+def boot(args: list, tmp_path, record_property) -> Run:
+    run = run_minivmm(["run", *args], tmp_path)
+    record_property("boot_seconds", round(run.seconds, 1))
+    print(f"boot took {run.seconds:.1f} s (status {run.status})")
+    assert TRACEBACK not in run.stderr, run.describe()
+    return run
+
+
+def last_line(text: str) -> str:
+    lines = text.rstrip("\n").splitlines()
+    return lines[-1] if lines else ""
+
+
+def assert_in_order(run: Run, lines: list[str], patterns: list[str]) -> list[re.Match]:
+    """Each regex matches a later init line than the previous one; returns the matches."""
+    matches, pos = [], 0
+    for pattern in patterns:
+        i = index_of(lines, pattern, pos)
+        assert i >= 0, f"no init line matching {pattern!r} after line {pos} of {lines}\n{run.describe()}"
+        matches.append(re.search(pattern, lines[i]))
+        pos = i + 1
+    return matches
+
+
+def assert_command_line(run: Run, given: str) -> str:
+    """The kernel echoed our command line; on a software KVM minivmm appended clearcpuid=."""
+    echoed = kernel_command_line(run.stdout)
+    assert echoed is not None, f"the kernel did not print 'Command line: ...'\n{run.describe()}"
+    assert echoed == given or echoed.startswith(given + " "), f"echoed {echoed!r}, given {given!r}"
+    added = echoed[len(given) :].split()
+    if SOFTWARE_KVM:
+        assert any(w.startswith("clearcpuid=") for w in added), f"clearcpuid= not added on kvm_pvm: {echoed!r}"
+        assert SOFTWARE_KVM_NOTICE.search(run.stderr), f"no software-KVM notice on stderr\n{run.describe()}"
+    else:
+        assert "clearcpuid=" not in echoed, f"clearcpuid= added without kvm_pvm: {echoed!r}"
+        assert "software KVM" not in run.stderr, run.describe()
+    assert "software KVM" not in run.stdout  # notices go to stderr, the console to stdout
+    return echoed
+
+
+def test_pvh_poweroff_with_stats(guest, tmp_path, record_property):
+    """vmlinux (PVH entry) + initramfs; the test init runs four steps and powers off (ACPI S5)."""
+    cmdline = f"{BASE_CMDLINE} minivmm.steps=hello,mounts,uname,getpid minivmm.end=poweroff"
+    run = boot(["--cmdline", cmdline, "--stats"], tmp_path, record_property)
+    assert run.status == 0, run.describe()
+    assert last_line(run.stderr) == "minivmm: guest powered off (ACPI S5)", run.describe()
+
+    # The kernel log, then the init's lines in order, then the power-off.
+    assert re.search(r"^Linux version \S+", run.stdout, re.MULTILINE), run.describe()
+    assert_command_line(run, cmdline)
+    lines = init_lines(run.stdout)
+    _, _, _, getpid, done, _ = assert_in_order(
+        run,
+        lines,
+        [
+            r"^hello pid=1$",
+            r"^mounts proc=ok sys=ok dev=ok$",
+            r"^uname sysname=Linux release=\S+ machine=x86_64 ",
+            r"^getpid n=(\d+) total_ns=(\d+) ns_per_call=(\d+)$",
+            r"^done ok=(\d+) failed=(\d+)$",
+            r"^end action=poweroff$",
+        ],
+    )
+    n, total_ns, ns_per_call = map(int, getpid.groups())
+    assert n > 0 and ns_per_call > 0 and total_ns >= ns_per_call * n, getpid.group(0)
+    assert done.groups() == ("4", "0"), done.group(0)
+    assert not [line for line in lines if "FAILED" in line or line.startswith("unknown step")], lines
+    assert run.stdout.find("reboot: Power down") > run.stdout.find("minivmm-test: end action=poweroff") >= 0, run.describe()
+    assert "Kernel panic" not in run.stdout
+
+    # --stats: exits by kind, devices, time inside/outside KVM_RUN.
+    exits, devices = stats_exits(run.stderr), stats_devices(run.stderr)
+    assert exits.get("io", 0) > 0, f"no io exits in --stats\n{run.describe()}"
+    assert devices.get("serial", 0) > 0, f"no serial device line in --stats\n{run.describe()}"
+    assert devices.get("acpi-sleep", 0) > 0, run.describe()  # the S5 write that ended the run
+    # string I/O makes one exit count several accesses: accesses >= I/O and MMIO exits
+    assert sum(devices.values()) >= exits.get("io", 0) + exits.get("mmio", 0)
+    m = re.search(r"^vcpu0: (\d+) exits; in KVM_RUN ([0-9.]+) s, outside ([0-9.]+) s, wall ([0-9.]+) s$", run.stderr, re.MULTILINE)
+    assert m, f"no vcpu0 time line in --stats\n{run.describe()}"
+    total, inside, outside, wall = int(m.group(1)), *map(float, m.group(2, 3, 4))
+    assert total == sum(exits.values()), (total, exits)
+    assert inside > 0 and outside > 0, m.group(0)
+    assert inside + outside <= wall + 0.01, m.group(0)
+    assert wall <= run.seconds, (m.group(0), run.seconds)
+    # the stats come before the final line, on stderr only
+    assert run.stderr.index("vcpu0:") < run.stderr.rindex("minivmm: guest powered off")
+    assert "exits io:" not in run.stdout
+
+
+def test_bzimage_reboot(guest, tmp_path, record_property):
+    """The bzImage through the 64-bit boot protocol (boot_params at the zero page), with the
+    default initramfs; the init reboots and `reboot=k` makes the kernel reset through the i8042."""
+    cmdline = f"{BASE_CMDLINE} minivmm.steps=hello,uname minivmm.end=reboot"
+    run = boot(["--kernel", guest.bzimage, "--initrd", guest.initrd, "--cmdline", cmdline], tmp_path, record_property)
+    assert run.status == 0, run.describe()
+    assert last_line(run.stderr) == "minivmm: guest rebooted (i8042 reset)", run.describe()
+
+    # The kernel found the command line and the initrd through boot_params.
+    assert re.search(r"^Linux version \S+", run.stdout, re.MULTILINE), run.describe()
+    assert_command_line(run, cmdline)
+    assert re.search(r"^RAMDISK: \[mem 0x[0-9a-f]+-0x[0-9a-f]+\]", run.stdout, re.MULTILINE), run.describe()
+    lines = init_lines(run.stdout)
+    assert_in_order(
+        run,
+        lines,
+        [r"^hello pid=1$", r"^uname sysname=Linux .*machine=x86_64 ", r"^done ok=2 failed=0$", r"^end action=reboot$"],
+    )
+    assert run.stdout.find("reboot: Restarting system") > run.stdout.find("minivmm-test: end action=reboot") >= 0, run.describe()
+    assert "Kernel panic" not in run.stdout
+    assert "Power down" not in run.stdout
+
+
+def test_pvh_panic(guest, tmp_path, record_property):
+    """init exits (minivmm.end=panic): "Attempted to kill init", and pvpanic ends the run."""
+    cmdline = f"{BASE_CMDLINE} minivmm.steps=hello minivmm.end=panic"
+    run = boot(["--cmdline", cmdline], tmp_path, record_property)
+    assert run.status != 0, run.describe()
+    assert re.search(r"\bpanic", last_line(run.stderr), re.IGNORECASE), run.describe()
+    assert last_line(run.stderr).startswith("minivmm: guest "), run.describe()
+
+    assert_command_line(run, cmdline)
+    assert_in_order(run, init_lines(run.stdout), [r"^hello pid=1$", r"^done ok=1 failed=0$", r"^end action=panic$"])
+    m = re.search(r"Kernel panic - not syncing: Attempted to kill init! exitcode=(0x[0-9a-f]+)", run.stdout)
+    assert m, f"no kernel panic message\n{run.describe()}"
+    assert int(m.group(1), 16) == 7 << 8, m.group(0)  # exit(7), as a wait status
+    assert run.stdout.index("minivmm-test: end action=panic") < m.start()

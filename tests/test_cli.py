@@ -1,0 +1,318 @@
+"""The command line's error paths, run as a user runs them: `python -m minivmm ...` in a subprocess.
+
+Every mistake a user can make is exactly one line on stderr (``minivmm: error: ...``, or
+``minivmm run: error: ...`` from the option parser): no traceback, no usage block, no other
+chatter, exit status 2. No test here boots a guest; each needs about a second. Some errors are
+only found after /dev/kvm is opened and the kernel is being loaded: they must look the same.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from bootutil import TRACEBACK, Run, cli
+
+from minivmm import __version__
+
+MiB = 1 << 20
+ONE_ERROR_LINE = re.compile(r"^minivmm(?: run| guest)?: error: \S.*$")
+
+
+def assert_user_error(run: Run, pattern: str | None = None) -> str:
+    """Exit status 2 and exactly one `... error: ...` line on stderr (matching `pattern`)."""
+    lines = run.stderr.splitlines()
+    assert TRACEBACK not in run.stderr, run.describe()
+    assert "usage:" not in run.stderr, run.describe()
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}\n{run.describe()}"
+    assert ONE_ERROR_LINE.match(lines[0]), run.describe()
+    if pattern is not None:
+        assert re.search(pattern, lines[0], re.IGNORECASE), f"stderr does not match {pattern!r}\n{run.describe()}"
+    assert run.status == 2, run.describe()
+    assert run.stdout == "", run.describe()  # no guest ran, nothing reached the console
+    return lines[0]
+
+
+# ---------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["run", "--bogus"], r"unrecognized arguments: --bogus"),
+        (["run", "extra-argument"], r"unrecognized arguments: extra-argument"),
+        (["--bogus"], r"--bogus|required"),  # argparse reports the missing subcommand first
+        (["frobnicate"], r"invalid choice: 'frobnicate'"),
+        ([], r"required"),  # no subcommand
+        (["run", "--mem"], r"--mem.*expected one argument"),
+        (["run", "--cpus", "2"], r"--cpus.*invalid choice: 2"),
+        (["run", "--cpus", "0"], r"--cpus.*invalid choice: 0"),
+        (["run", "--cpus", "two"], r"--cpus.*invalid int value"),
+        (["run", "--watchdog", "soon"], r"--watchdog.*invalid float value"),
+        (["guest", "destroy"], r"invalid choice: 'destroy'"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_bad_option(args, pattern, tmp_path):
+    assert_user_error(cli(*args, workdir=tmp_path), pattern)
+
+
+@pytest.mark.parametrize(
+    "mem, pattern",
+    [
+        ("12X", r"--mem.*bad size '12X'"),
+        ("-1", r"--mem.*bad size '-1'"),
+        ("1.5G", r"--mem.*bad size '1.5G'"),
+        ("", r"--mem.*bad size"),
+        ("0", r"memory size .*too small"),
+        ("8M", r"memory size 8 MiB is too small"),
+        ("16M-1", r"--mem.*bad size"),
+        ("16777217", r"memory size .*not a multiple of 4 KiB"),  # 16 MiB + 1 byte
+        ("1T", r"memory size .*does not fit.*guest physical address limit"),
+        ("600G", r"memory size .*does not fit.*guest physical address limit"),
+    ],
+)
+def test_bad_mem(mem, pattern, guest, tmp_path):
+    assert_user_error(cli("run", "--kernel", guest.vmlinux, "--mem", mem, workdir=tmp_path), pattern)
+
+
+def test_mem_equals_negative(guest, tmp_path):
+    """`--mem=-1` (no separate argument for argparse to mistake for an option)."""
+    assert_user_error(cli("run", "--kernel", guest.vmlinux, "--mem=-1", workdir=tmp_path), r"--mem.*bad size '-1'")
+
+
+def test_mem_larger_than_the_host(tmp_path):
+    """100 GiB fits the guest map (check_mem_size accepts it) but not this host's RAM. Guest
+    RAM is meant to be reserved lazily (MAP_NORESERVE), so the run should get as far as the
+    kernel (random bytes here: a one-line UserError); if the host refuses the reservation,
+    that too must be one line, not a traceback."""
+    kernel = tmp_path / "random-kernel"
+    kernel.write_bytes(os.urandom(64 * 1024))
+    run = cli("run", "--kernel", kernel, "--mem", "100G", workdir=tmp_path)
+    assert TRACEBACK not in run.stderr, run.describe()
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and ONE_ERROR_LINE.match(lines[0]), run.describe()
+    if "random-kernel" in lines[0]:
+        assert run.status == 2, run.describe()
+    else:  # could not reserve guest RAM: the user's choice (2) or the host's limit (1)
+        assert run.status in (1, 2) and re.search(r"memory|RAM|--mem", lines[0]), run.describe()
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "-0.5", "0.0"])
+def test_watchdog_not_positive(seconds, guest, tmp_path):
+    run = cli("run", "--kernel", guest.vmlinux, f"--watchdog={seconds}", workdir=tmp_path)
+    assert_user_error(run, r"--watchdog must be a positive number")
+
+
+# ---------------------------------------------------------------- kernel and initrd files
+
+
+def test_kernel_missing(tmp_path):
+    missing = tmp_path / "no-such-vmlinux"
+    assert_user_error(cli("run", "--kernel", missing, workdir=tmp_path), rf"kernel {re.escape(str(missing))}\b.*no such file")
+
+
+def test_kernel_is_a_directory(tmp_path):
+    assert_user_error(cli("run", "--kernel", tmp_path, workdir=tmp_path), rf"kernel {re.escape(str(tmp_path))}")
+
+
+def test_kernel_random_bytes(tmp_path):
+    kernel = tmp_path / "random-kernel"
+    kernel.write_bytes(os.urandom(256 * 1024))
+    assert_user_error(cli("run", "--kernel", kernel, workdir=tmp_path), rf"kernel {re.escape(str(kernel))}: .*(unknown format|not an ELF)")
+
+
+def test_kernel_empty(tmp_path):
+    kernel = tmp_path / "empty-kernel"
+    kernel.write_bytes(b"")
+    assert_user_error(cli("run", "--kernel", kernel, workdir=tmp_path), rf"kernel {re.escape(str(kernel))}: ")
+
+
+def test_truncated_vmlinux(guest, tmp_path):
+    kernel = tmp_path / "vmlinux-4k"
+    with open(guest.vmlinux, "rb") as f:
+        kernel.write_bytes(f.read(4096))
+    assert_user_error(cli("run", "--kernel", kernel, workdir=tmp_path), rf"kernel {re.escape(str(kernel))}: .*truncated")
+
+
+@pytest.mark.parametrize("length", [4096, 1 << 20])
+def test_truncated_bzimage(length, guest, tmp_path):
+    kernel = tmp_path / f"bzImage-{length}"
+    with open(guest.bzimage, "rb") as f:
+        kernel.write_bytes(f.read(length))
+    assert_user_error(cli("run", "--kernel", kernel, workdir=tmp_path), rf"kernel {re.escape(str(kernel))}: .*truncated")
+
+
+@pytest.mark.parametrize("kind", ["vmlinux", "bzimage"])
+def test_initrd_missing(kind, guest, tmp_path):
+    missing = tmp_path / "no-such-initrd"
+    run = cli("run", "--kernel", getattr(guest, kind), "--initrd", missing, workdir=tmp_path)
+    assert_user_error(run, rf"initrd {re.escape(str(missing))}\b.*no such file")
+
+
+def test_initrd_missing_default_kernel(tmp_path):
+    missing = tmp_path / "no-such-initrd"
+    assert_user_error(cli("run", "--initrd", missing, workdir=tmp_path), rf"initrd {re.escape(str(missing))}\b.*no such file")
+
+
+@pytest.mark.parametrize("kind", ["vmlinux", "bzimage"])
+def test_initrd_too_large(kind, guest, tmp_path):
+    initrd = tmp_path / "initrd-40M"
+    with open(initrd, "wb") as f:
+        f.truncate(40 * MiB)  # sparse
+    run = cli("run", "--kernel", getattr(guest, kind), "--initrd", initrd, "--mem", "32M", workdir=tmp_path)
+    assert_user_error(run, rf"initrd {re.escape(str(initrd))}: .*(do not fit|more memory)")
+
+
+@pytest.mark.parametrize("kind", ["vmlinux", "bzimage"])
+def test_cmdline_too_long(kind, guest, tmp_path):
+    cmdline = "console=ttyS0 " + "x" * 4096
+    run = cli("run", "--kernel", getattr(guest, kind), "--initrd", guest.initrd, "--cmdline", cmdline, workdir=tmp_path)
+    assert_user_error(run, r"command line is too long")
+
+
+def test_cmdline_too_long_append_alias(guest, tmp_path):
+    run = cli("run", "--kernel", guest.vmlinux, "--append", "y" * 5000, workdir=tmp_path)
+    assert_user_error(run, r"command line is too long")
+
+
+# ---------------------------------------------------------------- --pmem
+
+
+def _snapshot(path: Path) -> tuple[bytes, int, int]:
+    st = path.stat()
+    return path.read_bytes(), st.st_size, st.st_mtime_ns
+
+
+@pytest.fixture
+def pmem_file(tmp_path) -> Path:
+    """An existing 4 MiB backing file with recognisable contents and an old mtime."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(4 * MiB))
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_123_456_789))
+    return path
+
+
+def test_pmem_new_file_needs_size(guest, tmp_path):
+    new = tmp_path / "new.img"
+    assert_user_error(cli("run", "--kernel", guest.vmlinux, "--pmem", new, workdir=tmp_path), rf"--pmem {re.escape(str(new))}: .*size=")
+    assert not new.exists()
+
+
+@pytest.mark.parametrize("size", ["3M", "1M", "2049K", "0"])
+def test_pmem_size_not_multiple_of_2m(size, guest, tmp_path):
+    new = tmp_path / "new.img"
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{new},size={size}", workdir=tmp_path)
+    assert_user_error(run, r"--pmem .*multiple of 2M")
+    assert not new.exists()
+
+
+def test_pmem_size_not_multiple_of_2m_existing(pmem_file, guest, tmp_path):
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{pmem_file},size=5M", workdir=tmp_path)
+    assert_user_error(run, r"--pmem .*multiple of 2M")
+    assert _snapshot(pmem_file) == before
+
+
+def test_pmem_directory(guest, tmp_path):
+    d = tmp_path / "somedir"
+    d.mkdir()
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{d},size=2M", workdir=tmp_path)
+    assert_user_error(run, rf"--pmem {re.escape(str(d))}: is a directory")
+    assert d.is_dir() and not any(d.iterdir())
+
+
+def test_pmem_same_file_twice(pmem_file, guest, tmp_path):
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", pmem_file, "--pmem", pmem_file, workdir=tmp_path)
+    assert_user_error(run, r"same file")
+    assert _snapshot(pmem_file) == before
+
+
+def test_pmem_same_file_twice_through_a_link(pmem_file, guest, tmp_path):
+    link = tmp_path / "link.img"
+    link.symlink_to(pmem_file)
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", pmem_file, "--pmem", f"{link},size=8M", workdir=tmp_path)
+    assert_user_error(run, r"same file")
+    assert _snapshot(pmem_file) == before  # in particular: not extended to 8 MiB
+
+
+def test_pmem_same_new_file_twice(guest, tmp_path):
+    new = tmp_path / "new.img"
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{new},size=2M", "--pmem", f"{new},size=2M", workdir=tmp_path)
+    assert_user_error(run, r"same file")
+    assert not new.exists()
+
+
+def test_pmem_file_longer_than_size(pmem_file, guest, tmp_path):
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{pmem_file},size=2M", workdir=tmp_path)
+    assert_user_error(run, rf"--pmem {re.escape(str(pmem_file))}: .*longer than size=2M")
+    assert _snapshot(pmem_file) == before
+
+
+def test_pmem_error_after_a_good_one_leaves_both_untouched(pmem_file, guest, tmp_path):
+    """All or nothing: the first --pmem is fine (would be extended, and a new file created),
+    the last one is wrong; nothing is created or extended."""
+    new = tmp_path / "new.img"
+    before = _snapshot(pmem_file)
+    run = cli(
+        "run", "--kernel", guest.vmlinux,
+        "--pmem", f"{pmem_file},size=8M", "--pmem", f"{new},size=2M", "--pmem", f"{tmp_path},size=2M",
+        workdir=tmp_path,
+    )  # fmt: skip
+    assert_user_error(run, r"is a directory")
+    assert _snapshot(pmem_file) == before
+    assert not new.exists()
+
+
+@pytest.mark.parametrize(
+    "option, pattern",
+    [
+        ("{f},size=12X", r"bad size '12X'"),
+        ("{f},colour=blue", r"unknown option 'colour'"),
+        ("{f},size", r"expected key=value"),
+        ("{f},id=bad id", r"bad id"),
+        ("{f},discard-writes=maybe", r"discard-writes must be on or off"),
+        (",size=2M", r"empty path"),
+    ],
+)
+def test_pmem_bad_option_text(option, pattern, pmem_file, guest, tmp_path):
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", option.format(f=pmem_file), workdir=tmp_path)
+    assert_user_error(run, pattern)
+    assert _snapshot(pmem_file) == before
+
+
+# ---------------------------------------------------------------- things that work
+
+
+def test_run_help_lists_every_option(tmp_path):
+    run = cli("run", "--help", workdir=tmp_path)
+    assert run.status == 0, run.describe()
+    assert run.stderr == "", run.describe()
+    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--watchdog", "--help")
+    for option in options:
+        assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", run.stdout), f"{option} missing from run --help\n{run.stdout}"
+
+
+def test_top_level_help_lists_subcommands(tmp_path):
+    run = cli("--help", workdir=tmp_path)
+    assert run.status == 0 and run.stderr == "", run.describe()
+    assert "run" in run.stdout and "guest" in run.stdout and "--version" in run.stdout
+
+
+def test_version(tmp_path):
+    run = cli("--version", workdir=tmp_path)
+    assert run.status == 0, run.describe()
+    assert run.stdout.strip() == f"minivmm {__version__}", run.describe()
+    assert run.stderr == ""
+
+
+def test_guest_paths(guest, tmp_path):
+    run = cli("guest", "paths", workdir=tmp_path)
+    assert run.status == 0, run.describe()
+    assert str(guest.vmlinux) in run.stdout and str(guest.bzimage) in run.stdout and str(guest.initrd) in run.stdout
