@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="boot a guest", description="Boot a Linux guest on KVM.")
     run.add_argument("--kernel", type=Path, help="vmlinux (PVH ELF) or bzImage; default: the built default guest")
-    run.add_argument("--initrd", type=Path, help="initramfs/initrd image; default: the default guest's")
+    run.add_argument("--initrd", type=Path, help="initramfs/initrd image; default: the default guest's, when --kernel is not given")
     run.add_argument("--cmdline", "--append", dest="cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
     run.add_argument("--mem", type=_size, default=parse_size(DEFAULT_MEM), metavar="SIZE", help=f"guest RAM, K/M/G suffixes (default {DEFAULT_MEM})")
     run.add_argument("--cpus", type=int, default=1, choices=[1], help="number of vCPUs (only 1 for now)")

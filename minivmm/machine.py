@@ -25,6 +25,7 @@ from .devices.i8042 import I8042
 from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
 from .eventloop import EventLoop
+from .errors import UserError
 from .fallback import EmulationFallbacks
 from .irqchip import KvmInterrupts
 from .kvm import Kvm
@@ -34,6 +35,10 @@ from .memory import GuestMemory, Region
 from .pci import MmioWindow, PciHostBridge
 from .pmemfile import PmemBacking
 from .vcpu import Stop, VcpuLoop, install_kick_handler
+
+# Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
 
 def process_start_monotonic() -> float:
     """This process's start time on the CLOCK_MONOTONIC scale (from /proc/self/stat, in ticks
@@ -75,7 +80,10 @@ class Machine:
         self.mem = GuestMemory()
         self._next_slot = 0
         for gpa, size in layout.ram_ranges(config.mem_size):
-            mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            try:
+                mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+            except OSError as exc:
+                raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
             self.add_region(Region(gpa, size, mapping, "ram"))
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -185,9 +193,9 @@ class Machine:
     def run(self) -> Stop:
         """Boot and run the guest until it ends; returns why it ended."""
         install_kick_handler()
-        if self.host.software_kvm and self.host.notice:
-            print(f"minivmm: {self.host.notice}", file=sys.stderr)
         self._boot()
+        if self.host.notice:  # once, and only for a guest that actually starts
+            print(f"minivmm: {self.host.notice}", file=sys.stderr)
         old_handlers = self._install_signal_handlers()
         self.events.start()
         try:
