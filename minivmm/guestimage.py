@@ -250,7 +250,7 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, cwd: Path | None = Non
     """Run ``cmd``, appending its output to ``log`` and showing a short progress line."""
     tty = sys.stdout.isatty()
     start = time.monotonic()
-    last_shown = 0.0
+    last_shown = 0.0 if tty else start
     count = 0
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
@@ -260,6 +260,7 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, cwd: Path | None = Non
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
+            out.flush()  # the log is what a user tails while a build runs
             count += 1
             now = time.monotonic()
             # On a terminal: redraw one line; in a log or CI: one line per 15 s.
@@ -526,6 +527,24 @@ def build_initramfs(force: bool = False, guest: Path | None = None) -> Path:
 # ---------------------------------------------------------------- both
 
 
+def prune(guest: Path | None = None) -> list[Path]:
+    """Delete cached kernels, initramfs images and logs other than the current ones."""
+    kernel, initrd = kernel_dir(guest).name, initramfs_path(guest).name
+    keep = {kernel, initrd, f"{kernel}.log", initrd.removesuffix(".cpio.gz") + ".log"}
+    removed = []
+    with _build_lock():
+        for path in [*cache_dir().glob("kernel-*"), *cache_dir().glob("initramfs-*"),
+                     *(cache_dir() / "logs").glob("*.log")]:
+            if path.name in keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
 def build(force: bool = False, guest: Path | None = None) -> tuple[Path, Path]:
     """Build what is missing (everything with ``force``); returns (kernel dir, initramfs)."""
     with _build_lock():
@@ -553,12 +572,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_cmd = sub.add_parser("build", help="build the kernel and initramfs if missing")
     build_cmd.add_argument("--force", action="store_true", help="rebuild even if cached")
     sub.add_parser("paths", help="print the artifact paths")
+    sub.add_parser("prune", help="delete cached guests other than the current one")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
             kernel, initrd = build(force=args.force)
             print(f"vmlinux: {kernel / 'vmlinux'}\nbzImage: {kernel / 'bzImage'}\n"
                   f"initrd: {initrd}")
+            return 0
+        if args.command == "prune":
+            for path in prune():
+                print(f"removed {path}")
             return 0
         return _print_paths()
     except MinivmmError as err:
