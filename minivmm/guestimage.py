@@ -430,6 +430,7 @@ def build_kernel(force: bool = False, guest: Path | None = None) -> Path:
     _run_logged(["make", "-C", str(tree), f"O={obj}", f"-j{MAKE_JOBS}", "vmlinux",
                  "bzImage"], log, "make", env=_kbuild_env())
     tmp = _fresh_tmp(final)
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is for every user
     for src, name in ((obj / "vmlinux", "vmlinux"),
                       (obj / "arch/x86/boot/bzImage", "bzImage"),
                       (obj / ".config", "config"),

@@ -161,3 +161,20 @@ def test_initramfs_test_init_is_static(tmp_path: Path) -> None:
                    input=gzip.decompress(_built_initrd().read_bytes()), cwd=tmp_path, check=True)
     assert guestimage.is_static_elf(tmp_path / "sbin/minivmm-test")
     assert (tmp_path / "init").read_text().startswith("#!/bin/sh")
+
+
+def test_test_init_steps_from_a_shell(tmp_path: Path) -> None:
+    # Not pid 1: it neither mounts nor writes /dev/kmsg nor ends the machine, and
+    # takes its steps from argv, so it is safe to run on the host.
+    subprocess.run(["cpio", "-id", "--quiet", "sbin/minivmm-test"],
+                   input=gzip.decompress(_built_initrd().read_bytes()), cwd=tmp_path, check=True)
+    run = subprocess.run([str(tmp_path / "sbin/minivmm-test"), "hello,getpid10", "uname",
+                          "bogus", "end:reboot"], capture_output=True, text=True, timeout=30)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 1  # one failed step
+    assert lines[0].startswith("minivmm-test: start pid=")
+    assert lines[1].startswith("minivmm-test: hello pid=")
+    assert lines[2].startswith("minivmm-test: getpid n=10 total_ns=")
+    assert lines[3].startswith("minivmm-test: uname sysname=Linux ")
+    assert lines[4] == "minivmm-test: unknown step 'bogus'"
+    assert lines[5:] == ["minivmm-test: done ok=3 failed=1", "minivmm-test: end action=reboot"]
