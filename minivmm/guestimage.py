@@ -137,7 +137,9 @@ def linux_source_version() -> str:
         return version
     if LINUX_TARBALL.is_file():
         return "sha256-" + _file_sha256(LINUX_TARBALL)[:16]
-    raise UserError(f"{LINUX_TARBALL} not found: apt-get install {LINUX_PACKAGE}")
+    # No source: nothing cached can match, and a build stops at the unpack step
+    # with an install hint.
+    return "missing"
 
 
 @functools.cache

@@ -178,3 +178,11 @@ def test_test_init_steps_from_a_shell(tmp_path: Path) -> None:
     assert lines[3].startswith("minivmm-test: uname sysname=Linux ")
     assert lines[4] == "minivmm-test: unknown step 'bogus'"
     assert lines[5:] == ["minivmm-test: done ok=3 failed=1", "minivmm-test: end action=reboot"]
+
+
+def test_without_kernel_source_nothing_is_current(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guestimage, "_dpkg_version", lambda package: None)
+    monkeypatch.setattr(guestimage, "LINUX_TARBALL", tmp_path / "absent.tar.xz")
+    assert guestimage.linux_source_version() == "missing"
+    assert guestimage.default_kernel() is None
