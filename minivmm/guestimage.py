@@ -220,10 +220,18 @@ def _version_key(version: str) -> str:
 
 @contextlib.contextmanager
 def _build_lock() -> Iterator[None]:
-    """One build at a time per cache: builds share the source and object trees."""
+    """One build at a time per cache: builds share the source and object trees.
+
+    Holding the lock, any ``*.tmp-*`` left in the cache belongs to a killed build.
+    """
     cache_dir().mkdir(parents=True, exist_ok=True)
     with open(cache_dir() / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in cache_dir().glob("*.tmp-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         yield
 
 
@@ -253,7 +261,6 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, cwd: Path | None = Non
     tty = sys.stdout.isatty()
     start = time.monotonic()
     last_shown = 0.0 if tty else start
-    count = 0
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
@@ -263,7 +270,6 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, cwd: Path | None = Non
         for line in proc.stdout:
             out.write(line)
             out.flush()  # the log is what a user tails while a build runs
-            count += 1
             now = time.monotonic()
             # On a terminal: redraw one line; in a log or CI: one line per 15 s.
             if now - last_shown >= (0.2 if tty else 15.0):
@@ -415,9 +421,15 @@ def build_kernel(force: bool = False, guest: Path | None = None) -> Path:
     """Build the kernel if its cache entry is missing; returns ``kernel-<hash16>/``."""
     guest = guest or guest_dir()
     final = kernel_dir(guest)
-    if final.is_dir() and not force:
-        _say(f"kernel up to date: {final}")
-        return final
+    with _build_lock():
+        if final.is_dir() and not force:
+            _say(f"kernel up to date: {final}")
+            return final
+        _build_kernel(guest, final)
+    return final
+
+
+def _build_kernel(guest: Path, final: Path) -> None:
     _check_tools(_KERNEL_TOOLS, _KERNEL_HEADERS)
     logs = cache_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -432,17 +444,19 @@ def build_kernel(force: bool = False, guest: Path | None = None) -> Path:
     _run_logged(["make", "-C", str(tree), f"O={obj}", f"-j{MAKE_JOBS}", "vmlinux",
                  "bzImage"], log, "make", env=_kbuild_env())
     tmp = _fresh_tmp(final)
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is for every user
-    for src, name in ((obj / "vmlinux", "vmlinux"),
-                      (obj / "arch/x86/boot/bzImage", "bzImage"),
-                      (obj / ".config", "config"),
-                      (obj / "System.map", "System.map")):
-        shutil.copyfile(src, tmp / name)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is for every user
+        for src, name in ((obj / "vmlinux", "vmlinux"),
+                          (obj / "arch/x86/boot/bzImage", "bzImage"),
+                          (obj / ".config", "config"),
+                          (obj / "System.map", "System.map")):
+            shutil.copyfile(src, tmp / name)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _say(f"kernel done in {time.monotonic() - started:.0f} s: {final}")
-    return final
 
 
 # ---------------------------------------------------------------- initramfs
@@ -488,9 +502,15 @@ def build_initramfs(force: bool = False, guest: Path | None = None) -> Path:
     """Build the initramfs if its cache entry is missing; returns its path."""
     guest = guest or guest_dir()
     final = initramfs_path(guest)
-    if final.is_file() and not force:
-        _say(f"initramfs up to date: {final}")
-        return final
+    with _build_lock():
+        if final.is_file() and not force:
+            _say(f"initramfs up to date: {final}")
+            return final
+        _build_initramfs(guest, final)
+    return final
+
+
+def _build_initramfs(guest: Path, final: Path) -> None:
     _check_tools(_INITRAMFS_TOOLS, _INITRAMFS_HEADERS)
     if not BUSYBOX.is_file() or not is_static_elf(BUSYBOX):
         raise UserError(f"{BUSYBOX} is missing or not static: apt-get install {BUSYBOX_PACKAGE}")
@@ -517,14 +537,13 @@ def build_initramfs(force: bool = False, guest: Path | None = None) -> Path:
         packed = tmp / final.name
         # Level 0 (stored blocks): the guest kernel unpacks the initramfs in emulated
         # ring 0 on kvm_pvm, where inflating Huffman-coded data takes minutes and
-        # copying stored blocks takes seconds.  mtime=0: same inputs, same bytes.
+        # copying stored blocks takes seconds.
         with gzip.GzipFile(packed, "wb", compresslevel=0, mtime=0) as gz:
             gz.write(archive.stdout)
         packed.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _say(f"initramfs done: {final}")
-    return final
 
 
 # ---------------------------------------------------------------- both
@@ -550,10 +569,7 @@ def prune(guest: Path | None = None) -> list[Path]:
 
 def build(force: bool = False, guest: Path | None = None) -> tuple[Path, Path]:
     """Build what is missing (everything with ``force``); returns (kernel dir, initramfs)."""
-    with _build_lock():
-        kernel = build_kernel(force, guest)
-        initrd = build_initramfs(force, guest)
-    return kernel, initrd
+    return build_kernel(force, guest), build_initramfs(force, guest)
 
 
 def _print_paths() -> int:
