@@ -395,6 +395,13 @@ def missing_symbols(fragment: Path, config: Path) -> list[str]:
     return [s for s in fragment_symbols(fragment) if have.get(s) != "y"]
 
 
+def unwanted_symbols(fragment: Path, config: Path) -> list[str]:
+    """Symbols the fragment marks ``is not set`` that are still set in ``config``."""
+    off = re.findall(r"^# (CONFIG_[A-Za-z0-9_]+) is not set\s*$", fragment.read_text(), re.M)
+    have = config_values(config)
+    return [s for s in dict.fromkeys(off) if s in have]
+
+
 def _kbuild_env() -> dict[str, str]:
     # Fixed identity strings: the same inputs give the same `uname -v`.
     env = dict(os.environ)
@@ -415,6 +422,10 @@ def _configure(tree: Path, obj: Path, fragment: Path, log: Path) -> None:
     if missing:
         raise BuildError("kernel config lost symbols (unmet Kconfig dependencies): "
                          + " ".join(missing) + f"; see {obj / '.config'}")
+    # Switching a default off is only an optimisation: say so, do not fail.
+    still_on = unwanted_symbols(fragment, obj / ".config")
+    if still_on:
+        _say("note: selected by other options, left on: " + " ".join(still_on))
 
 
 def build_kernel(force: bool = False, guest: Path | None = None) -> Path:

@@ -186,3 +186,11 @@ def test_without_kernel_source_nothing_is_current(tmp_path: Path,
     monkeypatch.setattr(guestimage, "LINUX_TARBALL", tmp_path / "absent.tar.xz")
     assert guestimage.linux_source_version() == "missing"
     assert guestimage.default_kernel() is None
+
+
+def test_unwanted_symbols_names_ones_left_on(tmp_path: Path) -> None:
+    fragment = tmp_path / "frag"
+    fragment.write_text("# CONFIG_A is not set\n# CONFIG_B is not set\n")
+    config = tmp_path / ".config"
+    config.write_text("CONFIG_A=y\n# CONFIG_B is not set\n")
+    assert guestimage.unwanted_symbols(fragment, config) == ["CONFIG_A"]
