@@ -3,9 +3,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the default guest build needs (kernel build, busybox, static init, images).
-GUEST_DEBS := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev \
-              busybox-static cpio xz-utils e2fsprogs python3-venv
+# Debian packages: the guest build's list (guest/debian-packages.txt), plus what the
+# tests and `make run` use on the host (mkfs.ext4, debugfs, dumpe2fs; venv).
+DEBS := $(shell grep -v '^\#' guest/debian-packages.txt) e2fsprogs python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv guest run test test-fast bench clean
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 deps:
-	@missing=$$(for p in $(GUEST_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
