@@ -253,6 +253,14 @@ def test_dsdt_s5_and_pvpanic(dsdt):
     assert crs == bytes([0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01, 0x79, 0x00])
 
 
+def test_dsdt_com1_has_its_port_and_irq4(dsdt):
+    assert dsdt.names["\\_SB_.COM1._HID"] == 0x0105D041  # EisaId("PNP0501")
+    # IO(Decode16, 0x3F8, 0x3F8, 1, 8), IRQNoFlags(){4} (mask bit 4), end tag
+    assert dsdt.names["\\_SB_.COM1._CRS"] == bytes(
+        [0x47, 0x01, 0xF8, 0x03, 0xF8, 0x03, 0x01, 0x08, 0x22, 0x10, 0x00, 0x79, 0x00]
+    )
+
+
 def test_dsdt_pci_host_bridge(dsdt):
     assert "\\_SB_.PCI0" in dsdt.devices
     assert dsdt.names["\\_SB_.PCI0._HID"] == 0x030AD041  # EisaId("PNP0A03")
@@ -280,4 +288,4 @@ def test_dsdt_pci_host_bridge(dsdt):
 
 def test_dsdt_without_pci():
     walker = AmlWalker(acpi.dsdt_aml(MEM, pci=False))
-    assert walker.devices == ["\\_SB_.PEVT"]
+    assert walker.devices == ["\\_SB_.COM1", "\\_SB_.PEVT"]

@@ -24,6 +24,7 @@ class Pty:
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()
         self.output = b""
+        self.proc: subprocess.Popen | None = None
 
     def expect(self, needle: bytes, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout
@@ -31,6 +32,10 @@ class Pty:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no {needle!r} after {timeout:.0f} s; output tail:\n{self.output[-3000:].decode(errors='replace')}")
+            if self.proc is not None and self.proc.poll() is not None and not select.select([self.master], [], [], 0)[0]:
+                raise AssertionError(
+                    f"minivmm exited ({self.proc.returncode}) before {needle!r}; output tail:\n{self.output[-3000:].decode(errors='replace')}"
+                )
             if select.select([self.master], [], [], min(left, 1.0))[0]:
                 try:
                     self.output += os.read(self.master, 65536)
@@ -61,6 +66,7 @@ def test_interactive_shell_runs_commands_and_poweroff_ends_the_run(guest, tmp_pa
             stderr=err,
             start_new_session=True,
         )
+    pty.proc = proc
     try:
         pty.expect(b"minivmm: starting shell", BOOT_TIMEOUT)
         pty.expect(b"# ", 120)  # the busybox prompt
@@ -78,7 +84,7 @@ def test_interactive_shell_runs_commands_and_poweroff_ends_the_run(guest, tmp_pa
         after = termios.tcgetattr(pty.slave)
         pty.close()
     err_text = err_path.read_text()
-    assert status == 0, err_text
+    assert status == 0, err_text + out.decode(errors="replace")[-3000:]
     assert "powered off" in err_text.strip().splitlines()[-1]
     assert b"shell-42" in out
     assert after == before  # the terminal is restored

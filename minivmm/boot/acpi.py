@@ -195,6 +195,23 @@ def pci_host_bridge(mem_size: int) -> bytes:
     )
 
 
+def serial_device() -> bytes:
+    """\\_SB.COM1: the 16550 (PNP0501) at COM1 with ISA IRQ 4.
+
+    A hardware-reduced ACPI platform has no legacy PIC, so Linux maps no ISA IRQ up front and
+    the built-in ttyS0 could not get IRQ 4 (opening /dev/console from user space would fail).
+    Described here, the 8250 PNP driver takes the port over with an IRQ mapped through the
+    IOAPIC."""
+    port = layout.COM1_PORT
+    crs = aml.resource_template(aml.io_port(port, port, 1, layout.COM1_PORT_COUNT), aml.irq_no_flags(layout.COM1_IRQ))
+    return aml.device(
+        "COM1",
+        aml.name("_HID", aml.eisa_id("PNP0501")),
+        aml.name("_UID", aml.integer(1)),
+        aml.name("_CRS", crs),
+    )
+
+
 def pvpanic_device() -> bytes:
     port = layout.PVPANIC_PORT
     return aml.device(
@@ -207,7 +224,7 @@ def pvpanic_device() -> bytes:
 def dsdt_aml(mem_size: int, pci: bool = True) -> bytes:
     """The DSDT's definition block body (AML)."""
     sb = [pci_host_bridge(mem_size)] if pci else []
-    sb.append(pvpanic_device())
+    sb += [serial_device(), pvpanic_device()]
     return aml.name("_S5_", aml.package(aml.integer(S5_SLP_TYP), aml.integer(0))) + aml.scope("\\_SB_", *sb)
 
 
