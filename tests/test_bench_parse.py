@@ -61,6 +61,84 @@ minivmm-test: umount dir=/mnt
 minivmm-test: done ok=5 failed=0
 """
 
+# Captured on the kvm_pvm host (23:2x, load average ~7): stderr of a default-guest boot and of
+# a pmem boot, and the pmem boot's console from the init on (lines end in \r\n).
+REAL_BOOT_STDERR = """\
+minivmm: software KVM (kvm_pvm) detected: guest kernel code is emulated; hiding CPU features it cannot emulate with clearcpuid=
+startup: first KVM_RUN 0.811 s after process start
+vcpu0: 16228 exits; in KVM_RUN 359.820 s, outside 0.463 s, wall 360.402 s
+  exits io: 16227
+  exits internal_error: 1
+  device serial: 15792
+  device pci-conf1: 431
+  device acpi-sleep: 2
+  device unclaimed: 1
+  device pvpanic: 1
+emulation fallback int3: 1
+pio unclaimed reads: 1
+minivmm: guest powered off (ACPI S5)
+"""
+
+REAL_PMEM_STDERR = """\
+minivmm: software KVM (kvm_pvm) detected: guest kernel code is emulated; hiding CPU features it cannot emulate with clearcpuid=
+startup: first KVM_RUN 1.829 s after process start
+vcpu0: 18552 exits; in KVM_RUN 414.525 s, outside 0.596 s, wall 415.328 s
+  exits io: 18061
+  exits mmio: 487
+  exits internal_error: 4
+  device serial: 17192
+  device pci-conf1: 865
+  device pci-00:01.0-pmem0-bar0: 487
+  device acpi-sleep: 2
+  device unclaimed: 1
+  device pvpanic: 1
+emulation fallback int3: 1
+emulation fallback fwait: 3
+pmem pmem0 (/tmp/minivmm-bench-pmem-x/pmem.img): 412 flush requests, 412 host fsyncs, service mean 2.591 ms max 22.199 ms, fsync mean 2.466 ms
+pio unclaimed reads: 1
+minivmm: guest powered off (ACPI S5)
+"""
+
+REAL_PMEM_CONSOLE = (
+    'Run /sbin/minivmm-test as init process\r\n'
+    'minivmm-test: start pid=1 steps=hello,mounts,pmem-mount,flush-bench:200,umount end=poweroff\r\n'
+    'minivmm-test: hello pid=1\r\n'
+    'minivmm-test: mounts proc=ok sys=ok dev=ok\r\n'
+    'EXT4-fs (pmem0): unsupported blocksize for DAX\r\n'
+    '\r\n'
+    'EXT4-fs (pmem0): DAX unsupported by block device.\r\n'
+    'EXT4-fs (pmem0): unsupported blocksize for DAX\r\n'
+    '\r\n'
+    'EXT4-fs (pmem0): mounted filesystem with ordered data mode. Quota mode: disabled.\r\n'
+    'minivmm-test: pmem-mount dev=/dev/pmem0 dir=/mnt dax=0 (dax mount failed: Invalid argument)\r\n'
+    'minivmm-test: flush-bench n=200 ns_per_op=252678325 min_ns=131616040 max_ns=604730666\r\n'
+    'EXT4-fs (pmem0): unmounting filesystem.\r\n'
+    'minivmm-test: umount dir=/mnt\r\n'
+    'minivmm-test: done ok=5 failed=0\r\n'
+    'minivmm-test: end action=poweroff\r\n'
+    'ACPI: PM: Preparing to enter system sleep state S5\r\n'
+    'reboot: Power down\r\n'
+)
+
+
+def test_real_boot_stderr():
+    s = bench.parse_stats(REAL_BOOT_STDERR)
+    assert s["startup_s"] == 0.811 and s["vcpus"][0]["exits"] == 16228
+    assert s["exits_by_kind"] == {"io": 16227, "internal_error": 1}
+    assert s["exits_by_device"]["serial"] == 15792 and s["exits_by_device"]["unclaimed"] == 1
+    assert s["fallbacks"] == {"int3": 1} and s["unclaimed"] == {"pio read": 1}
+    assert s["stop_reason"] == "guest powered off (ACPI S5)" and s["pmem"] == []
+
+
+def test_real_pmem_boot():
+    stats = bench.parse_stats(REAL_PMEM_STDERR)
+    assert stats["exits_by_kind"]["mmio"] == 487 and stats["fallbacks"] == {"int3": 1, "fwait": 3}
+    f = bench.parse_pmem_section(REAL_PMEM_CONSOLE, stats)
+    assert f["pmem_dax"] == 0 and f["flush_n"] == 200 and f["flush_mean_ms"] == 252.678325
+    assert (f["pmem_flush_requests"], f["pmem_host_fsyncs"], f["pmem_service_max_ms"]) == (412, 412, 22.199)
+    g = bench.parse_guest(REAL_PMEM_CONSOLE)
+    assert g["hello"] and (g["steps_ok"], g["steps_failed"]) == (5, 0) and g["failures"] == []
+
 
 def test_parse_stats():
     s = bench.parse_stats(STATS)
@@ -138,7 +216,7 @@ def test_boot_section():
 def test_pmem_section():
     f = bench.parse_pmem_section(PMEM_CONSOLE, bench.parse_stats(STATS))
     assert f["pmem_dax"] == 1 and f["flush_n"] == 200
-    assert (f["flush_mean_us"], f["flush_min_us"], f["flush_max_us"]) == (2500.0, 1500.0, 45000.0)
+    assert (f["flush_mean_ms"], f["flush_min_ms"], f["flush_max_ms"]) == (2.5, 1.5, 45.0)
     assert (f["pmem_flush_requests"], f["pmem_host_fsyncs"]) == (210, 205)
     assert f["pmem_service_mean_ms"] == 2.345 and f["pmem_fsync_mean_ms"] == 2.1
 
