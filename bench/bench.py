@@ -339,7 +339,7 @@ COMMON_METRICS = (
     Metric("startup_s", "process start -> first KVM_RUN", "s", "{:.3f}"),
     Metric("hello_s", "spawn -> init's first line (hello)", "s"),
     Metric("wall_s", "spawn -> exit (boot to poweroff)", "s"),
-    Metric("outside_pct", "time outside KVM_RUN / VMM wall", "%"),
+    Metric("outside_pct", "time outside KVM_RUN / VMM wall", "%", "{:.2f}"),
     Metric("in_run_s", "time in KVM_RUN", "s"),
     Metric("outside_s", "time outside KVM_RUN", "s"),
     Metric("peak_rss_mib", "VMM peak RSS (ru_maxrss)", "MiB"),
