@@ -409,16 +409,21 @@ def run_vmm(args: list[str], timeout: float, echo: bool = False) -> Boot:
     sel.register(proc.stderr, selectors.EVENT_READ, err)
     deadline = t0 + timeout
     killed_at: float | None = None
+
+    def enforce_timeout() -> None:
+        nonlocal killed_at
+        now = time.monotonic()
+        if now > deadline and killed_at is None:
+            boot.timed_out = True
+            proc.send_signal(signal.SIGTERM)  # the VMM stops cleanly and still prints --stats
+            killed_at = now
+        elif killed_at is not None and now > killed_at + 15:
+            proc.kill()
+            killed_at = float("inf")
+
     try:
         while sel.get_map():
-            now = time.monotonic()
-            if now > deadline and killed_at is None:
-                boot.timed_out = True
-                proc.send_signal(signal.SIGTERM)  # the VMM stops cleanly and still prints --stats
-                killed_at = now
-            elif killed_at is not None and now > killed_at + 15:
-                proc.kill()
-                killed_at = float("inf")
+            enforce_timeout()
             for key, _ in sel.select(timeout=1.0):
                 data = os.read(key.fileobj.fileno(), 65536)
                 t = time.monotonic() - t0
@@ -434,7 +439,12 @@ def run_vmm(args: list[str], timeout: float, echo: bool = False) -> Boot:
                     stream = sys.stdout if watcher is out else sys.stderr
                     stream.buffer.write(data)
                     stream.flush()
-        _, status, rusage = os.wait4(proc.pid, 0)
+        while True:  # both pipes closed; the process may still be tearing down
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            enforce_timeout()
+            time.sleep(0.01)
         boot.spawn_to_exit = time.monotonic() - t0
     except BaseException:
         proc.kill()
