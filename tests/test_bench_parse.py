@@ -327,3 +327,16 @@ def test_sections_registry():
     for name, section in bench.SECTIONS.items():
         assert section.name == name
         assert "minivmm.steps=" in section.cmdline() and "rdinit=/sbin/minivmm-test" in section.cmdline()
+
+
+def test_setup_pmem_formats_a_sparse_4k_ext4_image(tmp_path):
+    args = bench.setup_pmem(tmp_path)
+    image = tmp_path / "pmem.img"
+    assert args == ["--pmem", str(image)]
+    st = image.stat()
+    assert st.st_size == 256 << 20 and st.st_blocks * 512 < st.st_size // 4  # sparse
+    with open(image, "rb") as f:
+        f.seek(1024)
+        sb = f.read(1024)  # the ext4 superblock
+    assert int.from_bytes(sb[0x38:0x3A], "little") == 0xEF53
+    assert 1024 << int.from_bytes(sb[0x18:0x1C], "little") == 4096  # s_log_block_size
