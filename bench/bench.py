@@ -637,7 +637,7 @@ def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict
             except (BootFailed, OSError) as exc:
                 run["error"] = str(exc) if isinstance(exc, BootFailed) else f"{type(exc).__name__}: {exc}"
                 if boot is not None:
-                    run["tail"] = tail(boot.combined)
+                    run["tail"] = tail(boot.combined or (boot.stdout + boot.stderr).splitlines())
                     run["figures"] = figures_partial(boot)
         result["runs"].append(run)
         if run["ok"]:

@@ -340,3 +340,25 @@ def test_setup_pmem_formats_a_sparse_4k_ext4_image(tmp_path):
         sb = f.read(1024)  # the ext4 superblock
     assert int.from_bytes(sb[0x38:0x3A], "little") == 0xEF53
     assert 1024 << int.from_bytes(sb[0x18:0x1C], "little") == 4096  # s_log_block_size
+
+
+def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
+    """The whole flow without KVM: a working boot section, a failing pmem section."""
+    import json
+
+    def fake_run_vmm(args, timeout, echo=False):
+        if "--pmem" in args:
+            return _boot(stdout=CONSOLE + "minivmm-test: pmem-mount FAILED: /dev/pmem0: No such file or directory\n", status=0)
+        return _boot()
+
+    monkeypatch.setattr(bench, "run_vmm", fake_run_vmm)
+    out = tmp_path / "b.json"
+    assert bench.main(["--runs", "2", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "[boot] default guest boot" in text and "(2/2 runs ok)" in text
+    assert "[pmem] FAILED (run 1/2): a guest step failed: pmem-mount FAILED" in text
+    assert "last 40 lines" in text and "skipping its remaining 1 run(s)" in text
+    report = json.loads(out.read_text())
+    assert report["sections"]["boot"]["ok"] and not report["sections"]["pmem"]["ok"]
+    assert report["sections"]["boot"]["summary"]["getpid_ns_per_call"]["median"] == 5123
+    assert report["host"]["kvm"]
