@@ -1,0 +1,737 @@
+#!/usr/bin/env python3
+"""minivmm benchmark: boot the default guest N times and print medians (min/max) of what it costs.
+
+Usage:
+    python3 bench/bench.py [--runs N | --quick] [--only SECTION[,SECTION]] [--json FILE]
+                           [--timeout SECONDS] [--verbose]
+    make bench                                    # the same, with the project's venv
+
+Each section boots the default guest with its own kernel command line (and files), once per
+run, as a subprocess of `python -m minivmm run ... --stats`, timed from just before the spawn:
+
+  boot  default guest, steps hello,mounts,getpid: time to the first KVM_RUN (the VMM's own
+        `startup:` line), time to the init's first line (`minivmm-test: hello`, timestamped as
+        it arrives on the pipe), boot-to-poweroff wall time, exits by kind and by device, the
+        share of the VMM's wall time spent outside KVM_RUN, the VMM's peak RSS (wait4
+        ru_maxrss), and the guest's getpid() cost.
+  pmem  a fresh, host-formatted (mkfs.ext4 -b 4096) 256 MiB sparse image as --pmem, steps
+        hello,mounts,pmem-mount,flush-bench:200,umount: what flush-bench prints (mean/min/max
+        of a guest 4 KiB write + fdatasync) and the host-side `pmem ...` line of --stats.
+
+A section is a row of SECTIONS: a name, a command line, optional set-up (extra VMM
+arguments, files in a per-boot temporary directory) and a parser for its own figures. Later
+work adds rows. Figures are printed, never asserted. Exit status: 0 if every boot worked, 1 if
+one failed (its output's tail is printed; the section stops, the others still run), 2 for bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test"
+HELLO_MARKER = "minivmm-test: hello"
+TAIL_LINES = 40
+DEFAULT_RUNS = 3
+DEFAULT_TIMEOUT = 1200.0  # seconds per boot; a boot takes ~150 s on kvm_pvm, more when the host is busy
+NOISE_NOTE = (
+    "note: this machine is shared with other work (2 cores) and noisy: figures move from run to run "
+    "and with the load average; compare medians and read min/max as the spread."
+)
+
+
+class BootFailed(Exception):
+    """A boot (or its set-up) did not produce the figures it should have."""
+
+
+# -- parsers (pure functions of captured text; tests/test_bench_parse.py feeds them samples) -----
+
+_STARTUP_RE = re.compile(r"^startup: first KVM_RUN (?P<s>[-\d.]+) s after process start\s*$")
+_VCPU_RE = re.compile(
+    r"^vcpu(?P<index>\d+): (?P<exits>\d+) exits; in KVM_RUN (?P<in_run>[\d.]+) s, "
+    r"outside (?P<outside>[\d.]+) s, wall (?P<wall>[\d.]+) s\s*$"
+)
+_KIND_RE = re.compile(r"^\s+exits (?P<name>\S+): (?P<n>\d+)\s*$")
+_DEVICE_RE = re.compile(r"^\s+device (?P<name>.+?): (?P<n>\d+)\s*$")
+_FALLBACK_RE = re.compile(r"^emulation fallback (?P<name>.+?): (?P<n>\d+)\s*$")
+_UNCLAIMED_RE = re.compile(r"^(?P<bus>\S+) unclaimed (?P<op>\S+?)s: (?P<n>\d+)\s*$")
+_PMEM_RE = re.compile(
+    r"^pmem (?P<id>\S+) \((?P<path>.*)\): (?P<flush_requests>\d+) flush requests, "
+    r"(?P<host_fsyncs>\d+) host fsyncs, service mean (?P<service_mean_ms>[\d.]+) ms "
+    r"max (?P<service_max_ms>[\d.]+) ms, fsync mean (?P<fsync_mean_ms>[\d.]+) ms\s*$"
+)
+_STOP_RE = re.compile(r"^minivmm: (?P<reason>.*?)\s*$")
+_GUEST_RE = re.compile(r"minivmm-test: (?P<rest>.*?)\s*$")
+_KV_RE = re.compile(r"(\w+)=(\S+)")
+
+
+def parse_stats(text: str) -> dict:
+    """Parse the VMM's stderr (the `--stats` report and the final `minivmm: <reason>` line).
+
+    Returns {"startup_s", "vcpus": [{index, exits, in_run_s, outside_s, wall_s, by_kind,
+    by_device}], "exits_by_kind", "exits_by_device" (summed over vCPUs), "fallbacks",
+    "unclaimed", "pmem": [{id, path, flush_requests, ...}], "stop_reason"}; a missing item is
+    None or empty.
+    """
+    out: dict = {
+        "startup_s": None,
+        "vcpus": [],
+        "exits_by_kind": {},
+        "exits_by_device": {},
+        "fallbacks": {},
+        "unclaimed": {},
+        "pmem": [],
+        "stop_reason": None,
+    }
+    vcpu: dict | None = None
+    for raw in text.splitlines():
+        line = raw.rstrip("\r")
+        if m := _STARTUP_RE.match(line):
+            out["startup_s"] = float(m["s"])
+        elif m := _VCPU_RE.match(line):
+            vcpu = {
+                "index": int(m["index"]),
+                "exits": int(m["exits"]),
+                "in_run_s": float(m["in_run"]),
+                "outside_s": float(m["outside"]),
+                "wall_s": float(m["wall"]),
+                "by_kind": {},
+                "by_device": {},
+            }
+            out["vcpus"].append(vcpu)
+        elif vcpu is not None and (m := _KIND_RE.match(line)):
+            vcpu["by_kind"][m["name"]] = int(m["n"])
+            out["exits_by_kind"][m["name"]] = out["exits_by_kind"].get(m["name"], 0) + int(m["n"])
+        elif vcpu is not None and (m := _DEVICE_RE.match(line)):
+            vcpu["by_device"][m["name"]] = int(m["n"])
+            out["exits_by_device"][m["name"]] = out["exits_by_device"].get(m["name"], 0) + int(m["n"])
+        elif m := _FALLBACK_RE.match(line):
+            out["fallbacks"][m["name"]] = int(m["n"])
+            vcpu = None
+        elif m := _UNCLAIMED_RE.match(line):
+            out["unclaimed"][f"{m['bus']} {m['op']}"] = int(m["n"])
+            vcpu = None
+        elif m := _PMEM_RE.match(line):
+            d = m.groupdict()
+            out["pmem"].append(
+                {
+                    "id": d["id"],
+                    "path": d["path"],
+                    **{k: int(d[k]) for k in ("flush_requests", "host_fsyncs")},
+                    **{k: float(d[k]) for k in ("service_mean_ms", "service_max_ms", "fsync_mean_ms")},
+                }
+            )
+            vcpu = None
+        elif m := _STOP_RE.match(line):
+            out["stop_reason"] = m["reason"]  # the last one is why the run ended
+            vcpu = None
+        elif not line.startswith((" ", "\t")):
+            vcpu = None
+    return out
+
+
+def guest_lines(text: str) -> list[str]:
+    """The test init's lines (after "minivmm-test: "), in order, without duplicates.
+
+    Each line reaches the console twice (the kernel log copy, maybe with a printk timestamp,
+    and the init's own write); the first of two identical neighbours is kept.
+    """
+    seen: list[str] = []
+    for raw in text.splitlines():
+        m = _GUEST_RE.search(raw.replace("\r", ""))
+        if m and m["rest"] and not (seen and seen[-1] == m["rest"]):
+            seen.append(m["rest"])
+    return seen
+
+
+def _fields(rest: str) -> dict[str, str]:
+    return dict(_KV_RE.findall(rest))
+
+
+def _int_fields(rest: str, *names: str) -> dict[str, int]:
+    f = _fields(rest)
+    try:
+        return {name: int(f[name]) for name in names}
+    except (KeyError, ValueError):
+        raise BootFailed(f"cannot parse the guest line {rest!r}") from None
+
+
+def parse_guest(text: str) -> dict:
+    """What the test init reported on the console: {"hello": bool, "steps_ok", "steps_failed",
+    "failures": [lines containing FAILED or "unknown step"], "end_action", "lines"}."""
+    lines = guest_lines(text)
+    out: dict = {"hello": False, "steps_ok": None, "steps_failed": None, "failures": [], "end_action": None, "lines": lines}
+    for rest in lines:
+        word = rest.split(" ", 1)[0]
+        if word == "hello":
+            out["hello"] = True
+        elif word == "done":
+            f = _fields(rest)
+            if "ok" in f and "failed" in f:
+                out["steps_ok"], out["steps_failed"] = int(f["ok"]), int(f["failed"])
+        elif word == "end" and rest.startswith("end action="):
+            out["end_action"] = _fields(rest).get("action")
+        if (" FAILED" in rest or rest.startswith("unknown step")) and rest not in out["failures"]:
+            out["failures"].append(rest)
+    return out
+
+
+def _guest_step(lines: list[str], step: str) -> str | None:
+    """The first line of a step (e.g. "getpid n=1000 ..."), None if it never printed one."""
+    for rest in lines:
+        if rest.split(" ", 1)[0] == step:
+            return rest
+    return None
+
+
+def parse_boot_section(stdout: str, stats: dict) -> dict:
+    """Figures of the `boot` section: the guest's getpid() cost."""
+    line = _guest_step(guest_lines(stdout), "getpid")
+    if line is None:
+        raise BootFailed("the getpid step printed nothing")
+    if "FAILED" in line:
+        raise BootFailed(f"getpid step: {line}")
+    f = _int_fields(line, "n", "total_ns", "ns_per_call")
+    return {"getpid_n": f["n"], "getpid_ns_per_call": f["ns_per_call"]}
+
+
+def parse_pmem_section(stdout: str, stats: dict) -> dict:
+    """Figures of the `pmem` section: the guest's flush-bench line (4 KiB pwrite + fdatasync:
+    mean, min, max), whether the mount used DAX, and the host's pmem line of --stats."""
+    lines = guest_lines(stdout)
+    out: dict = {}
+    mount = _guest_step(lines, "pmem-mount")
+    if mount is None:
+        raise BootFailed("the pmem-mount step printed nothing (is /dev/pmem0 there?)")
+    if "FAILED" in mount:
+        raise BootFailed(f"pmem-mount step: {mount}")
+    out["pmem_dax"] = int(_fields(mount).get("dax", "-1"))
+    bench = _guest_step(lines, "flush-bench")
+    if bench is None:
+        raise BootFailed("the flush-bench step printed nothing")
+    if "FAILED" in bench:
+        raise BootFailed(f"flush-bench step: {bench}")
+    f = _int_fields(bench, "n", "ns_per_op", "min_ns", "max_ns")
+    out.update(flush_n=f["n"], flush_mean_ms=f["ns_per_op"] / 1e6, flush_min_ms=f["min_ns"] / 1e6, flush_max_ms=f["max_ns"] / 1e6)
+    if not stats["pmem"]:
+        raise BootFailed("no `pmem ...` line in the --stats report")
+    host = stats["pmem"][0]
+    out.update(
+        pmem_flush_requests=host["flush_requests"],
+        pmem_host_fsyncs=host["host_fsyncs"],
+        pmem_service_mean_ms=host["service_mean_ms"],
+        pmem_service_max_ms=host["service_max_ms"],
+        pmem_fsync_mean_ms=host["fsync_mean_ms"],
+    )
+    return out
+
+
+# -- watching a stream as it arrives --------------------------------------------------------
+
+
+class StreamWatcher:
+    """Collects a child's output chunk by chunk and notes when markers first arrive.
+
+    `feed(data, t)` appends bytes received at time t; `first_seen[marker]` is the arrival time
+    of the chunk that completed the marker's first occurrence (lines may arrive in pieces).
+    `lines` are (t, text) pairs of complete lines, t being when their end arrived.
+    """
+
+    def __init__(self, markers: Iterable[str] = ()) -> None:
+        self.markers = list(markers)
+        self.first_seen: dict[str, float] = {}
+        self.lines: list[tuple[float, str]] = []
+        self._partial = ""
+        self._chunks: list[str] = []
+
+    def feed(self, data: bytes, t: float) -> None:
+        text = data.decode("utf-8", "replace")
+        self._chunks.append(text)
+        buf = self._partial + text
+        *complete, self._partial = buf.split("\n")
+        for line in complete:
+            self.lines.append((t, line.rstrip("\r")))
+        for marker in self.markers:
+            if marker in self.first_seen:
+                continue
+            # Search the complete lines and the unfinished one, not the whole history.
+            if any(marker in line for line in complete) or marker in self._partial:
+                self.first_seen[marker] = t
+
+    def close(self, t: float) -> None:
+        if self._partial:
+            self.lines.append((t, self._partial.rstrip("\r")))
+            self._partial = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(self._chunks)
+
+
+def tail(lines: list[str], n: int = TAIL_LINES) -> str:
+    return "\n".join(lines[-n:])
+
+
+# -- sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str = ""
+    fmt: str = "{:.1f}"
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    title: str
+    steps: str
+    parse: Callable[[str, dict], dict]  # (stdout, parse_stats(stderr)) -> figures; raises BootFailed
+    metrics: tuple[Metric, ...] = ()  # the section's own rows of the table
+    setup: Callable[[Path], list[str]] | None = None  # (temp dir) -> extra `minivmm run` arguments
+    end: str = "poweroff"
+
+    def cmdline(self) -> str:
+        return f"{BASE_CMDLINE} minivmm.steps={self.steps} minivmm.end={self.end}"
+
+
+PMEM_SIZE = 256 << 20
+FLUSH_N = 200  # flush-bench operations per pmem boot
+
+
+# mke2fs.conf gives a filesystem under 512 MiB ("small") 1 KiB blocks, and ext4 refuses DAX
+# unless the block size is the page size ("unsupported blocksize for DAX"): the guest would
+# fall back to the page cache and the section would not measure the DAX path.
+MKFS_EXT4_ARGS = ("-q", "-F", "-b", "4096")
+
+
+def mkfs_ext4() -> str:
+    for candidate in (shutil.which("mkfs.ext4"), "/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise BootFailed("mkfs.ext4 not found (Debian: apt-get install e2fsprogs)")
+
+
+def setup_pmem(workdir: Path) -> list[str]:
+    """A fresh sparse 256 MiB image, formatted ext4 (4 KiB blocks, for DAX) on the host."""
+    image = workdir / "pmem.img"
+    with open(image, "wb") as f:
+        f.truncate(PMEM_SIZE)
+    proc = subprocess.run([mkfs_ext4(), *MKFS_EXT4_ARGS, str(image)], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BootFailed(f"mkfs.ext4 failed (status {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return ["--pmem", str(image)]
+
+
+COMMON_METRICS = (
+    Metric("startup_s", "process start -> first KVM_RUN", "s", "{:.3f}"),
+    Metric("hello_s", "spawn -> init's first line (hello)", "s"),
+    Metric("wall_s", "spawn -> exit (boot to poweroff)", "s"),
+    Metric("outside_pct", "time outside KVM_RUN / VMM wall", "%", "{:.2f}"),
+    Metric("in_run_s", "time in KVM_RUN", "s"),
+    Metric("outside_s", "time outside KVM_RUN", "s"),
+    Metric("peak_rss_mib", "VMM peak RSS (ru_maxrss)", "MiB"),
+)
+
+SECTIONS: dict[str, Section] = {
+    s.name: s
+    for s in (
+        Section(
+            "boot",
+            "default guest boot",
+            "hello,mounts,getpid",
+            parse_boot_section,
+            (Metric("getpid_ns_per_call", "guest getpid() (1000 calls)", "ns/call", "{:.0f}"),),
+        ),
+        Section(
+            "pmem",
+            "virtio-pmem: 256 MiB ext4 (4 KiB blocks) image, 4 KiB write + fdatasync in the guest",
+            f"hello,mounts,pmem-mount,flush-bench:{FLUSH_N},umount",
+            parse_pmem_section,
+            (
+                Metric("flush_mean_ms", f"guest 4 KiB write+fdatasync: mean of {FLUSH_N}", "ms", "{:.3f}"),
+                Metric("flush_min_ms", "guest 4 KiB write+fdatasync: min", "ms", "{:.3f}"),
+                Metric("flush_max_ms", "guest 4 KiB write+fdatasync: max", "ms", "{:.3f}"),
+                Metric("pmem_dax", "ext4 mounted with DAX (1 yes, 0 no)", "", "{:.0f}"),
+                Metric("pmem_flush_requests", "host: virtio-pmem flush requests", "", "{:.0f}"),
+                Metric("pmem_host_fsyncs", "host: fdatasyncs of the image", "", "{:.0f}"),
+                Metric("pmem_service_mean_ms", "host: flush service time mean", "ms", "{:.3f}"),
+                Metric("pmem_service_max_ms", "host: flush service time max", "ms", "{:.3f}"),
+                Metric("pmem_fsync_mean_ms", "host: fdatasync mean", "ms", "{:.3f}"),
+            ),
+            setup=setup_pmem,
+        ),
+    )
+}
+
+
+# -- one boot -------------------------------------------------------------------------------
+
+
+@dataclass
+class Boot:
+    """What one boot produced: raw output and timings, then the figures."""
+
+    status: int | None = None
+    timed_out: bool = False
+    spawn_to_exit: float | None = None
+    hello_at: float | None = None
+    rusage_maxrss_kib: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    combined: list[str] = field(default_factory=list)  # both streams, in arrival order
+
+
+def run_vmm(args: list[str], timeout: float, echo: bool = False) -> Boot:
+    """Spawn `python -m minivmm run ARGS`, stream its stdout/stderr, wait4() it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    cmd = [sys.executable, "-m", "minivmm", "run", *args]
+    out, err = StreamWatcher([HELLO_MARKER]), StreamWatcher()
+    boot = Boot()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, out)
+    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    deadline = t0 + timeout
+    killed_at: float | None = None
+
+    def enforce_timeout() -> None:
+        nonlocal killed_at
+        now = time.monotonic()
+        if now > deadline and killed_at is None:
+            boot.timed_out = True
+            proc.send_signal(signal.SIGTERM)  # the VMM stops cleanly and still prints --stats
+            killed_at = now
+        elif killed_at is not None and now > killed_at + 15:
+            proc.kill()
+            killed_at = float("inf")
+
+    try:
+        while sel.get_map():
+            enforce_timeout()
+            for key, _ in sel.select(timeout=1.0):
+                data = os.read(key.fileobj.fileno(), 65536)
+                t = time.monotonic() - t0
+                watcher: StreamWatcher = key.data
+                if not data:
+                    sel.unregister(key.fileobj)
+                    watcher.close(t)
+                    continue
+                before = len(watcher.lines)
+                watcher.feed(data, t)
+                boot.combined += [line for _, line in watcher.lines[before:]]
+                if echo:
+                    stream = sys.stdout if watcher is out else sys.stderr
+                    stream.buffer.write(data)
+                    stream.flush()
+        while True:  # both pipes closed; the process may still be tearing down
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            enforce_timeout()
+            time.sleep(0.01)
+        boot.spawn_to_exit = time.monotonic() - t0
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    proc.returncode = boot.status = os.waitstatus_to_exitcode(status)
+    boot.rusage_maxrss_kib = rusage.ru_maxrss  # KiB on Linux
+    boot.hello_at = out.first_seen.get(HELLO_MARKER)
+    boot.stdout, boot.stderr = out.text, err.text
+    return boot
+
+
+def figures(section: Section, boot: Boot) -> dict:
+    """The figures of a finished boot; raises BootFailed (with the reason) if it did not work."""
+    stats = parse_stats(boot.stderr)
+    guest = parse_guest(boot.stdout)
+    fig: dict = {
+        "status": boot.status,
+        "stop_reason": stats["stop_reason"],
+        "wall_s": boot.spawn_to_exit,
+        "hello_s": boot.hello_at,
+        "startup_s": stats["startup_s"],
+        "peak_rss_mib": boot.rusage_maxrss_kib / 1024 if boot.rusage_maxrss_kib is not None else None,
+        "steps_ok": guest["steps_ok"],
+        "steps_failed": guest["steps_failed"],
+        "exits_by_kind": stats["exits_by_kind"],
+        "exits_by_device": stats["exits_by_device"],
+        "fallbacks": stats["fallbacks"],
+        "unclaimed": stats["unclaimed"],
+    }
+    if stats["vcpus"]:
+        v = stats["vcpus"]
+        fig["exits_total"] = sum(c["exits"] for c in v)
+        fig["in_run_s"] = sum(c["in_run_s"] for c in v)
+        fig["outside_s"] = sum(c["outside_s"] for c in v)
+        fig["vmm_wall_s"] = v[0]["wall_s"]
+        fig["outside_pct"] = 100 * fig["outside_s"] / fig["vmm_wall_s"] if fig["vmm_wall_s"] else None
+    if boot.timed_out:
+        raise BootFailed("timed out (no poweroff); stopped with SIGTERM")
+    if boot.status != 0:
+        raise BootFailed(f"minivmm exited with status {boot.status}: {stats['stop_reason'] or 'no reason printed'}")
+    if boot.hello_at is None:
+        raise BootFailed(f"the init never printed {HELLO_MARKER!r}")
+    if stats["startup_s"] is None or not stats["vcpus"]:
+        raise BootFailed("no --stats report on stderr (startup: / vcpu0: lines)")
+    if guest["failures"] or guest["steps_failed"]:
+        raise BootFailed("a guest step failed: " + ("; ".join(guest["failures"]) or f"done failed={guest['steps_failed']}"))
+    if guest["steps_failed"] is None:
+        raise BootFailed("the init never printed its `done ok=N failed=M` line")
+    fig.update(section.parse(boot.stdout, stats))
+    return fig
+
+
+# -- summary and table ----------------------------------------------------------------------
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize_runs(runs: list[dict]) -> dict[str, dict]:
+    """Median/min/max/n of every numeric figure over the runs that worked; exits and devices as
+    "exits.KIND" and "device.NAME" (a kind missing from a run counts 0 there)."""
+    ok = [r["figures"] for r in runs if r["ok"]]
+    keys: list[str] = []
+    for fig in ok:
+        for k, v in fig.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys:
+                keys.append(k)
+    summary = {k: summarize([f[k] for f in ok if isinstance(f.get(k), (int, float))]) for k in keys}
+    for group, prefix in (("exits_by_kind", "exits."), ("exits_by_device", "device.")):
+        names: list[str] = []
+        for fig in ok:
+            names += [n for n in fig.get(group, {}) if n not in names]
+        for name in names:
+            summary[prefix + name] = summarize([fig.get(group, {}).get(name, 0) for fig in ok])
+    return summary
+
+
+def _fmt(fmt: str, v: float | None) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table(section: Section, summary: dict[str, dict]) -> list[str]:
+    rows: list[tuple[str, str, dict]] = []
+    for m in (*COMMON_METRICS, *section.metrics):
+        if m.key in summary:
+            rows.append((m.label, m.unit, {k: _fmt(m.fmt, summary[m.key][k]) for k in ("median", "min", "max")}))
+    for prefix, title in (("exits.", "exits during the boot"), ("device.", "exits by device")):
+        items = sorted(((k[len(prefix):], v) for k, v in summary.items() if k.startswith(prefix)), key=lambda kv: -kv[1]["median"])
+        if not items:
+            continue
+        if prefix == "exits." and "exits_total" in summary:
+            rows.append((f"{title} (all kinds)", "", {k: _fmt("{:.0f}", summary["exits_total"][k]) for k in ("median", "min", "max")}))
+        else:
+            rows.append((title, "", {"median": "", "min": "", "max": ""}))
+        for name, s in items:
+            rows.append((f"  {name}", "", {k: _fmt("{:.0f}", s[k]) for k in ("median", "min", "max")}))
+    w = max([len(label) for label, _, _ in rows] + [6])
+    lines = [f"  {'':<{w}}  {'median':>12}  {'min':>10}  {'max':>10}"]
+    for label, unit, v in rows:
+        lines.append(f"  {label:<{w}}  {v['median']:>12}  {v['min']:>10}  {v['max']:>10}  {unit}".rstrip())
+    return lines
+
+
+# -- host facts -----------------------------------------------------------------------------
+
+
+def kvm_kind(sys_module: Path = Path("/sys/module")) -> str:
+    if (sys_module / "kvm_pvm").exists():
+        return "kvm_pvm (software KVM: guest kernel code is emulated)"
+    for name in ("kvm_intel", "kvm_amd"):
+        if (sys_module / name).exists():
+            return f"{name} (hardware virtualization)"
+    return "kvm (module kind unknown)" if (sys_module / "kvm").exists() else "no kvm module loaded"
+
+
+def cpu_model(cpuinfo: str) -> str:
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return "unknown"
+
+
+def host_facts() -> dict:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    facts = {
+        "kvm": kvm_kind(),
+        "cpu_model": cpu_model(cpuinfo),
+        "cpus": os.cpu_count(),
+        "kernel": f"{platform.release()} {platform.version()}",
+        "python": platform.python_version(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], check=False, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], check=False, capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            facts["minivmm_commit"] = rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return facts
+
+
+def print_host(facts: dict) -> None:
+    print("minivmm benchmark")
+    print(f"  host KVM : {facts['kvm']}")
+    print(f"  CPU      : {facts['cpu_model']} ({facts['cpus']} CPUs visible)")
+    print(f"  kernel   : {facts['kernel']}")
+    print(f"  python   : {facts['python']}; minivmm {facts.get('minivmm_commit', '?')}")
+    print("  load avg : " + " ".join(f"{x:.2f}" for x in facts["loadavg_start"]) + " (1/5/15 min, at start)")
+    print(NOISE_NOTE)
+    sys.stdout.flush()
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict:
+    result: dict = {"title": section.title, "cmdline": section.cmdline(), "runs": [], "ok": True, "error": None}
+    for i in range(1, runs + 1):
+        log(f"[{section.name} {i}/{runs}] booting: {section.cmdline()}")
+        run: dict = {"run": i, "ok": False}
+        with tempfile.TemporaryDirectory(prefix=f"minivmm-bench-{section.name}-") as tmp:
+            boot = None
+            try:
+                extra = section.setup(Path(tmp)) if section.setup else []
+                run["args"] = extra
+                boot = run_vmm([*extra, "--cmdline", section.cmdline(), "--stats"], timeout, echo)
+                run["figures"] = figures(section, boot)
+                run["ok"] = True
+            except (BootFailed, OSError) as exc:
+                run["error"] = str(exc) if isinstance(exc, BootFailed) else f"{type(exc).__name__}: {exc}"
+                if boot is not None:
+                    run["tail"] = tail(boot.combined or (boot.stdout + boot.stderr).splitlines())
+                    run["figures"] = figures_partial(boot)
+        result["runs"].append(run)
+        if run["ok"]:
+            f = run["figures"]
+            log(
+                f"[{section.name} {i}/{runs}] ok: first KVM_RUN {f['startup_s']:.3f} s, hello {f['hello_s']:.1f} s, "
+                f"exit {f['wall_s']:.1f} s"
+            )
+        else:
+            result["ok"] = False
+            result["error"] = f"run {i}: {run['error']}"
+            print(f"\n[{section.name}] FAILED (run {i}/{runs}): {run['error']}")
+            if run.get("tail"):
+                print(f"--- last {TAIL_LINES} lines of its output (stdout and stderr) ---")
+                print(run["tail"])
+                print("---")
+            if i < runs:
+                print(f"[{section.name}] skipping its remaining {runs - i} run(s)")
+            sys.stdout.flush()
+            break
+    result["summary"] = summarize_runs(result["runs"])
+    return result
+
+
+def figures_partial(boot: Boot) -> dict:
+    """Whatever timings a failed boot still gave (for the JSON)."""
+    stats = parse_stats(boot.stderr)
+    return {"status": boot.status, "wall_s": boot.spawn_to_exit, "hello_s": boot.hello_at, "startup_s": stats["startup_s"], "stop_reason": stats["stop_reason"]}
+
+
+def print_section(section: Section, result: dict) -> None:
+    n_ok = sum(r["ok"] for r in result["runs"])
+    print()
+    print(f"[{section.name}] {section.title}: steps {section.steps} -> {section.end} ({n_ok}/{len(result['runs'])} runs ok)")
+    if n_ok:
+        print("\n".join(table(section, result["summary"])))
+    else:
+        print(f"  no figures: {result['error']}")
+    sys.stdout.flush()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.py", description="Boot the minivmm default guest N times; print medians (min/max).")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="N", help=f"boots per section (default {DEFAULT_RUNS})")
+    p.add_argument("--quick", action="store_true", help="one boot per section (same as --runs 1)")
+    p.add_argument("--only", action="append", metavar="SECTION", help=f"run only these sections (repeatable or comma separated; {', '.join(SECTIONS)})")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the host facts, every run's figures and the summaries as JSON")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"give up on a boot after this long (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--verbose", "-v", action="store_true", help="echo the guest console and the VMM's stderr as they arrive")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs = 1
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    if args.timeout <= 0:
+        p.error("--timeout must be positive")
+    names = [n.strip() for item in (args.only or list(SECTIONS)) for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    args.sections = list(dict.fromkeys(names))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    facts = host_facts()
+    print_host(facts)
+    report: dict = {"host": facts, "config": {"runs": args.runs, "sections": args.sections, "timeout_s": args.timeout}, "sections": {}}
+    started = time.monotonic()
+    status = 0
+    try:
+        for name in args.sections:
+            section = SECTIONS[name]
+            result = run_section(section, args.runs, args.timeout, args.verbose)
+            report["sections"][name] = result
+            print_section(section, result)
+            if not result["ok"]:
+                status = 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        status = 130
+    facts["loadavg_end"] = list(os.getloadavg())
+    report["elapsed_s"] = time.monotonic() - started
+    print()
+    print(f"load avg at the end: {' '.join(f'{x:.2f}' for x in facts['loadavg_end'])}; benchmark took {report['elapsed_s']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"JSON written to {args.json}")
+    if status == 1:
+        failed = [n for n, r in report["sections"].items() if not r["ok"]]
+        print(f"FAILED: section(s) {', '.join(failed)} (see above)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
