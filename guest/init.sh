@@ -16,12 +16,18 @@ log() {
 }
 
 # Flush filesystems (virtio-pmem only persists what is flushed) and stop.
+# $1: poweroff (default) or reboot.
 power_off() {
-	log "powering off"
+	if [ "${1:-poweroff}" = reboot ]; then log "rebooting"; else log "powering off"; fi
 	sync
 	umount /mnt 2>/dev/null
-	exec poweroff -f
+	exec "${1:-poweroff}" -f
 }
+
+# busybox poweroff/reboot/halt signal PID 1 (SIGUSR2/SIGTERM/SIGUSR1) rather than calling
+# reboot(2): as PID 1 this script must act on those signals itself.
+trap 'power_off poweroff' USR1 USR2
+trap 'power_off reboot' TERM
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -74,6 +80,12 @@ fi
 log "starting shell"
 # setsid + cttyhack: the shell gets the real console as its controlling tty,
 # so job control and ^C work.
-setsid cttyhack sh
+# Run it in the background and wait: a trapped signal interrupts `wait` at once, while it
+# would only be handled after a foreground shell exits.
+setsid cttyhack sh &
+shell=$!
+while kill -0 "$shell" 2>/dev/null; do
+	wait "$shell"
+done
 log "shell exited"
 power_off
