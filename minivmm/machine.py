@@ -23,14 +23,15 @@ from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
 from .devices.pvpanic import PvPanic
+from .devices.register import ByteRegister
 from .devices.serial import Serial16550
-from .eventloop import EventLoop
+from .devices.virtio.pci import VirtioPciDevice
+from .devices.virtio.pmem import VirtioPmem
 from .errors import UserError
+from .eventloop import EventLoop
 from .fallback import EmulationFallbacks
 from .irqchip import KvmInterrupts
 from .kvm import Kvm
-from .devices.virtio.pci import VirtioPciDevice
-from .devices.virtio.pmem import VirtioPmem
 from .memory import GuestMemory, Region
 from .pci import MmioWindow, PciHostBridge
 from .pmemfile import PmemBacking
@@ -71,7 +72,7 @@ class Machine:
         self.kvm = Kvm()
         self.host = hostcheck.probe()
         self.vm = self.kvm.create_vm()
-        # Both live in the reserved page range below the IOAPIC (see layout).
+        # Pages Intel VMX needs for real-mode emulation, clear of RAM and every window (layout).
         self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
         self.vm.set_tss_addr(layout.TSS_ADDR)
         self.vm.create_irqchip()
@@ -116,7 +117,7 @@ class Machine:
         )
         self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), output=self.console.write)
         self.console.attach(self.serial)
-        self.pio.register(layout.COM1_PORT, 8, self.serial, "serial")
+        self.pio.register(layout.COM1_PORT, layout.COM1_PORT_COUNT, self.serial, "serial")
         self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)")))
         self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
         self.pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042")
@@ -124,6 +125,8 @@ class Machine:
         self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
         self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
+        # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
+        self.pio.register(layout.POST_PORT, 1, ByteRegister(lambda: 0xFF, lambda value: None), "post")
 
     def _add_pci_devices(self) -> None:
         base64, size64 = layout.pci_mmio64_window(self.config.mem_size)
