@@ -74,7 +74,8 @@ _UNCLAIMED_RE = re.compile(r"^(?P<bus>\S+) unclaimed (?P<op>\S+?)s: (?P<n>\d+)\s
 _PMEM_RE = re.compile(
     r"^pmem (?P<id>\S+) \((?P<path>.*)\): (?P<flush_requests>\d+) flush requests, "
     r"(?P<host_fsyncs>\d+) host fsyncs, service mean (?P<service_mean_ms>[\d.]+) ms "
-    r"max (?P<service_max_ms>[\d.]+) ms, fsync mean (?P<fsync_mean_ms>[\d.]+) ms\s*$"
+    r"max (?P<service_max_ms>[\d.]+) ms, fsync mean (?P<fsync_mean_ms>[\d.]+) ms"
+    r", without fsync mean (?P<overhead_mean_ms>[\d.]+) ms\s*$"
 )
 _STOP_RE = re.compile(r"^minivmm: (?P<reason>.*?)\s*$")
 _GUEST_RE = re.compile(r"minivmm-test: (?P<rest>.*?)\s*$")
@@ -135,6 +136,7 @@ def parse_stats(text: str) -> dict:
                     "path": d["path"],
                     **{k: int(d[k]) for k in ("flush_requests", "host_fsyncs")},
                     **{k: float(d[k]) for k in ("service_mean_ms", "service_max_ms", "fsync_mean_ms")},
+                    "overhead_mean_ms": float(d["overhead_mean_ms"]),
                 }
             )
             vcpu = None
@@ -238,6 +240,7 @@ def parse_pmem_section(stdout: str, stats: dict) -> dict:
         pmem_service_mean_ms=host["service_mean_ms"],
         pmem_service_max_ms=host["service_max_ms"],
         pmem_fsync_mean_ms=host["fsync_mean_ms"],
+        pmem_overhead_mean_ms=host["overhead_mean_ms"],
     )
     return out
 
@@ -376,6 +379,7 @@ SECTIONS: dict[str, Section] = {
                 Metric("pmem_service_mean_ms", "host: flush service time mean", "ms", "{:.3f}"),
                 Metric("pmem_service_max_ms", "host: flush service time max", "ms", "{:.3f}"),
                 Metric("pmem_fsync_mean_ms", "host: fdatasync mean", "ms", "{:.3f}"),
+                Metric("pmem_overhead_mean_ms", "host: flush service without the fdatasync, mean", "ms", "{:.3f}"),
             ),
             setup=setup_pmem,
         ),

@@ -273,7 +273,8 @@ class Machine:
             lines.append(
                 f"pmem {backing.id} ({backing.path}): {st['flush_requests']} flush requests, {st['host_fsyncs']} host fsyncs, "
                 f"service mean {st['service_time_mean'] * 1e3:.3f} ms max {st['service_time_max'] * 1e3:.3f} ms, "
-                f"fsync mean {st['fsync_time_mean'] * 1e3:.3f} ms"
+                f"fsync mean {st['fsync_time_mean'] * 1e3:.3f} ms, "
+                f"without fsync mean {st['overhead_time_mean'] * 1e3:.3f} ms"
             )
         for bus in (self.pio, self.mmio):
             lines += [f"{bus.name} unclaimed {op}s: {n}" for op, n in bus.unclaimed.items()]

@@ -25,7 +25,7 @@ vcpu0: 123456 exits; in KVM_RUN 120.500 s, outside 20.250 s, wall 150.000 s
   device pci-config: 1000
   device virtio-pmem-pci: 23000
 emulation fallback cpuid: 3
-pmem None (/tmp/x/pmem.img): 210 flush requests, 205 host fsyncs, service mean 2.345 ms max 40.001 ms, fsync mean 2.100 ms
+pmem None (/tmp/x/pmem.img): 210 flush requests, 205 host fsyncs, service mean 2.345 ms max 40.001 ms, fsync mean 2.100 ms, without fsync mean 0.245 ms
 pio unclaimed reads: 12
 mmio unclaimed writes: 2
 minivmm: guest powered off (ACPI S5)
@@ -94,7 +94,7 @@ vcpu0: 18552 exits; in KVM_RUN 414.525 s, outside 0.596 s, wall 415.328 s
   device pvpanic: 1
 emulation fallback int3: 1
 emulation fallback fwait: 3
-pmem pmem0 (/tmp/minivmm-bench-pmem-x/pmem.img): 412 flush requests, 412 host fsyncs, service mean 2.591 ms max 22.199 ms, fsync mean 2.466 ms
+pmem pmem0 (/tmp/minivmm-bench-pmem-x/pmem.img): 412 flush requests, 412 host fsyncs, service mean 2.591 ms max 22.199 ms, fsync mean 2.466 ms, without fsync mean 0.125 ms
 pio unclaimed reads: 1
 minivmm: guest powered off (ACPI S5)
 """
@@ -158,6 +158,7 @@ def test_parse_stats():
             "service_mean_ms": 2.345,
             "service_max_ms": 40.001,
             "fsync_mean_ms": 2.1,
+            "overhead_mean_ms": 0.245,
         }
     ]
     assert s["stop_reason"] == "guest powered off (ACPI S5)"

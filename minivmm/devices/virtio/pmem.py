@@ -67,7 +67,7 @@ class PmemStats:
     batches: int = 0  # wake-ups that completed at least one request
     host_fsyncs: int = 0  # fdatasync calls made
     fsync_errors: int = 0  # fdatasync calls that raised OSError
-    service_time_total: float = 0.0  # notify wake-up -> used ring updated, summed over batches
+    service_time_total: float = 0.0  # ioeventfd wake-up -> used ring updated and irqfd signalled
     service_time_max: float = 0.0
     fsync_time_total: float = 0.0
     fsync_time_max: float = 0.0
@@ -148,6 +148,8 @@ class VirtioPmem:
         out: dict[str, int | float] = dict(vars(s))
         out["service_time_mean"] = s.service_time_total / s.batches if s.batches else 0.0
         out["fsync_time_mean"] = s.fsync_time_total / s.host_fsyncs if s.host_fsyncs else 0.0
+        # What the VMM itself adds per batch: service time without the fdatasync (one per batch).
+        out["overhead_time_mean"] = (s.service_time_total - s.fsync_time_total) / s.batches if s.batches else 0.0
         return out
 
     # -- request handling (runs on the flusher thread) ------------------------------------
@@ -204,6 +206,8 @@ class VirtioPmem:
                 queue.add_used(chain.head, virtio_pmem_resp.size)
         except VirtqueueError:
             healthy = False
+        if queue.needs_notification():
+            signal_used(0)  # an irqfd write: KVM injects the MSI-X vector
         done = time.monotonic()
         with self._stats_lock:
             st = self._stats
@@ -212,8 +216,6 @@ class VirtioPmem:
             st.batches += 1
             st.service_time_total += done - woke
             st.service_time_max = max(st.service_time_max, done - woke)
-        if queue.needs_notification():
-            signal_used(0)
         return healthy
 
 
