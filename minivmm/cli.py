@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from . import __version__
-from .errors import MinivmmError, UserError
+from .errors import UserError, run_command
 from .units import parse_size
 
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"
@@ -116,14 +116,7 @@ def cmd_guest(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return {"run": cmd_run, "guest": cmd_guest}[args.command](args)
-    except MinivmmError as exc:
-        print(f"minivmm: error: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
-        print("minivmm: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: {"run": cmd_run, "guest": cmd_guest}[args.command](args))
 
 
 if __name__ == "__main__":

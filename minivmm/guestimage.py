@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from minivmm.errors import MinivmmError, UserError
+from minivmm.errors import MinivmmError, UserError, run_command
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 LINUX_PACKAGE = "linux-source-6.1"
@@ -604,23 +604,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("paths", help="print the artifact paths")
     sub.add_parser("prune", help="delete cached guests other than the current one")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            kernel, initrd = build(force=args.force)
-            print(f"vmlinux: {kernel / 'vmlinux'}\nbzImage: {kernel / 'bzImage'}\n"
-                  f"initrd: {initrd}")
-            return 0
-        if args.command == "prune":
-            for path in prune():
-                print(f"removed {path}")
-            return 0
-        return _print_paths()
-    except MinivmmError as err:
-        print(f"minivmm: {err}", file=sys.stderr)
-        return err.exit_status
-    except KeyboardInterrupt:
-        print("minivmm: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: _COMMANDS[args.command](args))
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    kernel, initrd = build(force=args.force)
+    print(f"vmlinux: {kernel / 'vmlinux'}\nbzImage: {kernel / 'bzImage'}\ninitrd: {initrd}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    for path in prune():
+        print(f"removed {path}")
+    return 0
+
+
+_COMMANDS = {"build": _cmd_build, "prune": _cmd_prune, "paths": lambda args: _print_paths()}
 
 
 if __name__ == "__main__":

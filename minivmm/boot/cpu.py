@@ -210,41 +210,20 @@ class BootEntry:
         return lines
 
 
+def _flat_state(mode: str, code: Segment, cr0: int, cr3: int = 0, cr4: int = 0, efer: int = 0) -> dict[str, object]:
+    """Flat segments (code + one data segment everywhere), the boot TSS and the boot stack."""
+    data = {seg: DATA for seg in ("ds", "es", "fs", "gs", "ss")}
+    return {"mode": mode, "cr0": cr0, "cr3": cr3, "cr4": cr4, "efer": efer, "cs": code, **data, "tr": TSS,
+            "rsp": layout.BOOT_STACK_TOP}  # fmt: skip
+
+
 def protected32_state() -> dict[str, object]:
     """Register state of the PVH entry (Xen docs/misc/pvh.pandoc): 32-bit protected mode,
     paging off, flat 4 GiB code and data segments, a busy 32-bit TSS."""
-    return {
-        "mode": "protected32",
-        "cr0": X86_CR0_PE | X86_CR0_ET,
-        "cr3": 0,
-        "cr4": 0,
-        "efer": 0,
-        "cs": CODE32,
-        "ds": DATA,
-        "es": DATA,
-        "fs": DATA,
-        "gs": DATA,
-        "ss": DATA,
-        "tr": TSS,
-        "rsp": layout.BOOT_STACK_TOP,
-    }
+    return _flat_state("protected32", CODE32, X86_CR0_PE | X86_CR0_ET)
 
 
 def long64_state(cr3: int) -> dict[str, object]:
     """Register state of the 64-bit boot protocol (boot.rst, "64-bit Boot Protocol"): long
     mode, paging on with an identity map, __BOOT_CS code and __BOOT_DS data segments."""
-    return {
-        "mode": "long64",
-        "cr0": X86_CR0_PE | X86_CR0_ET | X86_CR0_PG,
-        "cr3": cr3,
-        "cr4": X86_CR4_PAE,
-        "efer": EFER_LME | EFER_LMA,
-        "cs": CODE64,
-        "ds": DATA,
-        "es": DATA,
-        "fs": DATA,
-        "gs": DATA,
-        "ss": DATA,
-        "tr": TSS,
-        "rsp": layout.BOOT_STACK_TOP,
-    }
+    return _flat_state("long64", CODE64, X86_CR0_PE | X86_CR0_ET | X86_CR0_PG, cr3, X86_CR4_PAE, EFER_LME | EFER_LMA)
