@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
@@ -334,6 +335,7 @@ struct flush_result {
 	int id;
 	int failed_errno;
 	uint64_t total_ns, min_ns, max_ns;
+	uint64_t *samples; /* per-operation latency, when not NULL (n entries) */
 };
 
 /* n x (4 KiB pwrite + fdatasync) on MNT/minivmm-flush-<id>. */
@@ -361,6 +363,8 @@ static void *flush_worker(void *p)
 			break;
 		}
 		dt = now_ns() - t0;
+		if (r->samples)
+			r->samples[i] = dt;
 		r->total_ns += dt;
 		if (dt < r->min_ns)
 			r->min_ns = dt;
@@ -372,22 +376,46 @@ static void *flush_worker(void *p)
 	return NULL;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* The p-th percentile (nearest rank) of n sorted samples. */
+static uint64_t percentile(const uint64_t *sorted, long n, int p)
+{
+	long rank = (n * p + 99) / 100;
+
+	return sorted[rank > 0 ? rank - 1 : 0];
+}
+
 static int step_flush_bench(const char *arg)
 {
 	struct flush_result r = { .n = parse_count(arg, 100) };
 
-	if (r.n < 0) {
+	if (r.n < 1) {
 		say("flush-bench FAILED: bad count '%s'", arg);
+		return -1;
+	}
+	r.samples = calloc((size_t)r.n, sizeof *r.samples);
+	if (!r.samples) {
+		say("flush-bench FAILED: out of memory");
 		return -1;
 	}
 	flush_worker(&r);
 	if (r.failed_errno) {
 		say("flush-bench FAILED: %s", strerror(r.failed_errno));
+		free(r.samples);
 		return -1;
 	}
-	say("flush-bench n=%ld ns_per_op=%llu min_ns=%llu max_ns=%llu", r.n,
+	qsort(r.samples, (size_t)r.n, sizeof *r.samples, cmp_u64);
+	say("flush-bench n=%ld ns_per_op=%llu min_ns=%llu max_ns=%llu p50_ns=%llu p99_ns=%llu", r.n,
 	    (unsigned long long)(r.total_ns / r.n), (unsigned long long)r.min_ns,
-	    (unsigned long long)r.max_ns);
+	    (unsigned long long)r.max_ns, (unsigned long long)percentile(r.samples, r.n, 50),
+	    (unsigned long long)percentile(r.samples, r.n, 99));
+	free(r.samples);
 	return 0;
 }
 
@@ -433,6 +461,50 @@ static int step_flush_threads(const char *arg)
 	return 0;
 }
 
+/*
+ * dax-mmap:MiB: map a MiB-sized file on the DAX mount MAP_SHARED and write all of it twice.
+ * The first pass takes the page faults (the guest kernel maps pmem pages); the second, between
+ * the "begin" and "end" lines, is plain stores to host memory: with DAX there should be no
+ * exit to the VMM at all (count them with minivmm --trace).
+ */
+static int step_dax_mmap(const char *arg)
+{
+	long mib = parse_count(arg, 16);
+	size_t len = (size_t)mib << 20;
+	uint64_t t0, t1, t2;
+	char *p;
+	int fd;
+
+	if (mib < 1) {
+		say("dax-mmap FAILED: bad size '%s'", arg);
+		return -1;
+	}
+	fd = open(MNT "/minivmm-dax", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0 || fallocate(fd, 0, 0, (off_t)len) < 0) {
+		say("dax-mmap FAILED: " MNT "/minivmm-dax: %s", strerror(errno));
+		return -1;
+	}
+	p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED) {
+		say("dax-mmap FAILED: mmap: %s", strerror(errno));
+		close(fd);
+		return -1;
+	}
+	t0 = now_ns();
+	memset(p, 0x11, len);
+	t1 = now_ns();
+	say("dax-mmap first-touch mib=%ld ns=%llu", mib, (unsigned long long)(t1 - t0));
+	say("dax-mmap begin");
+	t1 = now_ns();
+	memset(p, 0x22, len);
+	t2 = now_ns();
+	say("dax-mmap end mib=%ld ns=%llu", mib, (unsigned long long)(t2 - t1));
+	munmap(p, len);
+	close(fd);
+	unlink(MNT "/minivmm-dax");
+	return 0;
+}
+
 static int step_umount(const char *arg)
 {
 	(void)arg;
@@ -465,6 +537,7 @@ static const struct step steps[] = {
 	{ "pmem-read", step_pmem_read },
 	{ "flush-bench", step_flush_bench },
 	{ "flush-threads", step_flush_threads },
+	{ "dax-mmap", step_dax_mmap },
 	{ "umount", step_umount },
 	{ "end", step_end },
 };
