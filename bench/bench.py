@@ -145,6 +145,7 @@ def parse_stats(text: str) -> dict:
             vcpu = None
         elif not line.startswith((" ", "\t")):
             vcpu = None
+    out["text"] = text  # the raw report, for sections that read --trace lines
     return out
 
 
@@ -229,8 +230,15 @@ def parse_pmem_section(stdout: str, stats: dict) -> dict:
         raise BootFailed("the flush-bench step printed nothing")
     if "FAILED" in bench:
         raise BootFailed(f"flush-bench step: {bench}")
-    f = _int_fields(bench, "n", "ns_per_op", "min_ns", "max_ns")
-    out.update(flush_n=f["n"], flush_mean_ms=f["ns_per_op"] / 1e6, flush_min_ms=f["min_ns"] / 1e6, flush_max_ms=f["max_ns"] / 1e6)
+    f = _int_fields(bench, "n", "ns_per_op", "min_ns", "max_ns", "p50_ns", "p99_ns")
+    out.update(
+        flush_n=f["n"],
+        flush_mean_ms=f["ns_per_op"] / 1e6,
+        flush_min_ms=f["min_ns"] / 1e6,
+        flush_max_ms=f["max_ns"] / 1e6,
+        flush_p50_ms=f["p50_ns"] / 1e6,
+        flush_p99_ms=f["p99_ns"] / 1e6,
+    )
     if not stats["pmem"]:
         raise BootFailed("no `pmem ...` line in the --stats report")
     host = stats["pmem"][0]
@@ -344,6 +352,95 @@ def setup_pmem(workdir: Path) -> list[str]:
     return ["--pmem", str(image)]
 
 
+def parse_flush_threads_section(stdout: str, stats: dict) -> dict:
+    """Figures of the `flushN` sections: guest fdatasyncs from T threads at once, and how many
+    flush requests and host fdatasyncs they became (group commit merges concurrent ones)."""
+    line = _guest_step(guest_lines(stdout), "flush-threads")
+    if line is None or "FAILED" in line:
+        raise BootFailed(f"flush-threads step: {line or 'printed nothing'}")
+    f = _int_fields(line, "threads", "n", "wall_ns")
+    if not stats["pmem"]:
+        raise BootFailed("no `pmem ...` line in the --stats report")
+    host = stats["pmem"][0]
+    guest_flushes = f["threads"] * f["n"]
+    return {
+        "guest_fdatasyncs": guest_flushes,
+        "flush_requests_per_guest_flush": host["flush_requests"] / guest_flushes,
+        "host_fsyncs_per_guest_flush": host["host_fsyncs"] / guest_flushes,
+        "host_fsyncs_per_flush_request": host["host_fsyncs"] / host["flush_requests"],
+        "flush_threads_ops_per_s": guest_flushes / (f["wall_ns"] / 1e9),
+    }
+
+
+_TRACE_RE = re.compile(r"\[vcpu\d+\] (?P<kind>\S+) (?P<op>\S+) (?:port|addr)=(?P<addr>\S+) size=\d+ value=(?P<value>\S+) -> (?P<dev>\S+)")
+
+
+def exits_between(trace: str, begin: str, end: str) -> tuple[int, int]:
+    """(all exits, exits not for the serial console) after the guest finished printing
+    `begin` and before it printed the first character of `end`, from `--trace` lines: the
+    console text is rebuilt from the writes to COM1's THR, which places every exit."""
+    text: list[str] = []
+    devices: list[str] = []  # every exit's device, in order
+    thr_exit: list[int] = []  # for each console character, the index of its THR write exit
+    for line in trace.splitlines():
+        m = _TRACE_RE.search(line)  # search: console bytes may precede it on a merged stream
+        if not m:
+            continue
+        devices.append(m["dev"])
+        if m["kind"] == "io" and m["op"] == "out" and int(m["addr"], 16) == 0x3F8:
+            text.append(chr(int(m["value"], 16)))
+            thr_exit.append(len(devices) - 1)
+    console = "".join(text)
+    start = console.rfind(begin)
+    stop = console.find(end, start + len(begin)) if start >= 0 else -1
+    if start < 0 or stop < 0:
+        raise BootFailed(f"the trace has no {begin!r} ... {end!r} in the console output")
+    inside = devices[thr_exit[start + len(begin) - 1] + 1 : thr_exit[stop]]
+    return len(inside), sum(dev != "serial" for dev in inside)
+
+
+def parse_dax_section(stdout: str, stats: dict) -> dict:
+    """Figures of the `dax` section: exits while the guest rewrites a DAX mapping."""
+    lines = guest_lines(stdout)
+    mount = _guest_step(lines, "pmem-mount")
+    if mount is None or _fields(mount).get("dax") != "1":
+        raise BootFailed(f"the pmem mount did not use DAX: {mount}")
+    first = end = None
+    for rest in lines:
+        if rest.startswith("dax-mmap first-touch"):
+            first = _int_fields(rest, "mib", "ns")
+        elif rest.startswith("dax-mmap end"):
+            end = _int_fields(rest, "mib", "ns")
+        elif "dax-mmap FAILED" in rest:
+            raise BootFailed(rest)
+    if first is None or end is None:
+        raise BootFailed("the dax-mmap step did not finish")
+    total, non_console = exits_between(stats["text"], "minivmm-test: dax-mmap begin\r\n", "minivmm-test: dax-mmap end")
+    return {
+        "dax_mib": end["mib"],
+        "dax_first_touch_s": first["ns"] / 1e9,
+        "dax_rewrite_ms": end["ns"] / 1e6,
+        "dax_exits": total,
+        "dax_exits_not_console": non_console,
+    }
+
+
+FLUSH_THREADS_OPS = 48  # guest fdatasyncs per flushN boot, split over the threads
+DAX_MIB = int(os.environ.get("MINIVMM_BENCH_DAX_MIB", "64"))
+
+
+def setup_dax(workdir: Path) -> list[str]:
+    """A 512 MiB image whose ext4 allocates in 2 MiB-aligned runs (stride), and --trace."""
+    image = workdir / "dax.img"
+    with open(image, "wb") as f:
+        f.truncate(2 * PMEM_SIZE)
+    cmd = [mkfs_ext4(), *MKFS_EXT4_ARGS, "-E", "stride=512,stripe_width=512", str(image)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BootFailed(f"mkfs.ext4 failed (status {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return ["--pmem", str(image), "--trace"]
+
+
 COMMON_METRICS = (
     Metric("startup_s", "process start -> first KVM_RUN", "s", "{:.3f}"),
     Metric("hello_s", "spawn -> init's first line (hello)", "s"),
@@ -370,6 +467,8 @@ SECTIONS: dict[str, Section] = {
             f"hello,mounts,pmem-mount,flush-bench:{FLUSH_N},umount",
             parse_pmem_section,
             (
+                Metric("flush_p50_ms", f"guest 4 KiB write+fdatasync: median of {FLUSH_N}", "ms", "{:.3f}"),
+                Metric("flush_p99_ms", f"guest 4 KiB write+fdatasync: p99 of {FLUSH_N}", "ms", "{:.3f}"),
                 Metric("flush_mean_ms", f"guest 4 KiB write+fdatasync: mean of {FLUSH_N}", "ms", "{:.3f}"),
                 Metric("flush_min_ms", "guest 4 KiB write+fdatasync: min", "ms", "{:.3f}"),
                 Metric("flush_max_ms", "guest 4 KiB write+fdatasync: max", "ms", "{:.3f}"),
@@ -382,6 +481,35 @@ SECTIONS: dict[str, Section] = {
                 Metric("pmem_overhead_mean_ms", "host: flush service without the fdatasync, mean", "ms", "{:.3f}"),
             ),
             setup=setup_pmem,
+        ),
+        *(
+            Section(
+                f"flush{threads}",
+                f"virtio-pmem: {FLUSH_THREADS_OPS} guest fdatasyncs from {threads} thread(s) at once",
+                f"hello,mounts,pmem-mount,flush-threads:{threads}x{FLUSH_THREADS_OPS // threads},umount",
+                parse_flush_threads_section,
+                (
+                    Metric("flush_requests_per_guest_flush", "flush requests per guest fdatasync", "", "{:.2f}"),
+                    Metric("host_fsyncs_per_guest_flush", "host fdatasyncs per guest fdatasync", "", "{:.2f}"),
+                    Metric("host_fsyncs_per_flush_request", "host fdatasyncs per flush request", "", "{:.2f}"),
+                    Metric("flush_threads_ops_per_s", "guest fdatasyncs per second", "1/s", "{:.2f}"),
+                ),
+                setup=setup_pmem,
+            )
+            for threads in (1, 4)
+        ),
+        Section(
+            "dax",
+            f"virtio-pmem: the guest writes {DAX_MIB} MiB through a DAX mmap (after first touch), under --trace",
+            f"hello,mounts,pmem-mount,dax-mmap:{DAX_MIB},umount",
+            parse_dax_section,
+            (
+                Metric("dax_exits", f"exits while rewriting {DAX_MIB} MiB through the DAX mapping", "", "{:.0f}"),
+                Metric("dax_exits_not_console", "  of which not for the console", "", "{:.0f}"),
+                Metric("dax_rewrite_ms", f"guest: rewrite of {DAX_MIB} MiB (user-mode stores)", "ms", "{:.1f}"),
+                Metric("dax_first_touch_s", f"guest: first touch of {DAX_MIB} MiB (page faults)", "s", "{:.1f}"),
+            ),
+            setup=setup_dax,
         ),
     )
 }

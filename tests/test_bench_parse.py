@@ -56,7 +56,7 @@ minivmm-test: mounts proc=ok sys=ok dev=ok
 nd_pmem namespace0.0: unable to guarantee persistence of writes
 minivmm-test: pmem-mount dev=/dev/pmem0 dir=/mnt dax=1
 minivmm-test: pmem-mount dev=/dev/pmem0 dir=/mnt dax=1
-minivmm-test: flush-bench n=200 ns_per_op=2500000 min_ns=1500000 max_ns=45000000
+minivmm-test: flush-bench n=200 ns_per_op=2500000 min_ns=1500000 max_ns=45000000 p50_ns=2000000 p99_ns=40000000
 minivmm-test: umount dir=/mnt
 minivmm-test: done ok=5 failed=0
 """
@@ -111,7 +111,7 @@ REAL_PMEM_CONSOLE = (
     '\r\n'
     'EXT4-fs (pmem0): mounted filesystem with ordered data mode. Quota mode: disabled.\r\n'
     'minivmm-test: pmem-mount dev=/dev/pmem0 dir=/mnt dax=0 (dax mount failed: Invalid argument)\r\n'
-    'minivmm-test: flush-bench n=200 ns_per_op=252678325 min_ns=131616040 max_ns=604730666\r\n'
+    'minivmm-test: flush-bench n=200 ns_per_op=252678325 min_ns=131616040 max_ns=604730666 p50_ns=200000000 p99_ns=600000000\r\n'
     'EXT4-fs (pmem0): unmounting filesystem.\r\n'
     'minivmm-test: umount dir=/mnt\r\n'
     'minivmm-test: done ok=5 failed=0\r\n'
@@ -363,3 +363,20 @@ def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
     assert report["sections"]["boot"]["ok"] and not report["sections"]["pmem"]["ok"]
     assert report["sections"]["boot"]["summary"]["getpid_ns_per_call"]["median"] == 5123
     assert report["host"]["kvm"]
+
+
+def test_exits_between_markers_counts_only_the_span():
+    """Console text rebuilt from THR writes places each traced exit; only the exits between
+    the end of the first marker and the start of the second count."""
+
+    def out(ch: str) -> str:
+        return f"[vcpu0] io out port=0x03f8 size=1 value={ord(ch):#x} -> serial"
+
+    trace = [out(c) for c in "go\r\n"]
+    trace += ["[vcpu0] mmio write addr=0x100000000 size=2 value=0x0 -> pci-00:01.0-pmem0-bar0"]
+    trace += ["[vcpu0] io in port=0x03fd size=1 value=0x60 -> serial"]
+    trace += [out(c) for c in "stop"]
+    trace += ["[vcpu0] mmio write addr=0x100000000 size=2 value=0x0 -> pci-00:01.0-pmem0-bar0"]
+    assert bench.exits_between("\n".join(trace), "go\r\n", "stop") == (2, 1)
+    with pytest.raises(bench.BootFailed):
+        bench.exits_between("\n".join(trace), "nope", "stop")
