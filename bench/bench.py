@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,8 +376,8 @@ def parse_flush_threads_section(stdout: str, stats: dict) -> dict:
 _TRACE_RE = re.compile(r"\[vcpu\d+\] (?P<kind>\S+) (?P<op>\S+) (?:port|addr)=(?P<addr>\S+) size=\d+ value=(?P<value>\S+) -> (?P<dev>\S+)")
 
 
-def exits_between(trace: str, begin: str, end: str) -> tuple[int, int]:
-    """(all exits, exits not for the serial console) after the guest finished printing
+def exits_between(trace: str, begin: str, end: str) -> tuple[int, dict[str, int]]:
+    """(all exits, {device: exits} for devices other than the serial console) after the guest finished printing
     `begin` and before it printed the first character of `end`, from `--trace` lines: the
     console text is rebuilt from the writes to COM1's THR, which places every exit."""
     text: list[str] = []
@@ -396,7 +397,7 @@ def exits_between(trace: str, begin: str, end: str) -> tuple[int, int]:
     if start < 0 or stop < 0:
         raise BootFailed(f"the trace has no {begin!r} ... {end!r} in the console output")
     inside = devices[thr_exit[start + len(begin) - 1] + 1 : thr_exit[stop]]
-    return len(inside), sum(dev != "serial" for dev in inside)
+    return len(inside), dict(Counter(dev for dev in inside if dev != "serial"))
 
 
 def parse_dax_section(stdout: str, stats: dict) -> dict:
@@ -415,13 +416,14 @@ def parse_dax_section(stdout: str, stats: dict) -> dict:
             raise BootFailed(rest)
     if first is None or end is None:
         raise BootFailed("the dax-mmap step did not finish")
-    total, non_console = exits_between(stats["text"], "minivmm-test: dax-mmap begin\r\n", "minivmm-test: dax-mmap end")
+    total, others = exits_between(stats["text"], "minivmm-test: dax-mmap begin\r\n", "minivmm-test: dax-mmap end")
     return {
         "dax_mib": end["mib"],
         "dax_first_touch_s": first["ns"] / 1e9,
         "dax_rewrite_ms": end["ns"] / 1e6,
         "dax_exits": total,
-        "dax_exits_not_console": non_console,
+        "dax_exits_not_console": sum(others.values()),
+        "dax_exits_other_devices": " ".join(f"{dev}:{n}" for dev, n in sorted(others.items())),  # JSON only
     }
 
 

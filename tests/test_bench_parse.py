@@ -377,6 +377,6 @@ def test_exits_between_markers_counts_only_the_span():
     trace += ["[vcpu0] io in port=0x03fd size=1 value=0x60 -> serial"]
     trace += [out(c) for c in "stop"]
     trace += ["[vcpu0] mmio write addr=0x100000000 size=2 value=0x0 -> pci-00:01.0-pmem0-bar0"]
-    assert bench.exits_between("\n".join(trace), "go\r\n", "stop") == (2, 1)
+    assert bench.exits_between("\n".join(trace), "go\r\n", "stop") == (2, {"pci-00:01.0-pmem0-bar0": 1})
     with pytest.raises(bench.BootFailed):
         bench.exits_between("\n".join(trace), "nope", "stop")
