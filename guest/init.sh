@@ -11,7 +11,7 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
 # To the kernel log (synchronous, survives a broken tty path) and the console.
 log() {
-	echo "minivmm: $*" >/dev/kmsg 2>/dev/null
+	echo "<3>minivmm: $*" >/dev/kmsg 2>/dev/null
 	echo "minivmm: $*" >/dev/console 2>/dev/null
 }
 
@@ -31,6 +31,20 @@ mount -t devpts devpts /dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 
 log "init started"
+
+# If the 8250 driver could not get the UART's IRQ (no ISA IRQ 4 when the firmware
+# reports no legacy PIC), the tty fails every write with EIO while printk still
+# works: switch the port to polled mode (setserial's irq 0, done by minivmm-test),
+# which needs every open of the tty closed, ours included.
+if ! stty -F /dev/console >/dev/null 2>&1; then
+	exec </dev/null >/dev/null 2>&1
+	serial=$(/sbin/minivmm-test serial-poll 2>&1)
+	exec </dev/console >/dev/console 2>&1
+	case "$serial" in
+	*"mode=polled"*) log "console tty failed with EIO (no UART interrupt): ttyS0 now polled" ;;
+	*) log "console tty failed with EIO, polled mode failed:" $serial ;;
+	esac
+fi
 cmdline=$(cat /proc/cmdline)
 log "cmdline: $cmdline"
 
