@@ -11,7 +11,7 @@
 # guest/README.md lists the lines; tests/test_userspace_boot.py checks them.
 
 FORK_EXEC_N=50
-PIPE_RUNS=5
+PIPE_RUNS=10
 ok=0
 failed=0
 
@@ -130,12 +130,15 @@ else
 	pass sleep "uptime_before=$before uptime_after=$after ms=$ms"
 fi
 
-# -- tty: a line through /dev/console and one through /dev/ttyS0 (the host sees
-# "minivmm: tty-check via ..."), and the UART's irq and tx count from the driver
+# -- tty: a line through /dev/console and one through /dev/ttyS0 (the host checks that
+# "minivmm: tty-check via ..." arrived), drained; the UART's irq, tx and rx counts from the driver
 step_tty() {
 	errs=
-	echo "minivmm: tty-check via /dev/console" >/dev/console 2>/dev/null || errs="$errs /dev/console"
-	echo "minivmm: tty-check via /dev/ttyS0" >/dev/ttyS0 2>/dev/null || errs="$errs /dev/ttyS0"
+	echo "minivmm: tty-check via /dev/console" >/dev/console 2>/dev/null || errs="$errs, writing /dev/console"
+	echo "minivmm: tty-check via /dev/ttyS0" >/dev/ttyS0 2>/dev/null || errs="$errs, writing /dev/ttyS0"
+	# Setting a mode already set still drains the output first (TCSETSW): the two lines
+	# are on the wire before the kernel log line below can cut into them.
+	stty -F /dev/ttyS0 onlcr 2>/dev/null || errs="$errs, draining /dev/ttyS0"
 	uart=unknown
 	while read -r line; do
 		case "$line" in
@@ -149,9 +152,9 @@ step_tty() {
 		esac
 	done </proc/tty/driver/serial
 	if [ -n "$errs" ]; then
-		fail tty "write failed on$errs ($uart)"
+		fail tty "${errs#, } ($uart)"
 	else
-		pass tty "console=written ttyS0=written $uart"
+		pass tty "console=written ttyS0=written drained $uart"
 	fi
 }
 step_tty
