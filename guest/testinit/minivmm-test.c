@@ -35,7 +35,7 @@
 #include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
-#include <sys/ioctl.h>	/* after the others: keeps merges with sys/ includes apart */
+#include <sys/ioctl.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
