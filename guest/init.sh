@@ -9,9 +9,10 @@
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
-# To the kernel log (synchronous, survives a broken tty path) and the console.
+# To the kernel log at KERN_ERR (synchronous, shown even with "quiet", survives a
+# broken tty path) and the console; the status is the console write's.
 log() {
-	echo "minivmm: $*" >/dev/kmsg 2>/dev/null
+	echo "<3>minivmm: $*" >/dev/kmsg 2>/dev/null
 	echo "minivmm: $*" >/dev/console 2>/dev/null
 }
 
@@ -36,7 +37,20 @@ mkdir -p /dev/pts /tmp /mnt
 mount -t devpts devpts /dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 
-log "init started"
+# log fails when the console write does: if the 8250 driver could not get the UART's
+# IRQ (a hardware-reduced ACPI machine maps no ISA IRQs unless its DSDT describes COM1),
+# the tty fails every write with EIO while printk still works. Then switch the port to
+# polled mode (setserial's irq 0, done by minivmm-test), which needs every open of the
+# tty closed, ours included.
+if ! log "init started"; then
+	exec </dev/null >/dev/null 2>&1
+	serial=$(/sbin/minivmm-test serial-poll 2>&1)
+	exec </dev/console >/dev/console 2>&1
+	case "$serial" in
+	*"mode=polled"*) log "console tty failed with EIO (no UART interrupt): ttyS0 now polled" ;;
+	*) log "console tty failed with EIO, polled mode failed:" $serial ;;
+	esac
+fi
 cmdline=$(cat /proc/cmdline)
 log "cmdline: $cmdline"
 

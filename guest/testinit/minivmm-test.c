@@ -1,9 +1,10 @@
 /*
  * minivmm-test: a static test init for the minivmm default guest.
  *
- * Boot it with rdinit=/sbin/minivmm-test.  It never forks (threads only), so a
- * guest whose fork/exec path is broken still reports.  It runs the steps named
- * on the kernel command line and then ends the VM:
+ * Boot it with rdinit=/sbin/minivmm-test.  It never forks (threads only) unless
+ * the fork-exec step asks for it, so a guest whose fork/exec path is broken
+ * still reports.  It runs the steps named on the kernel command line and then
+ * ends the VM:
  *
  *   minivmm.steps=hello,mounts,getpid:1000,uname   (comma separated)
  *   minivmm.end=poweroff|reboot|panic|none          (default: poweroff)
@@ -21,6 +22,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/serial.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -33,6 +35,9 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
+#include <sys/wait.h>
+#include <sys/ioctl.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -517,6 +522,244 @@ static int step_umount(const char *arg)
 	return 0;
 }
 
+/* fork-exec[:N]: N x (fork, execve /bin/true, waitpid); each child must exit 0. */
+static int step_fork_exec(const char *arg)
+{
+	static char *const child_argv[] = { "/bin/true", NULL };
+	static char *const child_envp[] = { "PATH=/sbin:/bin", NULL };
+	long n = parse_count(arg, 100), i;
+	uint64_t t0, t1;
+
+	if (n < 0) {
+		say("fork-exec FAILED: bad count '%s'", arg);
+		return -1;
+	}
+	t0 = now_ns();
+	for (i = 0; i < n; i++) {
+		int status;
+		pid_t pid = fork();
+
+		if (pid < 0) {
+			say("fork-exec FAILED: fork %ld of %ld: %s", i + 1, n, strerror(errno));
+			return -1;
+		}
+		if (pid == 0) {
+			execve(child_argv[0], child_argv, child_envp);
+			_exit(127);
+		}
+		if (waitpid(pid, &status, 0) != pid) {
+			say("fork-exec FAILED: waitpid %ld of %ld: %s", i + 1, n, strerror(errno));
+			return -1;
+		}
+		if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+			say("fork-exec FAILED: cycle %ld of %ld: %s status 0x%x%s", i + 1, n,
+			    child_argv[0], status,
+			    WIFEXITED(status) && WEXITSTATUS(status) == 127 ? " (execve failed)" : "");
+			return -1;
+		}
+	}
+	t1 = now_ns();
+	say("fork-exec n=%ld total_ns=%llu ns_per_cycle=%llu prog=%s", n,
+	    (unsigned long long)(t1 - t0), (unsigned long long)((t1 - t0) / n),
+	    child_argv[0]);
+	return 0;
+}
+
+/*
+ * The 8250 driver fails a port's startup when it cannot request the port's IRQ
+ * (e.g. IRQ 4 has no mapping because the firmware says there is no legacy PIC).
+ * The tty then answers every write and most ioctls with EIO, although printk
+ * still reaches the UART.  TCGETS tells: EIO only in that state.
+ */
+static int tty_io_error(int fd)
+{
+	struct termios t;
+
+	return tcgetattr(fd, &t) < 0 && errno == EIO;
+}
+
+static int open_tty(const char *dev)
+{
+	return open(dev, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+}
+
+/*
+ * serial-poll[:DEV]: if DEV (/dev/ttyS0) fails with EIO, switch the port to
+ * polled mode (irq 0, as `setserial DEV irq 0`) and check that it then works.
+ * TIOCSSERIAL changes the IRQ only for the tty's sole user, and the port only
+ * restarts cleanly on a first open, so every other open of the tty must be
+ * closed first: as init, this step closes its own console descriptors (0-2
+ * and the console) and reopens the console afterwards.
+ */
+static int step_serial_poll(const char *arg)
+{
+	const char *dev = arg && *arg ? arg : "/dev/ttyS0";
+	struct serial_struct ss;
+	int fd, old_irq, err = 0, rc = -1;
+	const char *what = "";
+
+	if (is_init) {
+		if (console_fd >= 0)
+			close(console_fd);
+		console_fd = -1;
+		for (fd = 0; fd < 3; fd++)
+			close(fd);
+	}
+	fd = open_tty(dev);
+	if (fd < 0) {
+		err = errno;
+		what = "open";
+		goto out;
+	}
+	if (ioctl(fd, TIOCGSERIAL, &ss) < 0) {
+		err = errno;
+		what = "TIOCGSERIAL";
+		goto out;
+	}
+	old_irq = ss.irq;
+	if (!tty_io_error(fd)) {
+		close(fd);
+		fd = -1;
+		rc = 0;
+		what = ss.irq ? "irq" : "polled";
+		goto out;
+	}
+	ss.irq = 0;
+	if (ioctl(fd, TIOCSSERIAL, &ss) < 0) {
+		err = errno;
+		what = "TIOCSSERIAL irq=0";
+		goto out;
+	}
+	/* Last close shuts the port down; the next open starts it without an IRQ. */
+	close(fd);
+	fd = open_tty(dev);
+	if (fd < 0) {
+		err = errno;
+		what = "reopen";
+		goto out;
+	}
+	if (ioctl(fd, TIOCGSERIAL, &ss) < 0 || ss.irq != 0 || tty_io_error(fd)) {
+		err = EIO;
+		what = "still failing after irq=0";
+		goto out;
+	}
+	close(fd);
+	fd = -1;
+	rc = 1;
+out:
+	if (fd >= 0)
+		close(fd);
+	if (is_init) {
+		int c = open("/dev/console", O_RDWR | O_NOCTTY);
+
+		if (c >= 0) {	/* becomes 0; 1 and 2 follow */
+			dup2(c, 1);
+			dup2(c, 2);
+		}
+		console_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	}
+	if (rc == 0)
+		say("serial-poll dev=%s irq=%d mode=%s", dev, ss.irq, what);
+	else if (rc == 1)
+		say("serial-poll dev=%s irq=0 mode=polled (irq %d failed with EIO)", dev, old_irq);
+	else
+		say("serial-poll FAILED: %s: %s: %s", dev, what, strerror(err));
+	return rc < 0 ? -1 : 0;
+}
+
+/*
+ * tls-switch[:N]: two threads pass a byte back and forth N times through two
+ * pipes, so every round trip is two context switches; after each blocking
+ * read a thread checks that %fs still points at its own thread control block
+ * (glibc keeps the TCB's own address at %fs:0) and that its __thread variable
+ * still reads back.  Checks that the kernel switches the FS base.
+ */
+static __thread unsigned long tls_marker;
+
+struct tls_side {
+	int in, out;
+	long n, done, bad;
+	unsigned long want, first_bad;
+};
+
+static unsigned long fs_word0(void)
+{
+	unsigned long v;
+
+	__asm__ volatile("mov %%fs:0, %0" : "=r"(v));
+	return v;
+}
+
+static void tls_side_loop(struct tls_side *t, int starts)
+{
+	char c = 'x';
+	long i;
+
+	t->want = fs_word0();
+	tls_marker = t->want ^ 0x5a5a;
+	for (i = 0; i < t->n; i++) {
+		unsigned long fs0;
+
+		if (starts && write(t->out, &c, 1) != 1)
+			break;
+		if (read(t->in, &c, 1) != 1)
+			break;
+		fs0 = fs_word0();
+		if (fs0 != t->want || tls_marker != (t->want ^ 0x5a5a)) {
+			if (!t->bad++)
+				t->first_bad = fs0;
+		}
+		if (!starts && write(t->out, &c, 1) != 1)
+			break;
+		t->done++;
+	}
+}
+
+static void *tls_side_thread(void *p)
+{
+	tls_side_loop(p, 0);
+	return NULL;
+}
+
+static int step_tls_switch(const char *arg)
+{
+	long n = parse_count(arg, 200);
+	struct tls_side a = { 0 }, b = { 0 };
+	int ab[2], ba[2];
+	pthread_t tid;
+
+	if (n < 0) {
+		say("tls-switch FAILED: bad count '%s'", arg);
+		return -1;
+	}
+	if (pipe(ab) < 0 || pipe(ba) < 0) {
+		say("tls-switch FAILED: pipe: %s", strerror(errno));
+		return -1;
+	}
+	a.n = b.n = n;
+	a.out = ab[1];
+	b.in = ab[0];
+	b.out = ba[1];
+	a.in = ba[0];
+	if (pthread_create(&tid, NULL, tls_side_thread, &b) != 0) {
+		say("tls-switch FAILED: pthread_create");
+		return -1;
+	}
+	tls_side_loop(&a, 1);
+	pthread_join(tid, NULL);
+	close(ab[0]);
+	close(ab[1]);
+	close(ba[0]);
+	close(ba[1]);
+	if (a.bad || b.bad || a.done != n || b.done != n) {
+		say("tls-switch FAILED: n=%ld done=%ld/%ld bad=%ld/%ld fs0 want %#lx/%#lx, first bad %#lx/%#lx",
+		    n, a.done, b.done, a.bad, b.bad, a.want, b.want, a.first_bad, b.first_bad);
+		return -1;
+	}
+	say("tls-switch n=%ld bad=0 fs0=%#lx/%#lx", n, a.want, b.want);
+	return 0;
+}
+
 static int step_end(const char *arg);
 
 struct step {
@@ -539,6 +782,9 @@ static const struct step steps[] = {
 	{ "flush-threads", step_flush_threads },
 	{ "dax-mmap", step_dax_mmap },
 	{ "umount", step_umount },
+	{ "fork-exec", step_fork_exec },
+	{ "serial-poll", step_serial_poll },
+	{ "tls-switch", step_tls_switch },
 	{ "end", step_end },
 };
 
