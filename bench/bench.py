@@ -14,6 +14,12 @@ run, as a subprocess of `python -m minivmm run ... --stats`, timed from just bef
         it arrives on the pipe), boot-to-poweroff wall time, exits by kind and by device, the
         share of the VMM's wall time spent outside KVM_RUN, the VMM's peak RSS (wait4
         ru_maxrss), and the guest's getpid() cost.
+  userspace  the busybox /init running guest/scripts/selftest.sh (minivmm.script=selftest):
+        time to /init's first line and to the selftest's last line (`minivmm: selftest done`,
+        timestamped as it arrives), the cost of one fork+execve(/bin/true)+wait from the
+        shell (50 cycles), the guest time of `sleep 1` and the guest's uptime at the last line.
+        A selftest step that fails (e.g. the pipe one, see guest/README.md) is counted, not
+        fatal; fork-exec and the last line must be there.
   pmem  a fresh, host-formatted (mkfs.ext4 -b 4096) 256 MiB sparse image as --pmem, steps
         hello,mounts,pmem-mount,flush-bench:200,umount: what flush-bench prints (mean/min/max
         of a guest 4 KiB write + fdatasync) and the host-side `pmem ...` line of --stats.
@@ -48,6 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test"
 HELLO_MARKER = "minivmm-test: hello"
+SCRIPT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"  # /init with minivmm.script=NAME
 TAIL_LINES = 40
 DEFAULT_RUNS = 3
 DEFAULT_TIMEOUT = 1200.0  # seconds per boot; a boot takes ~150 s on kvm_pvm, more when the host is busy
@@ -254,6 +261,53 @@ def parse_pmem_section(stdout: str, stats: dict) -> dict:
     return out
 
 
+_SELFTEST_STEP_RE = re.compile(r"^selftest (?P<step>[\w-]+): (?P<status>ok|FAILED)\b ?(?P<rest>.*)$")
+_SELFTEST_DONE_RE = re.compile(r"^selftest done ok=(?P<ok>\d+) failed=(?P<failed>\d+) uptime=(?P<uptime>[\d.]+)$")
+
+
+def minivmm_messages(text: str) -> list[str]:
+    """Each console line's last `minivmm: ` message, prefix removed. The selftest writes each line
+    to the kernel log (printed whole, at once) and to the tty (drained later), so a kernel-log
+    record can cut into a tty line; the record always ends its console line."""
+    found = []
+    for raw in text.splitlines():
+        i = raw.rfind("minivmm: ")
+        if i >= 0:
+            found.append(raw[i + len("minivmm: ") :].rstrip("\r"))
+    return found
+
+
+def parse_selftest_section(stdout: str, stats: dict) -> dict:
+    """Figures of the `userspace` section from guest/scripts/selftest.sh's lines (the first copy
+    of each): fork+exec+wait ms per cycle, `sleep 1` in guest seconds, uptime at `done`, and how
+    many steps failed (counted, not fatal, except fork-exec and the `done` line)."""
+    steps: dict[str, re.Match] = {}
+    done = None
+    for text in minivmm_messages(stdout):
+        if (m := _SELFTEST_STEP_RE.match(text)) and m["step"] not in steps:
+            steps[m["step"]] = m
+        elif done is None and (d := _SELFTEST_DONE_RE.match(text)):
+            done = d
+    if done is None:
+        raise BootFailed("the selftest never printed `minivmm: selftest done ...`")
+    fe = steps.get("fork-exec")
+    if fe is None or fe["status"] != "ok":
+        raise BootFailed(f"selftest fork-exec step: {fe[0] if fe else 'no line'}")
+    f = _fields(fe["rest"])
+    out = {
+        "fork_exec_ms_per_cycle": int(f["ms"]) / int(f["n"]),
+        "guest_uptime_at_done_s": float(done["uptime"]),
+        "selftest_failed": int(done["failed"]),
+    }
+    sl = steps.get("sleep")
+    if sl is not None and sl["status"] == "ok":
+        out["sleep_1_guest_s"] = int(_fields(sl["rest"])["ms"]) / 1000
+    failed = [m[0] for m in steps.values() if m["status"] != "ok"]
+    if failed:
+        out["selftest_failures"] = failed  # a list: kept in the JSON, not summarized
+    return out
+
+
 # -- watching a stream as it arrives --------------------------------------------------------
 
 
@@ -320,9 +374,23 @@ class Section:
     metrics: tuple[Metric, ...] = ()  # the section's own rows of the table
     setup: Callable[[Path], list[str]] | None = None  # (temp dir) -> extra `minivmm run` arguments
     end: str = "poweroff"
+    script: str | None = None  # boot /init with minivmm.script=SCRIPT instead of the test init (steps unused)
+    hello_marker: str = HELLO_MARKER  # the init's first line ("hello_s")
+    last_marker: str | None = None  # the init's last line of interest ("last_line_s")
 
     def cmdline(self) -> str:
+        if self.script:
+            return f"{SCRIPT_CMDLINE} minivmm.script={self.script}"
         return f"{BASE_CMDLINE} minivmm.steps={self.steps} minivmm.end={self.end}"
+
+    def markers(self) -> dict:
+        """run_vmm's marker arguments, when they differ from the test init's."""
+        if self.hello_marker == HELLO_MARKER and self.last_marker is None:
+            return {}
+        return {"hello_marker": self.hello_marker, "last_marker": self.last_marker}
+
+    def describe(self) -> str:
+        return f"/init script {self.script}" if self.script else f"steps {self.steps} -> {self.end}"
 
 
 PMEM_SIZE = 256 << 20
@@ -446,6 +514,7 @@ def setup_dax(workdir: Path) -> list[str]:
 COMMON_METRICS = (
     Metric("startup_s", "process start -> first KVM_RUN", "s", "{:.3f}"),
     Metric("hello_s", "spawn -> init's first line (hello)", "s"),
+    Metric("last_line_s", "spawn -> init script's last line", "s"),
     Metric("wall_s", "spawn -> exit (boot to poweroff)", "s"),
     Metric("outside_pct", "time outside KVM_RUN / VMM wall", "%", "{:.2f}"),
     Metric("in_run_s", "time in KVM_RUN", "s"),
@@ -462,6 +531,21 @@ SECTIONS: dict[str, Section] = {
             "hello,mounts,getpid",
             parse_boot_section,
             (Metric("getpid_ns_per_call", "guest getpid() (1000 calls)", "ns/call", "{:.0f}"),),
+        ),
+        Section(
+            "userspace",
+            "busybox /init + guest/scripts/selftest.sh (minivmm.script=selftest)",
+            "",
+            parse_selftest_section,
+            (
+                Metric("fork_exec_ms_per_cycle", "guest fork+execve(/bin/true)+wait from ash (50 cycles)", "ms/cycle"),
+                Metric("sleep_1_guest_s", "guest `sleep 1` incl. starting it (/proc/uptime)", "s", "{:.2f}"),
+                Metric("guest_uptime_at_done_s", "guest uptime at the selftest's last line", "s"),
+                Metric("selftest_failed", "selftest steps FAILED (see the JSON)", "", "{:.0f}"),
+            ),
+            script="selftest",
+            hello_marker="minivmm: init started",
+            last_marker="minivmm: selftest done",
         ),
         Section(
             "pmem",
@@ -528,19 +612,20 @@ class Boot:
     timed_out: bool = False
     spawn_to_exit: float | None = None
     hello_at: float | None = None
+    last_at: float | None = None
     rusage_maxrss_kib: int | None = None
     stdout: str = ""
     stderr: str = ""
     combined: list[str] = field(default_factory=list)  # both streams, in arrival order
 
 
-def run_vmm(args: list[str], timeout: float, echo: bool = False) -> Boot:
+def run_vmm(args: list[str], timeout: float, echo: bool = False, hello_marker: str = HELLO_MARKER, last_marker: str | None = None) -> Boot:
     """Spawn `python -m minivmm run ARGS`, stream its stdout/stderr, wait4() it."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     cmd = [sys.executable, "-m", "minivmm", "run", *args]
-    out, err = StreamWatcher([HELLO_MARKER]), StreamWatcher()
+    out, err = StreamWatcher([hello_marker, *([last_marker] if last_marker else [])]), StreamWatcher()
     boot = Boot()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -596,7 +681,8 @@ def run_vmm(args: list[str], timeout: float, echo: bool = False) -> Boot:
         proc.stderr.close()
     proc.returncode = boot.status = os.waitstatus_to_exitcode(status)
     boot.rusage_maxrss_kib = rusage.ru_maxrss  # KiB on Linux
-    boot.hello_at = out.first_seen.get(HELLO_MARKER)
+    boot.hello_at = out.first_seen.get(hello_marker)
+    boot.last_at = out.first_seen.get(last_marker) if last_marker else None
     boot.stdout, boot.stderr = out.text, err.text
     return boot
 
@@ -610,6 +696,7 @@ def figures(section: Section, boot: Boot) -> dict:
         "stop_reason": stats["stop_reason"],
         "wall_s": boot.spawn_to_exit,
         "hello_s": boot.hello_at,
+        "last_line_s": boot.last_at,
         "startup_s": stats["startup_s"],
         "peak_rss_mib": boot.rusage_maxrss_kib / 1024 if boot.rusage_maxrss_kib is not None else None,
         "steps_ok": guest["steps_ok"],
@@ -631,12 +718,14 @@ def figures(section: Section, boot: Boot) -> dict:
     if boot.status != 0:
         raise BootFailed(f"minivmm exited with status {boot.status}: {stats['stop_reason'] or 'no reason printed'}")
     if boot.hello_at is None:
-        raise BootFailed(f"the init never printed {HELLO_MARKER!r}")
+        raise BootFailed(f"the init never printed {section.hello_marker!r}")
+    if section.last_marker and boot.last_at is None:
+        raise BootFailed(f"the init never printed {section.last_marker!r}")
     if stats["startup_s"] is None or not stats["vcpus"]:
         raise BootFailed("no --stats report on stderr (startup: / vcpu0: lines)")
-    if guest["failures"] or guest["steps_failed"]:
+    if not section.script and (guest["failures"] or guest["steps_failed"]):
         raise BootFailed("a guest step failed: " + ("; ".join(guest["failures"]) or f"done failed={guest['steps_failed']}"))
-    if guest["steps_failed"] is None:
+    if not section.script and guest["steps_failed"] is None:
         raise BootFailed("the init never printed its `done ok=N failed=M` line")
     fig.update(section.parse(boot.stdout, stats))
     return fig
@@ -765,7 +854,7 @@ def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict
             try:
                 extra = section.setup(Path(tmp)) if section.setup else []
                 run["args"] = extra
-                boot = run_vmm([*extra, "--cmdline", section.cmdline(), "--stats"], timeout, echo)
+                boot = run_vmm([*extra, "--cmdline", section.cmdline(), "--stats"], timeout, echo, **section.markers())
                 run["figures"] = figures(section, boot)
                 run["ok"] = True
             except (BootFailed, OSError) as exc:
@@ -799,13 +888,20 @@ def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict
 def figures_partial(boot: Boot) -> dict:
     """Whatever timings a failed boot still gave (for the JSON)."""
     stats = parse_stats(boot.stderr)
-    return {"status": boot.status, "wall_s": boot.spawn_to_exit, "hello_s": boot.hello_at, "startup_s": stats["startup_s"], "stop_reason": stats["stop_reason"]}
+    return {
+        "status": boot.status,
+        "wall_s": boot.spawn_to_exit,
+        "hello_s": boot.hello_at,
+        "last_line_s": boot.last_at,
+        "startup_s": stats["startup_s"],
+        "stop_reason": stats["stop_reason"],
+    }
 
 
 def print_section(section: Section, result: dict) -> None:
     n_ok = sum(r["ok"] for r in result["runs"])
     print()
-    print(f"[{section.name}] {section.title}: steps {section.steps} -> {section.end} ({n_ok}/{len(result['runs'])} runs ok)")
+    print(f"[{section.name}] {section.title}: {section.describe()} ({n_ok}/{len(result['runs'])} runs ok)")
     if n_ok:
         print("\n".join(table(section, result["summary"])))
     else:

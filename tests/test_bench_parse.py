@@ -327,7 +327,10 @@ def test_args():
 def test_sections_registry():
     for name, section in bench.SECTIONS.items():
         assert section.name == name
-        assert "minivmm.steps=" in section.cmdline() and "rdinit=/sbin/minivmm-test" in section.cmdline()
+        if section.script:
+            assert section.cmdline().endswith(f" minivmm.script={section.script}") and "rdinit=" not in section.cmdline()
+        else:
+            assert "minivmm.steps=" in section.cmdline() and "rdinit=/sbin/minivmm-test" in section.cmdline()
 
 
 def test_setup_pmem_formats_a_sparse_4k_ext4_image(tmp_path):
@@ -347,7 +350,11 @@ def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
     """The whole flow without KVM: a working boot section, a failing pmem section."""
     import json
 
-    def fake_run_vmm(args, timeout, echo=False):
+    def fake_run_vmm(args, timeout, echo=False, hello_marker=None, last_marker=None):
+        if last_marker:  # the userspace section: /init + selftest
+            boot = _boot(stdout=SELFTEST_STDOUT, hello_at=80.0)
+            boot.last_at = 148.0
+            return boot
         if "--pmem" in args:
             return _boot(stdout=CONSOLE + "minivmm-test: pmem-mount FAILED: /dev/pmem0: No such file or directory\n", status=0)
         return _boot()
@@ -362,6 +369,9 @@ def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
     report = json.loads(out.read_text())
     assert report["sections"]["boot"]["ok"] and not report["sections"]["pmem"]["ok"]
     assert report["sections"]["boot"]["summary"]["getpid_ns_per_call"]["median"] == 5123
+    assert "[userspace] busybox /init" in text and "/init script selftest" in text
+    userspace = report["sections"]["userspace"]["summary"]
+    assert userspace["last_line_s"]["median"] == 148.0 and userspace["fork_exec_ms_per_cycle"]["median"] == pytest.approx(519.8)
     assert report["host"]["kvm"]
 
 
@@ -380,3 +390,30 @@ def test_exits_between_markers_counts_only_the_span():
     assert bench.exits_between("\n".join(trace), "go\r\n", "stop") == (2, {"pci-00:01.0-pmem0-bar0": 1})
     with pytest.raises(bench.BootFailed):
         bench.exits_between("\n".join(trace), "nope", "stop")
+
+
+# guest/scripts/selftest.sh on kvm_pvm (quiet): kernel-log copies and tty copies, one cut by the other.
+SELFTEST_STDOUT = """\
+minivmm: init started
+minivmm: selftest start
+minivmm: selftest fork-exec: ok n=50 ms=25990 us_per_cycle=519800 pids=50 exec_comm=cat exit_status=7
+minivmm: selftest fork-exec: ok n=5minivmm: selftest sleep: ok uptime_before=60.47 uptime_after=62.02 ms=1550
+0 ms=25990 us_per_cycle=519800 pids=50 exec_comm=cat exit_status=7
+minivmm: selftest sleep: ok uptime_before=60.47 uptime_after=62.02 ms=1550
+minivmm: selftest pipe: FAILED run 2 of 10: wc killed by SIGSEGV (status 139); earlier runs: 77
+minivmm: selftest done ok=5 failed=1 uptime=78.10
+minivmm: selftest done ok=5 failed=1 uptime=78.10
+"""
+
+
+def test_parse_selftest_section():
+    fig = bench.parse_selftest_section(SELFTEST_STDOUT, {})
+    assert fig["fork_exec_ms_per_cycle"] == pytest.approx(519.8)
+    assert fig["sleep_1_guest_s"] == pytest.approx(1.55)
+    assert fig["guest_uptime_at_done_s"] == pytest.approx(78.1)
+    assert fig["selftest_failed"] == 1
+    assert fig["selftest_failures"] == ["selftest pipe: FAILED run 2 of 10: wc killed by SIGSEGV (status 139); earlier runs: 77"]
+    with pytest.raises(bench.BootFailed, match="never printed"):
+        bench.parse_selftest_section(SELFTEST_STDOUT.replace("selftest done", "selftest dnoe"), {})
+    with pytest.raises(bench.BootFailed, match="fork-exec"):
+        bench.parse_selftest_section(SELFTEST_STDOUT.replace("fork-exec: ok", "fork-exec: FAILED"), {})
