@@ -152,6 +152,10 @@ def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
         f"expected pmem0 = 128 MiB and pmem1 = 64 MiB, both DAX-capable, in --pmem order; got {listed}",
     )
     run.check("pmem-list count=2" in run.init_lines(), "the guest does not see exactly two pmem devices")
+    # The guest kernel enumerated bus 0 through conf1: the host bridge and one virtio-pmem-pci
+    # function per --pmem (virtio 1.x modern: device 0x1040 + 27, class 0xff0000), in order.
+    for bdf, ids, cls in (("00:00.0", "1b36:0008", "0x060000"), ("00:01.0", "1af4:105b", "0xff0000"), ("00:02.0", "1af4:105b", "0xff0000")):
+        run.check(f"pci 0000:{bdf}: [{ids}] type 00 class {cls}" in run.stdout, f"the guest kernel did not enumerate {bdf} as [{ids}] class {cls}")
     _check_dax_mount(run)
     run.check(f"pmem-write token={token}" in run.init_lines(), "the token was not written (and fsynced)")
     run.check(f"pmem-read token={token}" in run.init_lines(), "the token was not read back in the guest")
