@@ -63,6 +63,22 @@ for word in $cmdline; do
 	esac
 done
 
+# nd_pmem probes asynchronously, and building struct pages for a large device takes a while
+# on a slow (software-KVM) host: when a virtio-pmem device (virtio ID 27) exists, wait for
+# its block device rather than racing it.
+pmem_devices=0
+for dev in /sys/bus/virtio/devices/*; do
+	[ "$(cat "$dev/device" 2>/dev/null)" = 0x001b ] && pmem_devices=$((pmem_devices + 1))
+done
+if [ "$pmem_devices" -gt 0 ] && [ ! -b /dev/pmem0 ]; then
+	log "waiting for /dev/pmem0"
+	waited=0
+	while [ ! -b /dev/pmem0 ] && [ "$waited" -lt 600 ]; do
+		sleep 1
+		waited=$((waited + 1))
+	done
+fi
+
 if [ -b /dev/pmem0 ]; then
 	if [ -n "$nomount" ]; then
 		log "/dev/pmem0 not mounted (minivmm.nomount)"
