@@ -88,7 +88,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         mem_size=args.mem,
         cpus=args.cpus,
         trace=args.trace,
-        stats=args.stats,
         watchdog=args.watchdog,
         pmem=pmem,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import sys
 import threading
 from typing import Callable
 
@@ -73,3 +74,4 @@ class EventLoop:
                     key.data()
                 except Exception as exc:  # a device bug must not kill every other device
                     self.errors.append(exc)
+                    print(f"minivmm: event loop callback failed: {type(exc).__name__}: {exc}", file=sys.stderr)

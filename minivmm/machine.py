@@ -57,7 +57,6 @@ class MachineConfig:
     mem_size: int = 256 << 20
     cpus: int = 1
     trace: bool = False
-    stats: bool = False
     watchdog: float | None = None
     pmem: list[PmemBacking] = field(default_factory=list)  # opened and validated by the caller
     stdin_fd: int = 0
