@@ -35,7 +35,8 @@ from .kvm import Kvm
 from .memory import GuestMemory, Region
 from .pci import MmioWindow, PciHostBridge
 from .pmemfile import PmemBacking
-from .vcpu import Stop, VcpuLoop, install_kick_handler
+from .exit_handler import Stop
+from .vcpu import VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
