@@ -57,6 +57,13 @@ class EventLoop:
             os.write(self._wake_w, b"x")
             self._thread.join(timeout=5)
 
+    def close(self) -> None:
+        """Stop the loop thread if it runs, and release the selector and the wake-up pipe."""
+        self.stop()
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
     def _run(self) -> None:
         while not self._stop:
             for key, _ in self._sel.select():

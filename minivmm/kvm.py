@@ -203,6 +203,8 @@ KVM_CAP_HLT = 1
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_DEFAULT_MEMSLOTS = 32  # KVM_USER_MEM_SLOTS before KVM_CAP_NR_MEMSLOTS existed
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
@@ -305,6 +307,10 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def max_memory_slots(self) -> int:
+        """KVM_CAP_NR_MEMSLOTS (api.rst 4.4): how many memory slots a VM may have (32 if unsaid)."""
+        return self.check_extension(KVM_CAP_NR_MEMSLOTS) or KVM_DEFAULT_MEMSLOTS
 
     def supported_cpuid(self) -> list[dict[str, int]]:
         for n in (128, 256, 512):
