@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import selectors
-import sys
 import threading
 from typing import Callable
+
+from .errors import report_thread_error
 
 
 class EventLoop:
@@ -80,5 +81,4 @@ class EventLoop:
                 try:
                     key.data()
                 except Exception as exc:  # a device bug must not kill every other device
-                    self.errors.append(exc)
-                    print(f"minivmm: event loop callback failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    report_thread_error("event loop callback", exc, self.errors)

@@ -82,10 +82,13 @@ class Machine:
         self._stop: Stop | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self.pmem_backings: list[PmemBacking] = []
         try:
             self._assemble()
         except BaseException:
             self.owned.close()
+            for backing in self.pmem_backings:
+                backing.rollback()  # a refused run leaves no file created or extended
             raise
         self.started_at = time.monotonic()
 
