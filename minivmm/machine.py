@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cpu, hostcheck, layout, pmemfile
+from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
 from .boot import build_acpi, load_kernel
 from .boot.acpi import S5_SLP_TYP
@@ -210,24 +210,24 @@ class Machine:
         cmdline = cfg.cmdline
         if self.host.software_kvm:
             cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
-        self.entry = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
+        self.boot = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
         if cfg.trace:
             for base, size, name in layout.describe(cfg.mem_size):
                 print(f"map: {base:#014x} +{size:#x} {name}", file=sys.stderr)
             for region in self.mem.regions:
                 print(f"map: {region.gpa:#014x} +{region.size:#x} slot {region.slot} {region.name}", file=sys.stderr)
-            for line in self.entry.describe():
+            for line in self.boot.describe():
                 print(line, file=sys.stderr)
         supported = self.kvm.supported_cpuid()
         for index in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.owned.callback(vcpu.close)
-            cpu.setup_cpuid(vcpu, supported, index)
-            cpu.setup_msrs(vcpu)
-            cpu.setup_fpu(vcpu)
-            cpu.setup_lapic(vcpu)
+            vcpu_setup.setup_cpuid(vcpu, supported, index)
+            vcpu_setup.setup_msrs(vcpu)
+            vcpu_setup.setup_fpu(vcpu)
+            vcpu_setup.setup_lapic(vcpu)
             if index == 0:
-                cpu.apply_entry(vcpu, self.entry)
+                vcpu_setup.apply_entry(vcpu, self.boot.entry)
             trace = sys.stderr if cfg.trace else None
             self.loops.append(VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace))
 

@@ -1,14 +1,22 @@
-"""The initial vCPU state, KVM-agnostic: segments, GDT, identity page tables, `BootEntry`.
+"""The boot vCPU's entry state, KVM-agnostic: `CpuMode`, segments, the boot GDT, identity
+page tables and `BootEntry`.
+
+A boot protocol names the processor mode it enters in (`CpuMode`); `entry_state` turns that
+mode into every register value, and `setup_entry` also writes the GDT (and, for long mode,
+the page tables) those values point at. `minivmm.vcpu_setup.apply_entry` copies a
+`BootEntry` into a KVM vCPU field for field.
 
 Segment descriptors follow the Intel SDM vol. 3A, 3.4.5 ("Segment Descriptors") and 7.2.3
 (TSS descriptor in 64-bit mode); paging structures follow 4.5 (4-level paging, 2 MiB pages).
-`Segment` has exactly the fields of KVM's `struct kvm_segment`, so the machine copies them.
+`Segment` has exactly the fields of KVM's `struct kvm_segment`, `DescriptorTable` those of
+`struct kvm_dtable`.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import layout
 from ..memory import GuestMemory
@@ -107,15 +115,24 @@ LDT_UNUSABLE = Segment(0, 0, 0, SEG_TYPE_LDT, present=0, dpl=0, db=0, s=0, l=0, 
 _GDT_ENTRY = struct.Struct("<Q")
 
 
-def write_boot_gdt(mem: GuestMemory) -> tuple[int, int]:
-    """Write the boot GDT at `layout.BOOT_GDT`; returns (base, limit) for GDTR.
+@dataclass(frozen=True)
+class DescriptorTable:
+    """GDTR or IDTR (SDM vol. 3A, 2.4.1 and 2.4.3): linear base and byte limit, as KVM's
+    `struct kvm_dtable`."""
+
+    base: int
+    limit: int
+
+
+def write_boot_gdt(mem: GuestMemory) -> DescriptorTable:
+    """Write the boot GDT at `layout.BOOT_GDT`; returns GDTR.
 
     0x00 null, 0x08 flat 32-bit code (PVH), 0x10 64-bit code (__BOOT_CS), 0x18 flat data
     (__BOOT_DS), 0x20 busy TSS (a 16-byte system descriptor; the upper half is zero)."""
     base = layout.BOOT_GDT.base
     entries = [0, CODE32.descriptor(), CODE64.descriptor(), DATA.descriptor(), TSS.descriptor(), 0]
     mem.write(base, b"".join(_GDT_ENTRY.pack(e) for e in entries))
-    return base, GDT_SIZE - 1
+    return DescriptorTable(base, GDT_SIZE - 1)
 
 
 IDENTITY_MAP_SIZE = 4 * layout.GiB
@@ -135,40 +152,46 @@ def write_identity_page_tables(mem: GuestMemory) -> int:
     return pml4
 
 
+class CpuMode(enum.Enum):
+    """The processor mode a boot protocol enters the kernel in."""
+
+    PROTECTED32 = "protected32"
+    """Xen docs/misc/pvh.pandoc, "x86/HVM direct boot ABI": 32-bit protected mode, paging
+    off, flat 4 GiB code (execute/read) and data (read/write) segments, a 32-bit TSS."""
+    LONG64 = "long64"
+    """Documentation/arch/x86/boot.rst, "64-bit Boot Protocol": long mode, paging on with an
+    identity map of the loaded kernel, zero page and command line, __BOOT_CS (64-bit code)
+    and __BOOT_DS (data) segments."""
+
+
 @dataclass(frozen=True)
-class LoadedRange:
-    """Where the loader put something in guest memory."""
+class Registers:
+    """The general registers the entry sets (the `struct kvm_regs` fields of the same name);
+    every other general register is zero. RFLAGS.IF is clear: interrupts stay off until the
+    kernel enables them."""
 
-    gpa: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
+    rip: int
+    rsp: int = layout.BOOT_STACK_TOP
+    rbx: int = 0  # PVH: the hvm_start_info address
+    rsi: int = 0  # 64-bit boot protocol: the boot_params (zero page) address
+    rflags: int = X86_EFLAGS_FIXED
 
 
 @dataclass(frozen=True)
 class BootEntry:
     """The complete initial state of the boot vCPU, independent of KVM.
 
-    The machine copies: `rip`, `rsp`, `rbx`, `rsi`, `rflags` to kvm_regs (all others zero);
-    `cr0`, `cr3`, `cr4`, `efer`, `gdt_base`/`gdt_limit`, `idt_base`/`idt_limit` and the
-    segments `cs ds es fs gs ss tr ldt` (field for field) to kvm_sregs. Interrupts are off
-    (RFLAGS.IF = 0). The remaining fields say where things were loaded (for --trace, tests).
-    """
+    `regs` goes to `struct kvm_regs`; the control registers, `gdt`/`idt` and the eight
+    segments go, field for field, to `struct kvm_sregs` (`vcpu_setup.apply_entry`)."""
 
-    protocol: str  # "pvh" | "bzimage"
-    mode: str  # "protected32" | "long64"
-    rip: int
-    rsp: int
-    rbx: int
-    rsi: int
+    mode: CpuMode
+    regs: Registers
     cr0: int
     cr3: int
     cr4: int
     efer: int
-    gdt_base: int
-    gdt_limit: int
+    gdt: DescriptorTable
+    idt: DescriptorTable
     cs: Segment
     ds: Segment
     es: Segment
@@ -176,54 +199,52 @@ class BootEntry:
     gs: Segment
     ss: Segment
     tr: Segment
-    kernel: LoadedRange  # the loaded image (bzImage: protected-mode part; vmlinux: PT_LOADs)
-    cmdline: LoadedRange  # including the terminating NUL
-    boot_info: int  # boot_params (zero page) or hvm_start_info address
-    rsdp_addr: int
-    initrd: LoadedRange | None = None
-    ldt: Segment = LDT_UNUSABLE
-    rflags: int = X86_EFLAGS_FIXED
-    idt_base: int = 0
-    idt_limit: int = 0
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def regs(self) -> dict[str, int]:
-        """General registers to set (every other one is zero)."""
-        return {"rip": self.rip, "rsp": self.rsp, "rbx": self.rbx, "rsi": self.rsi, "rflags": self.rflags}
-
-    @property
-    def segments(self) -> dict[str, Segment]:
-        return {n: getattr(self, n) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")}
+    ldt: Segment
 
     def describe(self) -> list[str]:
         """Human-readable lines for --trace."""
-        lines = [
-            f"boot: {self.protocol} entry {self.mode} rip={self.rip:#x} rsp={self.rsp:#x} rbx={self.rbx:#x} rsi={self.rsi:#x}",
-            f"boot: cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x} gdt={self.gdt_base:#x}/{self.gdt_limit:#x}",
-            f"boot: kernel {self.kernel.gpa:#x}-{self.kernel.end - 1:#x} ({self.kernel.size} bytes)",
-            f"boot: cmdline at {self.cmdline.gpa:#x} ({self.cmdline.size - 1} bytes), boot info at {self.boot_info:#x}, RSDP at {self.rsdp_addr:#x}",
+        r = self.regs
+        return [
+            f"entry {self.mode.value} rip={r.rip:#x} rsp={r.rsp:#x} rbx={r.rbx:#x} rsi={r.rsi:#x}",
+            f"cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x} gdt={self.gdt.base:#x}/{self.gdt.limit:#x}",
         ]
-        if self.initrd is not None:
-            lines.append(f"boot: initrd {self.initrd.gpa:#x}-{self.initrd.end - 1:#x} ({self.initrd.size} bytes)")
-        lines.extend(f"boot: {n}" for n in self.notes)
-        return lines
 
 
-def _flat_state(mode: str, code: Segment, cr0: int, cr3: int = 0, cr4: int = 0, efer: int = 0) -> dict[str, object]:
-    """Flat segments (code + one data segment everywhere), the boot TSS and the boot stack."""
-    data = {seg: DATA for seg in ("ds", "es", "fs", "gs", "ss")}
-    return {"mode": mode, "cr0": cr0, "cr3": cr3, "cr4": cr4, "efer": efer, "cs": code, **data, "tr": TSS,
-            "rsp": layout.BOOT_STACK_TOP}  # fmt: skip
+def entry_state(mode: CpuMode, regs: Registers, gdt: DescriptorTable, cr3: int = 0) -> BootEntry:
+    """Every register value of the entry in `mode` (see `CpuMode`), with `gdt` as GDTR and,
+    for `LONG64`, `cr3` pointing at the page tables. Both modes use flat segments (code plus
+    one data segment everywhere), the busy boot TSS, no LDT and an empty IDT."""
+    if mode is CpuMode.PROTECTED32:
+        if cr3:
+            raise ValueError("PROTECTED32 entry has paging off: no CR3")
+        code, cr0, cr4, efer = CODE32, X86_CR0_PE | X86_CR0_ET, 0, 0
+    else:
+        if not cr3:
+            raise ValueError("LONG64 entry needs page tables (CR3)")
+        code, cr0, cr4, efer = CODE64, X86_CR0_PE | X86_CR0_ET | X86_CR0_PG, X86_CR4_PAE, EFER_LME | EFER_LMA
+    return BootEntry(
+        mode=mode,
+        regs=regs,
+        cr0=cr0,
+        cr3=cr3,
+        cr4=cr4,
+        efer=efer,
+        gdt=gdt,
+        idt=DescriptorTable(0, 0),
+        cs=code,
+        ds=DATA,
+        es=DATA,
+        fs=DATA,
+        gs=DATA,
+        ss=DATA,
+        tr=TSS,
+        ldt=LDT_UNUSABLE,
+    )
 
 
-def protected32_state() -> dict[str, object]:
-    """Register state of the PVH entry (Xen docs/misc/pvh.pandoc): 32-bit protected mode,
-    paging off, flat 4 GiB code and data segments, a busy 32-bit TSS."""
-    return _flat_state("protected32", CODE32, X86_CR0_PE | X86_CR0_ET)
-
-
-def long64_state(cr3: int) -> dict[str, object]:
-    """Register state of the 64-bit boot protocol (boot.rst, "64-bit Boot Protocol"): long
-    mode, paging on with an identity map, __BOOT_CS code and __BOOT_DS data segments."""
-    return _flat_state("long64", CODE64, X86_CR0_PE | X86_CR0_ET | X86_CR0_PG, cr3, X86_CR4_PAE, EFER_LME | EFER_LMA)
+def setup_entry(mem: GuestMemory, mode: CpuMode, regs: Registers) -> BootEntry:
+    """Write what the entry state points at into `mem` (the boot GDT; for `LONG64` also the
+    identity page tables) and return that state."""
+    gdt = write_boot_gdt(mem)
+    cr3 = write_identity_page_tables(mem) if mode is CpuMode.LONG64 else 0
+    return entry_state(mode, regs, gdt, cr3)
