@@ -136,7 +136,7 @@ def _set_dtable(dst: KvmDtable, table: DescriptorTable) -> None:
 
 def apply_entry(vcpu: Vcpu, entry: BootEntry) -> None:
     """Copy a `BootEntry` into the vCPU: segments, descriptor tables and control registers
-    (KVM_SET_SREGS), then the general registers (KVM_SET_REGS; the others stay zero)."""
+    (KVM_SET_SREGS), then the general registers (KVM_SET_REGS; the others keep their reset values)."""
     sregs = vcpu.get_sregs()
     for dst, seg in (
         (sregs.cs, entry.cs),

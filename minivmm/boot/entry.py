@@ -167,8 +167,8 @@ class CpuMode(enum.Enum):
 @dataclass(frozen=True)
 class Registers:
     """The general registers the entry sets (the `struct kvm_regs` fields of the same name);
-    every other general register is zero. RFLAGS.IF is clear: interrupts stay off until the
-    kernel enables them."""
+    the others keep their reset values (SDM vol. 3A, 9.1.1: zero, but EDX holds the processor
+    signature). RFLAGS.IF is clear: interrupts stay off until the kernel enables them."""
 
     rip: int
     rsp: int = layout.BOOT_STACK_TOP
