@@ -13,6 +13,7 @@ from minivmm.errors import UserError
 from minivmm.memory import GuestMemory
 from minivmm.ranges import AddressRange
 from support import synthetic_kernels as synthetic
+from support.descriptors import decode_descriptor
 
 MEM = 256 * layout.MiB
 RSDP = 0xE0000
@@ -127,13 +128,13 @@ def test_gdt_has_linux_boot_selectors(tmp_path):
     mem, b = boot(tmp_path, synthetic.make_bzimage(PAYLOAD))
     e = b.entry
     assert e.cs.selector == 0x10 and e.ds.selector == e.ss.selector == 0x18
-    cs = entry.Segment.from_descriptor(0x10, mem.read_int(e.gdt.base + 0x10, 8))
-    ds = entry.Segment.from_descriptor(0x18, mem.read_int(e.gdt.base + 0x18, 8))
+    cs = decode_descriptor(0x10, mem.read_int(e.gdt.base + 0x10, 8))
+    ds = decode_descriptor(0x18, mem.read_int(e.gdt.base + 0x18, 8))
     assert cs == e.cs and ds == e.ds
     assert cs.l == 1 and cs.db == 0 and cs.type & 0x8 and cs.present and cs.s
     assert ds.type == 0x3 and ds.present and ds.s and ds.limit == 0xFFFFFFFF
     assert mem.read_int(e.gdt.base, 8) == 0
-    tss = entry.Segment.from_descriptor(0x20, mem.read_int(e.gdt.base + 0x20, 8))
+    tss = decode_descriptor(0x20, mem.read_int(e.gdt.base + 0x20, 8))
     assert tss == e.tr and mem.read_int(e.gdt.base + 0x28, 8) == 0
     assert e.gdt.limit >= 0x2F
 

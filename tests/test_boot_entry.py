@@ -14,6 +14,7 @@ from minivmm.boot.entry import CpuMode, DescriptorTable, Registers, Segment, ent
 from minivmm.kvm import ffi
 from minivmm.memory import GuestMemory
 from minivmm.vcpu_setup import apply_entry
+from support.descriptors import decode_descriptor
 from tinyguest import CODE, STACK_TOP, kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 
 GDT = DescriptorTable(layout.BOOT_GDT.base, entry.GDT_SIZE - 1)
@@ -66,7 +67,7 @@ def test_setup_entry_protected32_writes_the_gdt_only() -> None:
     e = setup_entry(mem, CpuMode.PROTECTED32, REGS)
     assert e == entry_state(CpuMode.PROTECTED32, REGS, GDT)
     for seg in (e.cs, e.ds, e.tr):
-        assert Segment.from_descriptor(seg.selector, mem.read_int(e.gdt.base + seg.selector, 8)) == seg
+        assert decode_descriptor(seg.selector, mem.read_int(e.gdt.base + seg.selector, 8)) == seg
     assert mem.read(layout.PAGE_TABLES.base, layout.PAGE_TABLES.size) == b"\xcc" * layout.PAGE_TABLES.size
 
 
@@ -74,7 +75,7 @@ def test_setup_entry_long64_writes_gdt_and_identity_page_tables() -> None:
     mem = junk_memory()
     e = setup_entry(mem, CpuMode.LONG64, REGS)
     assert e == entry_state(CpuMode.LONG64, REGS, GDT, cr3=layout.PML4_ADDR)
-    assert Segment.from_descriptor(entry.BOOT_CS, mem.read_int(e.gdt.base + entry.BOOT_CS, 8)) == e.cs
+    assert decode_descriptor(entry.BOOT_CS, mem.read_int(e.gdt.base + entry.BOOT_CS, 8)) == e.cs
     pml4e = mem.read_int(e.cr3, 8)
     assert pml4e == layout.PDPT_ADDR | entry.PTE_PRESENT | entry.PTE_RW
     pde = mem.read_int(layout.PD_ADDR + 8 * 5, 8)  # the 6th 2 MiB page of the first GiB

@@ -14,6 +14,7 @@ from minivmm.errors import UserError
 from minivmm.memory import GuestMemory
 from minivmm.ranges import AddressRange
 from support import synthetic_kernels as synthetic
+from support.descriptors import decode_descriptor
 
 MEM = 256 * layout.MiB
 RSDP = 0xE0000
@@ -103,7 +104,7 @@ def test_entry_state_is_32bit_protected_mode(files):
     # The GDT in memory holds exactly the descriptors the segment registers were given.
     for seg in (e.cs, e.ds, e.tr):
         raw = mem.read_int(e.gdt.base + seg.selector, 8)
-        assert entry.Segment.from_descriptor(seg.selector, raw) == seg
+        assert decode_descriptor(seg.selector, raw) == seg
     assert e.gdt.limit == entry.GDT_SIZE - 1
     assert {f.name for f in dataclasses.fields(e.regs)} == {"rip", "rsp", "rbx", "rsi", "rflags"}
 

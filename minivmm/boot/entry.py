@@ -83,28 +83,6 @@ class Segment:
             | (((self.base >> 24) & 0xFF) << 56)
         )
 
-    @classmethod
-    def from_descriptor(cls, selector: int, desc: int) -> Segment:
-        """Decode an 8-byte GDT entry (the inverse of `descriptor`, for tests and tracing)."""
-        limit = (desc & 0xFFFF) | (((desc >> 48) & 0xF) << 16)
-        base = ((desc >> 16) & 0xFFFFFF) | (((desc >> 56) & 0xFF) << 24)
-        access = (desc >> 40) & 0xFF
-        flags = (desc >> 52) & 0xF
-        g = (flags >> 3) & 1
-        return cls(
-            selector=selector,
-            base=base,
-            limit=(limit << 12) | 0xFFF if g else limit,
-            type=access & 0xF,
-            present=access >> 7,
-            dpl=(access >> 5) & 3,
-            db=(flags >> 2) & 1,
-            s=(access >> 4) & 1,
-            l=(flags >> 1) & 1,
-            g=g,
-            avl=flags & 1,
-        )
-
 
 CODE32 = Segment(BOOT_CS32, 0, 0xFFFFFFFF, SEG_TYPE_CODE_XR_ACCESSED, present=1, dpl=0, db=1, s=1, l=0, g=1)
 CODE64 = Segment(BOOT_CS, 0, 0xFFFFFFFF, SEG_TYPE_CODE_XR_ACCESSED, present=1, dpl=0, db=0, s=1, l=1, g=1)
