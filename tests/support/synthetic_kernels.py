@@ -11,6 +11,7 @@ in milliseconds without a real kernel.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from minivmm import layout
 from minivmm.boot.acpi import S5_SLP_TYP, SLP_EN, SLP_TYP_SHIFT
@@ -40,8 +41,8 @@ def elf_note(name: bytes, ntype: int, desc: bytes) -> bytes:
 
 
 def make_elf(
-    segments: list[tuple[int, bytes, int]],
-    notes: list[tuple[bytes, int, bytes]] = (),  # type: ignore[assignment]
+    segments: Sequence[tuple[int, bytes, int]],
+    notes: Sequence[tuple[bytes, int, bytes]] = (),
     *,
     entry: int = 0,
     elfclass: int = 2,
