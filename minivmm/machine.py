@@ -23,7 +23,6 @@ from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
 from .devices.pvpanic import PvPanic
-from .devices.register import ByteRegister
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.pmem import VirtioPmem
@@ -35,6 +34,7 @@ from .kvm import Kvm
 from .memory import GuestMemory, Region
 from .pci import MmioWindow, PciHostBridge
 from .pmemfile import PmemBacking
+from .register_block import Register, RegisterBlock
 from .vcpu import Stop, VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
@@ -125,7 +125,7 @@ class Machine:
         self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
         # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
-        self.pio.register(layout.POST_PORT, 1, ByteRegister(lambda: 0xFF, lambda value: None), "post")
+        self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
 
     def _add_pci_devices(self) -> None:
         base64, size64 = layout.pci_mmio64_window(self.config.mem_size)
