@@ -9,7 +9,7 @@ from minivmm.pci.config import PciConfigSpace
 from minivmm.pci.device import IoEventFd, PciDevice
 from minivmm.pci.fakes import FakeIoEventRegistry, GuestConf1
 from minivmm.pci.host import MmioWindow, PciHostBridge
-from minivmm.pci.regs import (
+from minivmm.pci.pci_regs import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
     PCI_CLASS_DEVICE,
