@@ -16,6 +16,7 @@ from minivmm.devices.virtio.common_config import (
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_MSI_NO_VECTOR,
+    VirtioPciCommonConfig,
 )
 from minivmm.devices.virtio.device import VIRTIO_F_VERSION_1
 from minivmm.devices.virtio.pci import (
@@ -201,6 +202,31 @@ def test_common_cfg_layout_is_the_spec_struct(env):
     assert {r.name: (r.offset, r.size) for r in regs} == OFFS
     read_only = {"device_feature", "num_queues", "config_generation", "queue_notify_off", "queue_notify_data", "queue_reset"}
     assert {r.name for r in regs if r.write is None} == read_only
+
+
+def test_common_cfg_status_machine_without_a_transport():
+    """The status machine alone: DRIVER_OK calls back only after FEATURES_OK, 0 asks for reset."""
+    calls: list[str] = []
+    cc = VirtioPciCommonConfig(
+        FakeDevice(), 2, on_driver_ok=lambda: calls.append("driver_ok"), on_reset=lambda: calls.append("reset"), name="t"
+    )
+
+    def write(name: str, value: int) -> None:
+        cc.registers.write(*OFFS[name], value)
+
+    write("device_status", VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK)
+    assert calls == [] and not cc.status & VIRTIO_CONFIG_S_DRIVER_OK
+    write("driver_feature_select", 1)
+    write("driver_feature", VIRTIO_F_VERSION_1 >> 32)
+    write("device_status", VIRTIO_CONFIG_S_FEATURES_OK)
+    write("device_status", VIRTIO_CONFIG_S_DRIVER_OK)
+    assert calls == ["driver_ok"] and cc.driver_ok
+    write("queue_size", 16)  # frozen while DRIVER_OK
+    assert cc.registers.read(*OFFS["queue_size"]) == 256
+    write("config_msix_vector", 2)  # only vectors 0 and 1 exist
+    assert cc.config_msix_vector == VIRTIO_MSI_NO_VECTOR
+    write("device_status", 0)
+    assert calls == ["driver_ok", "reset"]
 
 
 def test_feature_negotiation_with_high_bits(env):

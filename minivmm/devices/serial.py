@@ -134,7 +134,6 @@ MSR_DELTAS: tuple[tuple[int, int], ...] = (
 _BREAK_FLAG = 0x100
 
 
-REGISTER_SPAN = UART_SCR + 1
 # Past the UART nobody drives the 8-bit ISA bus: those bytes of a wide access read 0xFF.
 UNDRIVEN_BUS = 0xFF
 
