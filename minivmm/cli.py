@@ -71,7 +71,7 @@ def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine, MachineConfig
-    from .pmemfile import open_all, parse_pmem_option
+    from .pmemfile import parse_pmem_option
 
     kernel, initrd = _default_guest(args)
     for what, path in (("kernel", kernel), ("initrd", initrd)):
@@ -79,8 +79,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {path}: no such file")
     if args.watchdog is not None and args.watchdog <= 0:
         raise UserError("--watchdog must be a positive number of seconds")
-    # Files are checked (and created/extended) before KVM is touched, all or nothing.
-    pmem = open_all([parse_pmem_option(text) for text in args.pmem])
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -89,20 +87,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         trace=args.trace,
         watchdog=args.watchdog,
-        pmem=pmem,
+        pmem=[parse_pmem_option(text) for text in args.pmem],
     )
-    try:
-        machine = Machine(config)
-    except BaseException:
-        for backing in pmem:
-            backing.close()
-        raise
-    try:
+    with Machine(config) as machine:
         stop = machine.run()
         if args.stats:
             print(machine.stats_report(), file=sys.stderr)
-    finally:
-        machine.close()
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
 
