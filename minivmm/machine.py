@@ -25,7 +25,6 @@ from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
 from .devices.pvpanic import PvPanic
-from .devices.register import ByteRegister
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.pmem import VirtioPmem
@@ -37,6 +36,7 @@ from .kvm import Kvm
 from .memory import GuestMemory, Region
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
+from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
 from .vcpu import VcpuLoop, install_kick_handler
 
@@ -168,7 +168,7 @@ class Machine:
         self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
         # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
-        self.pio.register(layout.POST_PORT, 1, ByteRegister(lambda: 0xFF, lambda value: None), "post")
+        self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
 
     def _add_pci_devices(self) -> None:
         self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)

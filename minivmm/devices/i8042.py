@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .register import ByteRegister
+from ..register_block import Register, RegisterBlock
 
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64  # write: command; read: status
@@ -42,14 +42,15 @@ class I8042:
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self._on_reset = on_reset
         self.resets = 0
-        self.data_port = ByteRegister(self._read_data, self._write_data, fill=0xFF)
-        self.command_port = ByteRegister(self._read_status, self._write_command, fill=0xFF)
+        # Data writes (a parameter to a command we ignore, or a byte for the absent keyboard)
+        # are dropped. Bytes past a 1-byte port read 0xFF, as on an ISA bus nobody drives.
+        self.data_port = RegisterBlock((Register(0, 1, "data", self._read_data),), fill=0xFF)
+        self.command_port = RegisterBlock(
+            (Register(0, 1, "status/command", self._read_status, self._write_command),), fill=0xFF
+        )
 
     def _read_data(self) -> int:
         return 0  # no scancodes, no command responses
-
-    def _write_data(self, value: int) -> None:
-        pass  # a parameter to a command we ignore, or a byte for the absent keyboard
 
     def _read_status(self) -> int:
         return 0  # nothing to read, ready for a command

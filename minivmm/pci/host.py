@@ -39,7 +39,7 @@ from ..interrupts import IoEventRegistry
 from .config import BarInfo, PciConfigSpace
 from .device import PciDevice
 from ..ranges import AddressRange
-from .regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
+from .pci_regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
 
 log = logging.getLogger(__name__)
 
