@@ -6,8 +6,8 @@ waits for the controller's input buffer to drain (status bit 1 clear) and then w
 keyboard: the status register reads 0 (output buffer empty, input buffer empty), the data
 port reads 0, and every other command is ignored.
 
-Registration: two 1-byte port ranges, ``bus.register(0x60, 1, kbd.data_port)`` and
-``bus.register(0x64, 1, kbd.command_port)``, so that 0x61 (PC port B, the PIT channel 2 gate
+Registration: two 1-byte port ranges, ``bus.register(layout.I8042_DATA_PORT, 1, kbd.data_port)`` and
+``bus.register(layout.I8042_COMMAND_PORT, 1, kbd.command_port)``, so that 0x61 (PC port B, the PIT channel 2 gate
 and speaker) stays free for whoever models the PIT.
 
 Threads: ``on_reset`` is called on the vCPU thread that made the write.
@@ -19,8 +19,6 @@ from typing import Callable
 
 from ..register_block import Register, RegisterBlock
 
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64  # write: command; read: status
 
 I8042_STR_OBF = 0x01  # output buffer full (data waiting at 0x60)
 I8042_STR_IBF = 0x02  # input buffer full (controller busy; Linux's kb_wait polls this)

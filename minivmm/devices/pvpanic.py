@@ -15,7 +15,6 @@ from typing import Callable
 
 from ..register_block import Register, RegisterBlock
 
-PVPANIC_PORT = 0x505
 PVPANIC_PANICKED = 1 << 0
 PVPANIC_CRASH_LOADED = 1 << 1
 PVPANIC_SUPPORTED = PVPANIC_PANICKED | PVPANIC_CRASH_LOADED

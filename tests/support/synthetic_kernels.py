@@ -14,7 +14,8 @@ import struct
 from collections.abc import Sequence
 
 from minivmm import layout
-from minivmm.boot.acpi import S5_SLP_TYP, SLP_EN, SLP_TYP_SHIFT
+from minivmm.boot.acpi import S5_SLP_TYP
+from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
 from minivmm.boot.bzimage import (
     HDRS_MAGIC,
     LOADED_HIGH,
