@@ -21,9 +21,11 @@ from .allocator import ResourceAllocator
 from .boot import build_acpi, load_kernel
 from .boot.acpi import S5_SLP_TYP
 from .bus import Bus
+from .devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GenericEventDevice
 from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
+from .devices.pci_hotplug import PciHotplugController
 from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
@@ -167,27 +169,83 @@ class Machine:
         self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
         self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
+        self.ged = GenericEventDevice(self.interrupts.irq_line(layout.GED_GSI))
+        self.pio.register(layout.GED_PORT, layout.GED_PORT_COUNT, self.ged, "acpi-ged")
         # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
         self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
 
     def _add_pci_devices(self) -> None:
         self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)
         self.pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, self.pci.conf1, "pci-conf1")
+        self.pci_hotplug = PciHotplugController()
+        self.pio.register(layout.PCI_HOTPLUG_PORT, layout.PCI_HOTPLUG_PORT_COUNT, self.pci_hotplug, "pci-hotplug")
+        self._hotplug_lock = threading.Lock()  # one hot-add at a time
         self.pmem_devices: list[VirtioPmem] = []
         for backing in self.pmem_backings:
             self.add_pmem(backing)
 
     def add_pmem(self, backing: PmemBacking) -> VirtioPmem:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
-        describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
-        window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
-        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id))
-        device = VirtioPmem.from_backing(backing, start=window.base)
-        transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
-        self.pci.add_device(transport)
+        describing it (virtio 1.2 §5.19: the device config holds that start and size).
+
+        Raises UserError when the pmem window has no room, no KVM memory slot is free or PCI
+        bus 0 is full; then nothing is left allocated, mapped or plugged."""
+        return self._plug_pmem(backing)[0]
+
+    def _plug_pmem(self, backing: PmemBacking, *, own_backing: bool = False) -> tuple[VirtioPmem, int]:
+        """`add_pmem`, returning the device and its PCI slot; with `own_backing` the machine
+        closes `backing` at the end (after the device and its memory are gone)."""
+        with ExitStack() as undo:
+            window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
+            undo.callback(self.resources.pmem.free, window)
+            region = Region(window.base, backing.size, backing.mapping, name=backing.id)
+            undo.callback(region.view.release)
+            region.slot = self.resources.memory_slots.allocate()
+            undo.callback(self.resources.memory_slots.free, region.slot)
+            device = VirtioPmem.from_backing(backing, start=window.base)
+            transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
+            undo.callback(transport.close)
+            pci_slot = self.pci.add_device(transport)
+            undo.callback(self.pci.remove_device, pci_slot)
+            self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+            undo.callback(self.vm.set_user_memory_region, region.slot, region.gpa, 0, 0)  # size 0 deletes the slot
+            self.mem.add_region(region)
+            undo.pop_all()  # plugged: from here on the machine owns it all
+        if own_backing:
+            self.owned.callback(backing.close)
+        self.owned.callback(region.view.release)  # before its mapping closes (LIFO)
         self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
         self.pmem_devices.append(device)
+        return device, pci_slot
+
+    def hotplug_pmem(self, backing: PmemBacking) -> VirtioPmem:
+        """Plug a virtio-pmem-pci device for `backing` into the running guest (README "Hotplug").
+
+        Placed by the same rules as a cold-plugged one (`add_pmem`): a 128 MiB aligned range of
+        the pmem window, a new KVM memory slot (KVM_SET_USER_MEMORY_REGION works while vCPUs
+        run), the lowest free slot of PCI bus 0. Then the PCI hotplug controller records the
+        slot and the GED raises its interrupt: the guest's _EVT notifies that slot's ACPI
+        object and acpiphp scans it, so /dev/pmemN appears with nothing done in the guest.
+
+        Safe from any thread while the vCPUs run; one hot-add at a time. On success the
+        machine owns `backing` (it is closed with the machine, never unplugged). Raises
+        UserError (no room in the pmem window, no free KVM memory slot, PCI bus 0 full):
+        then nothing changed, and `backing` is still the caller's to close."""
+        with self._hotplug_lock:
+            device, pci_slot = self._plug_pmem(backing, own_backing=True)
+            self.pmem_backings.append(backing)  # for stats_report, which pairs it with `device`
+            self.pci_hotplug.slot_added(pci_slot)
+            self.ged.notify(GED_EVENT_PCI_HOTPLUG)
         return device
+
+    def power_button(self) -> None:
+        """Press the ACPI power button: the GED's _EVT sends Notify (\\_SB.PWRB, 0x80) and
+        Linux's button driver reports KEY_POWER on its "Power Button" input device. The default
+        guest's /init then flushes and powers off (ACPI S5), which ends the run with status 0.
+
+        Safe from any thread; returns at once. A guest without a button driver, or that
+        ignores the key, keeps running: the caller decides how long to wait."""
+        self.ged.notify(GED_EVENT_POWER_BUTTON)
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:
