@@ -188,8 +188,8 @@ class Machine:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
         describing it (virtio 1.2 §5.19: the device config holds that start and size).
 
-        Raises UserError when the pmem window has no room, no KVM memory slot is free or PCI
-        bus 0 is full; then nothing is left allocated, mapped or plugged."""
+        Raises UserError when the pmem window has no room, no KVM memory slot is free, PCI
+        bus 0 is full or KVM refuses the slot; then nothing is left allocated, mapped or plugged."""
         return self._plug_pmem(backing)[0]
 
     def _plug_pmem(self, backing: PmemBacking, *, own_backing: bool = False) -> tuple[VirtioPmem, int]:
@@ -207,7 +207,10 @@ class Machine:
             undo.callback(transport.close)
             pci_slot = self.pci.add_device(transport)
             undo.callback(self.pci.remove_device, pci_slot)
-            self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+            try:
+                self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+            except OSError as exc:
+                raise UserError(f"{backing.id}: KVM refused the memory slot for {backing.path}: {exc.strerror}") from None
             undo.callback(self.vm.set_user_memory_region, region.slot, region.gpa, 0, 0)  # size 0 deletes the slot
             self.mem.add_region(region)
             undo.pop_all()  # plugged: from here on the machine owns it all
@@ -229,7 +232,8 @@ class Machine:
 
         Safe from any thread while the vCPUs run; one hot-add at a time. On success the
         machine owns `backing` (it is closed with the machine, never unplugged). Raises
-        UserError (no room in the pmem window, no free KVM memory slot, PCI bus 0 full):
+        UserError (no room in the pmem window, no free KVM memory slot, PCI bus 0 full, KVM
+        refused the slot):
         then nothing changed, and `backing` is still the caller's to close."""
         with self._hotplug_lock:
             device, pci_slot = self._plug_pmem(backing, own_backing=True)

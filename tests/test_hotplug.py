@@ -4,12 +4,17 @@ machine exactly as it was."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from pathlib import Path
 
 import pytest
+from test_acpi import MEM, AmlWalker
+from test_acpi_hotplug import AmlRunner
 
 from minivmm import layout
+from minivmm.boot import acpi
 from minivmm.devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON
 from minivmm.errors import UserError
 from minivmm.machine import Machine, MachineConfig
@@ -65,6 +70,23 @@ def test_hotplug_places_maps_plugs_and_raises_the_ged_event(machine: Machine, tm
     assert machine.pmem_devices[-1] is dev and machine.pmem_backings[-1] is b
 
 
+def test_the_dsdt_evt_on_the_machine_bus_notifies_the_new_slot(machine: Machine, tmp_path: Path) -> None:
+    """The guest's view end to end, short of a guest: _EVT and PSCN run against the machine's
+    own PIO bus find the GED and the controller where the machine put them."""
+    assert machine.ged._line.pin == layout.GED_GSI  # the line the DSDT's _CRS names
+    before = set(machine.pci.devices)
+    machine.hotplug_pmem(backing(tmp_path, "evt"))
+    (slot,) = set(machine.pci.devices) - before
+    runner = AmlRunner(AmlWalker(acpi.dsdt_aml(MEM)), machine.pio)
+    runner.run("\\_SB_.GED0._EVT", layout.GED_GSI)
+    assert runner.notifies == [(f"\\_SB_.PCI0.S{slot:02X}_", acpi.NOTIFY_DEVICE_CHECK)]
+    machine.power_button()
+    runner.notifies.clear()
+    runner.run("\\_SB_.GED0._EVT", layout.GED_GSI)
+    assert runner.notifies == [("\\_SB_.PWRB", acpi.NOTIFY_BUTTON_PRESSED)]
+    assert machine.ged.pending == 0 and machine.pci_hotplug.added == 0
+
+
 def test_two_hot_adds_take_the_next_window_and_slot(machine: Machine, tmp_path: Path) -> None:
     a = machine.hotplug_pmem(backing(tmp_path, "a"))
     b = machine.hotplug_pmem(backing(tmp_path, "b"))
@@ -113,6 +135,17 @@ def test_pci_bus_full(machine: Machine, tmp_path: Path) -> None:
     while len(machine.pci.devices) < 32:
         machine.pci.add_device(HostBridge())
     refused(machine, backing(tmp_path, "nopci"), "PCI bus 0 is full")
+
+
+def test_kvm_refusing_the_slot(machine: Machine, tmp_path: Path, monkeypatch) -> None:
+    """The last step failing (KVM_SET_USER_MEMORY_REGION) undoes the PCI function, its
+    flusher thread, the slot number and the window (the ioctl's failure is simulated)."""
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(machine.vm, "map_memory", refuse)
+    refused(machine, backing(tmp_path, "kvm"), "KVM refused the memory slot")
 
 
 def test_power_button_raises_its_ged_event(machine: Machine) -> None:
