@@ -33,7 +33,7 @@ from minivmm.devices.virtio.pci import (
 )
 from minivmm.devices.virtio.queue import Virtqueue
 from minivmm.memory import GuestMemory
-from minivmm.pci.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
+from support.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
 from minivmm.pci.host import MmioWindow, PciHostBridge
 from minivmm.pci.regs import (
     PCI_CAP_ID_MSIX,

@@ -2,8 +2,7 @@
 
 Modules: `regs` (pci_regs.h constants), `config` (configuration space), `device` (what the
 bridge needs from a function), `host` (the host bridge, conf1, BAR mapping), `msix` (MSI-X),
-`registers` (register blocks declared as tables), `fakes` (test doubles for the KVM-backed
-interrupt plumbing, and a Linux-shaped conf1 accessor).
+`registers` (register blocks declared as tables).
 
 Wiring it into a machine::
 

@@ -1,10 +1,12 @@
-"""In-process stand-ins for the machine's KVM-backed interrupt plumbing, for tests.
+"""In-process stand-ins for the machine's KVM-backed interrupt plumbing
+(`minivmm.interrupts`' protocols), and the guest side of PCI configuration mechanism #1.
 
-`FakeMsiRoute` models an irqfd route: a signal on an unmasked route is delivered at once
-(appended to `delivered` as (address, data)); on a masked route it accumulates in a counter
-(`pending()`), and unmasking delivers it once - like KVM re-attaching an irqfd whose eventfd
-already has a count. `FakeIoEventRegistry` records ioeventfd calls and refuses duplicates as
-KVM does (EEXIST).
+`FakeMsiRoute` models an irqfd route (`minivmm.irqchip.KvmMsiRoute`): it starts masked; a
+signal on an unmasked route is delivered at once (appended to `delivered` as (address, data));
+on a masked route it accumulates in a counter (`pending()`), and unmasking delivers it once -
+like KVM re-attaching an irqfd whose eventfd already has a count. tests/test_irq_kvm.py checks
+that real KVM behaves this way. `FakeIoEventRegistry` keeps the active ioeventfds and refuses
+duplicates as KVM does (EEXIST).
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..bus import Bus
+    from minivmm.bus import Bus
 
 
 class FakeMsiRoute:
-    def __init__(self, index: int) -> None:
-        self.index = index
+    """An `MsiRoute` that records its calls and what it delivered."""
+
+    def __init__(self) -> None:
         self.address = 0
         self.data = 0
-        self.masked = False
+        self.masked = True  # as KvmMsiRoute: detached until the first unmask
         self.count = 0  # signals accumulated while masked
         self.delivered: list[tuple[int, int]] = []
-        self.calls: list[tuple] = []
+        self.calls: list[tuple[str, int, int] | tuple[str, bool]] = []
         self.closed = False
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -53,10 +56,6 @@ class FakeMsiRoute:
             self.delivered.append((self.address, self.data))
             self.count = 0
 
-    def poll(self) -> None:
-        """What KVM does when the eventfd is written: deliver unless masked."""
-        self._drain()
-
     def pending(self) -> bool:
         self._drain()
         return self.count > 0
@@ -76,6 +75,8 @@ class FakeMsiRoute:
 
 
 class FakeInterruptController:
+    """An `InterruptController` handing out `FakeMsiRoute`s (kept in `routes`, in order)."""
+
     def __init__(self) -> None:
         self.routes: list[FakeMsiRoute] = []
 
@@ -83,21 +84,21 @@ class FakeInterruptController:
         raise NotImplementedError("no INTx")
 
     def msi_route(self) -> FakeMsiRoute:
-        route = FakeMsiRoute(len(self.routes))
+        route = FakeMsiRoute()
         self.routes.append(route)
         return route
 
 
 @dataclass
 class FakeIoEventRegistry:
+    """An `IoEventRegistry` keeping the registered (addr, length, fd, datamatch) in `active`."""
+
     active: set[tuple[int, int, int, int | None]] = field(default_factory=set)
-    calls: list[tuple] = field(default_factory=list)
 
     def add_ioeventfd(
         self, addr: int, length: int, fd: int, *, pio: bool = False, datamatch: int | None = None
     ) -> None:
         key = (addr, length, fd, datamatch)
-        self.calls.append(("add", *key))
         if key in self.active:
             raise OSError(errno.EEXIST, "ioeventfd already registered")
         self.active.add(key)
@@ -106,7 +107,6 @@ class FakeIoEventRegistry:
         self, addr: int, length: int, fd: int, *, pio: bool = False, datamatch: int | None = None
     ) -> None:
         key = (addr, length, fd, datamatch)
-        self.calls.append(("remove", *key))
         if key not in self.active:
             raise OSError(errno.ENOENT, "no such ioeventfd")
         self.active.discard(key)
