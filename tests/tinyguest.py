@@ -117,6 +117,14 @@ class Asm:
         """pop ax (real mode) / pop rax (long mode)  (58)"""
         return self.emit(0x58)
 
+    def push_acc(self) -> "Asm":
+        """push ax (real mode) / push rax (long mode)  (50)"""
+        return self.emit(0x50)
+
+    def cmp_al_abs(self, addr: int) -> "Asm":
+        """cmp al, byte [addr]  (3A /r: 3A 06 disp16 in real mode, 3A 04 25 disp32 in long mode)"""
+        return self.emit(0x3A, self._abs(0), self._disp(addr))
+
     # -- port I/O ----------------------------------------------------------------------------
     def out_dx_acc(self, size: int) -> "Asm":
         """out dx, al/ax/eax  (EE / [66] EF)"""
@@ -162,6 +170,18 @@ class Asm:
     def jmp_self(self) -> "Asm":
         """jmp $  (EB FE): spin forever"""
         return self.emit(0xEB, 0xFE)
+
+    def loope(self, target: int) -> "Asm":
+        """loope rel8  (E1 cb): decrement CX/RCX (flags untouched), jump to `target` while it is
+        not zero and ZF=1 - a bounded wait for a compare to come out unequal"""
+        rel = target - (self.addr + 2)
+        if not -128 <= rel < 128:
+            raise ValueError(f"loope target {target:#x} out of rel8 range from {self.addr:#x}")
+        return self.emit(0xE1, rel & 0xFF)
+
+    def sti(self) -> "Asm":
+        """sti  (FB): enable maskable interrupts (after the next instruction)"""
+        return self.emit(0xFB)
 
     def int3(self) -> "Asm":
         """int3  (CC): #BP, a trap"""

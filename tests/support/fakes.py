@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from minivmm.layout import PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT
+
 if TYPE_CHECKING:
     from minivmm.bus import Bus
 
@@ -115,7 +117,7 @@ class FakeIoEventRegistry:
 class GuestConf1:
     """The guest side of configuration mechanism #1, shaped like Linux's `pci_conf1_read/write`
     (arch/x86/pci/direct.c) on top of a PIO `Bus`: one CONFIG_ADDRESS write, then a data
-    access at 0xCFC + (reg & 3)."""
+    access at PCI_CONFIG_DATA_PORT + (reg & 3)."""
 
     def __init__(self, pio: Bus) -> None:
         self.pio = pio
@@ -125,12 +127,12 @@ class GuestConf1:
         return 0x8000_0000 | bus << 16 | dev << 11 | fn << 8 | (reg & 0xFC)
 
     def read(self, dev: int, reg: int, size: int, *, bus: int = 0, fn: int = 0) -> int:
-        self.pio.write(0xCF8, 4, self.address(bus, dev, fn, reg))
-        return self.pio.read(0xCFC + (reg & 3), size)[0]
+        self.pio.write(PCI_CONFIG_ADDRESS_PORT, 4, self.address(bus, dev, fn, reg))
+        return self.pio.read(PCI_CONFIG_DATA_PORT + (reg & 3), size)[0]
 
     def write(self, dev: int, reg: int, size: int, value: int, *, bus: int = 0, fn: int = 0) -> None:
-        self.pio.write(0xCF8, 4, self.address(bus, dev, fn, reg))
-        self.pio.write(0xCFC + (reg & 3), size, value)
+        self.pio.write(PCI_CONFIG_ADDRESS_PORT, 4, self.address(bus, dev, fn, reg))
+        self.pio.write(PCI_CONFIG_DATA_PORT + (reg & 3), size, value)
 
     def capabilities(self, dev: int) -> list[tuple[int, int]]:
         """(offset, cap_id) of each capability, walked like `pci_find_capability`."""
