@@ -21,6 +21,7 @@ from minivmm.devices.virtio.pmem import (
 from minivmm.devices.virtio.queue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue, virtq_desc
 from minivmm.memory import GuestMemory
 from minivmm.pmemfile import PmemSpec, open_backing
+from support.idle import epoll_watched, wait_blocked_watching, wait_until
 
 RAM = 0x4000_0000  # guest RAM does not start at 0 here
 QSIZE = 256
@@ -199,11 +200,19 @@ def test_malformed_chain_needs_reset(harness, fsync_calls, descs) -> None:
     d.add(descs=descs)
     harness.kick()
     assert harness.reset_requested.wait(TIMEOUT)
-    time.sleep(0.05)
+    # The queue is no longer served until reset: the flusher waits on its stop pipe alone,
+    # so a kick cannot wake it (an explicit idle state, not a pause).
+    flusher = harness.dev._flusher
+    wait_blocked_watching(flusher.thread, {flusher.stop_r})
     assert d.used_idx() == 0 and fsync_calls == []
-    d.add()  # the queue is no longer served until reset
+    try:
+        os.eventfd_read(harness.notify)  # the first kick, if the flusher found the chain without it
+    except BlockingIOError:
+        pass
+    d.add()
     harness.kick()
-    time.sleep(0.1)
+    assert epoll_watched(flusher.thread) == {flusher.stop_r}
+    assert os.eventfd_read(harness.notify) == 1  # the kick is still there: nobody consumed it
     assert d.used_idx() == 0
     assert harness.dev.errors == [] and harness.dev.stats()["malformed"] == 1
 
@@ -291,7 +300,8 @@ def test_no_interrupt_flag_suppresses_signal(harness) -> None:
     harness.driver.add()
     harness.kick()
     harness.driver.wait_used(1)
-    time.sleep(0.02)
+    # the batch is complete once it is counted (after the signal_used decision)
+    wait_until(lambda: harness.dev.stats()["batches"] == 1, "the batch to be counted")
     assert harness.signals == []
 
 
@@ -316,10 +326,11 @@ def test_reset_and_reactivate(harness, fsync_calls) -> None:
 def test_flush_does_not_block_other_threads(harness, backing, monkeypatch) -> None:
     """The fsync runs on the device's own thread: the caller of activate/kick is never blocked."""
     real = os.fdatasync
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def stuck(fd: int) -> None:
         if fd == backing.fd:
+            entered.set()
             release.wait(TIMEOUT)
         real(fd)
 
@@ -329,8 +340,8 @@ def test_flush_does_not_block_other_threads(harness, backing, monkeypatch) -> No
     harness.driver.add()
     harness.kick()
     assert time.monotonic() - t0 < 0.5
-    time.sleep(0.05)
-    assert harness.driver.used_idx() == 0
+    assert entered.wait(TIMEOUT)  # the flusher thread is inside the fsync...
+    assert harness.driver.used_idx() == 0  # ...so the request is not acknowledged yet
     release.set()
     harness.driver.wait_used(1)
 

@@ -171,13 +171,21 @@ class Asm:
         """jmp $  (EB FE): spin forever"""
         return self.emit(0xEB, 0xFE)
 
+    def jmp(self, target: int) -> "Asm":
+        """jmp rel8  (EB cb)"""
+        return self.emit(0xEB, self._rel8(target, "jmp"))
+
+    def _rel8(self, target: int, what: str) -> int:
+        """The rel8 byte of a 2-byte jump at `addr` to `target`."""
+        rel = target - (self.addr + 2)
+        if not -128 <= rel < 128:
+            raise ValueError(f"{what} target {target:#x} out of rel8 range from {self.addr:#x}")
+        return rel & 0xFF
+
     def loope(self, target: int) -> "Asm":
         """loope rel8  (E1 cb): decrement CX/RCX (flags untouched), jump to `target` while it is
         not zero and ZF=1 - a bounded wait for a compare to come out unequal"""
-        rel = target - (self.addr + 2)
-        if not -128 <= rel < 128:
-            raise ValueError(f"loope target {target:#x} out of rel8 range from {self.addr:#x}")
-        return self.emit(0xE1, rel & 0xFF)
+        return self.emit(0xE1, self._rel8(target, "loope"))
 
     def sti(self) -> "Asm":
         """sti  (FB): enable maskable interrupts (after the next instruction)"""
