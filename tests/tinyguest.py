@@ -264,22 +264,6 @@ def idt64_gate(handler: int, selector: int = 8) -> bytes:
     return struct.pack("<HHBBHII", handler & 0xFFFF, selector, 0, 0x8E, (handler >> 16) & 0xFFFF, handler >> 32, 0)
 
 
-@dataclass
-class RecordingDevice:
-    """A bus device that records writes and answers reads with a fixed pattern."""
-
-    pattern: int = 0x8877665544332211
-    writes: list[tuple[int, int, int]] = field(default_factory=list)
-    reads: list[tuple[int, int]] = field(default_factory=list)
-
-    def read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return (self.pattern >> (8 * offset)) & ((1 << (8 * size)) - 1) if offset < 8 else 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
-
-
 def pattern_byte(offset: int) -> int:
     """Byte `offset` of PatternDevice's register file: distinct for any 253 consecutive offsets, never 0 or 0xFF."""
     return (offset * 0x1D + 0x31) % 0xFD + 1
