@@ -21,7 +21,7 @@ from minivmm.devices.virtio.pmem import (
 from minivmm.devices.virtio.queue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue, virtq_desc
 from minivmm.memory import GuestMemory
 from minivmm.pmemfile import PmemSpec, open_backing
-from support.idle import epoll_watched, wait_blocked_watching, wait_until
+from support.idle import epoll_watched, wait_blocked_watching
 
 RAM = 0x4000_0000  # guest RAM does not start at 0 here
 QSIZE = 256
@@ -99,6 +99,13 @@ class Harness:
     def kick(self) -> None:
         os.eventfd_write(self.notify, 1)
 
+    def wait_idle(self) -> None:
+        """Wait until the flusher has finished its batches and waits for the next kick (in
+        epoll on its stop pipe and the notify eventfd): after that, nothing more happens."""
+        flusher = self.dev._flusher
+        assert flusher is not None
+        wait_blocked_watching(flusher.thread, {flusher.stop_r, self.notify})
+
     def close(self) -> None:
         self.dev.reset()
         os.close(self.notify)
@@ -155,6 +162,7 @@ def test_flush_end_to_end(harness, fsync_calls, backing) -> None:
     head = d.add()
     harness.kick()
     d.wait_used(1)
+    harness.wait_idle()
     assert d.ret(head) == 0
     assert d.used(0) == (head, 4)
     assert len(fsync_calls) == 1
@@ -178,6 +186,7 @@ def test_unknown_type_is_an_error(harness, fsync_calls) -> None:
     good = d.add()
     harness.kick()
     d.wait_used(2)
+    harness.wait_idle()
     assert d.ret(good) == 0 and len(fsync_calls) == 1
     assert harness.dev.stats()["bad_requests"] == 1
     assert not harness.reset_requested.is_set()
@@ -248,6 +257,7 @@ def test_fsync_failure_reports_error(harness, backing, monkeypatch) -> None:
     h = d.add()
     harness.kick()
     d.wait_used(3)
+    harness.wait_idle()
     assert d.ret(h) == 0
     assert not harness.reset_requested.is_set()
 
@@ -257,14 +267,14 @@ def test_group_commit(harness, backing, monkeypatch) -> None:
     fsync that started after the request was made available."""
     real = os.fdatasync
     fsyncs: list[tuple[float, float]] = []
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow(fd: int) -> None:
         if fd != backing.fd:
             return real(fd)
         t0 = time.monotonic()
         started.set()
-        time.sleep(0.15)
+        release.wait(TIMEOUT)  # the first fsync lasts until every other request has arrived
         real(fd)
         fsyncs.append((t0, time.monotonic()))
 
@@ -278,9 +288,9 @@ def test_group_commit(harness, backing, monkeypatch) -> None:
     for _ in range(n - 1):  # all arrive while the first fsync runs
         d.add()
         harness.kick()
-        time.sleep(0.001)
+    release.set()
     d.wait_used(n)
-    assert len(fsyncs) < n and len(fsyncs) <= 3
+    assert len(fsyncs) == 2  # the first request's, then one for the 39 that arrived during it
     assert all(d.ret(head) == 0 for head in d.submitted)
     # ack time of each used entry: the signal_used call that first saw it in the used ring
     acked: dict[int, float] = {}
@@ -300,9 +310,8 @@ def test_no_interrupt_flag_suppresses_signal(harness) -> None:
     harness.driver.add()
     harness.kick()
     harness.driver.wait_used(1)
-    # the batch is complete once it is counted (after the signal_used decision)
-    wait_until(lambda: harness.dev.stats()["batches"] == 1, "the batch to be counted")
-    assert harness.signals == []
+    harness.wait_idle()
+    assert harness.dev.stats()["batches"] == 1 and harness.signals == []
 
 
 def test_reset_and_reactivate(harness, fsync_calls) -> None:

@@ -6,6 +6,7 @@ terminal. Boots the real default guest on real KVM (minutes on a software-KVM ho
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 BOOT_TIMEOUT = 900.0
+PCI_COUNT = re.compile(rb"pci-(\d+)\s")  # the output of `echo pci-$(...)`, not its echo
 
 
 class Pty:
@@ -26,9 +28,11 @@ class Pty:
         self.output = b""
         self.proc: subprocess.Popen | None = None
 
-    def expect(self, needle: bytes, timeout: float) -> bytes:
+    def expect(self, needle: bytes | re.Pattern[bytes], timeout: float) -> bytes:
+        """Read until `needle` (bytes, or a regex to search for) is in the output; the output."""
+        found = needle.search if isinstance(needle, re.Pattern) else lambda output: needle in output
         deadline = time.monotonic() + timeout
-        while needle not in self.output:
+        while not found(self.output):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no {needle!r} after {timeout:.0f} s; output tail:\n{self.output[-3000:].decode(errors='replace')}")
@@ -71,9 +75,11 @@ def test_interactive_shell_runs_commands_and_poweroff_ends_the_run(guest, tmp_pa
         pty.expect(b"minivmm: starting shell", BOOT_TIMEOUT)
         pty.expect(b"# ", 120)  # the busybox prompt
         assert not termios.tcgetattr(pty.slave)[3] & termios.ICANON  # raw while the guest runs
-        pty.type(b"echo shell-$((6*7)); uname -m; ls /sys/bus/pci/devices | wc -l\r")
+        pty.type(b"echo shell-$((6*7)); uname -m; echo pci-$(ls /sys/bus/pci/devices | wc -l)\r")
         out = pty.expect(b"shell-42", 120)
         pty.expect(b"x86_64", 60)
+        pci = PCI_COUNT.search(pty.expect(PCI_COUNT, 60))
+        assert pci and pci.group(1) == b"1", pci  # the host bridge 00:00.0 alone (no --pmem)
         pty.type(b"poweroff\r")
         status = proc.wait(timeout=300)
         out = pty.output
