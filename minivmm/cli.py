@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on]",
         help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...)",
     )
+    run.add_argument("--qmp", "-qmp", metavar="PATH", help="serve QMP on a UNIX socket (also QEMU's unix:PATH,server=on,wait=off)")
+    run.add_argument(
+        "--object", "-object", action="append", default=[], metavar="memory-backend-file,id=ID,mem-path=PATH[,size=SIZE][,share=on]",
+        help="a memory backend, as QEMU's -object (repeatable)",
+    )
+    run.add_argument(
+        "--device", "-device", action="append", default=[], metavar="virtio-pmem-pci,memdev=ID[,id=ID]",
+        help="a virtio-pmem-pci device on a --object backend, as QEMU's -device (repeatable)",
+    )
     run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
@@ -76,6 +85,8 @@ def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine, MachineConfig
+    from .monitor.objects import specs_from_command_line
+    from .monitor.qmp import parse_qmp_path
     from .pmemfile import parse_pmem_option
 
     kernel, initrd = _default_guest(args)
@@ -92,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         trace=args.trace,
         watchdog=args.watchdog,
-        pmem=[parse_pmem_option(text) for text in args.pmem],
+        pmem=[parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device),
+        qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
     )
     with Machine(config) as machine:
         stop = machine.run()

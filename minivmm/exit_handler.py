@@ -38,10 +38,15 @@ RECENT_EXITS = 16
 
 @dataclass(frozen=True)
 class Stop:
-    """Why the run ended and with which exit status."""
+    """Why the run ended and with which exit status.
+
+    `cause` is QEMU's ShutdownCause name (qapi/run-state.json), reported in the QMP
+    SHUTDOWN event: "guest-shutdown", "guest-reset", "guest-panic", "host-qmp-quit",
+    "host-qmp-system-reset", "host-signal", "host-ui", "host-error"."""
 
     status: int
     reason: str
+    cause: str = field(default="host-error", compare=False)
 
 
 @dataclass(frozen=True)
@@ -102,10 +107,10 @@ def handle_exit(exit: VcpuExit, parts: ExitParts) -> Stop | None:
         return _internal_error(exit, parts)
     elif isinstance(exit, SystemEventExit):
         if exit.type == kvm.KVM_SYSTEM_EVENT_CRASH:
-            return Stop(1, "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
-        return Stop(0, f"guest system event {exit.type}")
+            return Stop(1, "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)", "guest-panic")
+        return Stop(0, f"guest system event {exit.type}", "guest-shutdown")
     elif isinstance(exit, HltExit):
-        return Stop(0, "guest halted with interrupts off (KVM_EXIT_HLT)")
+        return Stop(0, "guest halted with interrupts off (KVM_EXIT_HLT)", "guest-shutdown")
     elif isinstance(exit, ShutdownExit):
         return _fail(parts, f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at {_where(parts)}")
     elif isinstance(exit, FailEntryExit):
@@ -149,7 +154,7 @@ def _internal_error(exit: InternalErrorExit, parts: ExitParts) -> Stop | None:
 
 def _fail(parts: ExitParts, reason: str) -> Stop:
     print(describe(parts), file=parts.diagnostics, flush=True)
-    return Stop(1, reason)
+    return Stop(1, reason, "guest-reset" if reason.startswith("guest triple-faulted") else "host-error")
 
 
 def _where(parts: ExitParts) -> str:

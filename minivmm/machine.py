@@ -15,6 +15,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
@@ -34,6 +35,8 @@ from .fallback import EmulationFallbacks
 from .kvm_interrupts import KvmInterrupts
 from .kvm import Kvm
 from .memory import GuestMemory, Region
+from .monitor.monitor import Monitor
+from .monitor.qmp import QmpServer, listen_unix
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
 from .register_block import Register, RegisterBlock
@@ -64,6 +67,7 @@ class MachineConfig:
     trace: bool = False
     watchdog: float | None = None
     pmem: list[PmemSpec] = field(default_factory=list)
+    qmp: str | None = None  # QMP socket path
     stdin_fd: int = 0
     stdout_fd: int = 1
 
@@ -79,6 +83,8 @@ class Machine:
         self.config = config
         self.owned = ExitStack()
         self.loops: list[VcpuLoop] = []
+        self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+        self._paused = False
         self._stop: Stop | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -131,6 +137,11 @@ class Machine:
         self.fallbacks = EmulationFallbacks()
         self._add_platform_devices()
         self._add_pci_devices()
+        self.monitor = Monitor(self)
+        self.qmp: QmpServer | None = None
+        if cfg.qmp is not None:
+            self.qmp = QmpServer(listen_unix(cfg.qmp), self.monitor, cfg.qmp)
+            own.callback(self.qmp.close)
 
     # -- memory ---------------------------------------------------------------------------
     def _reserve_ram(self, size: int) -> mmap.mmap:
@@ -153,19 +164,20 @@ class Machine:
     def _add_platform_devices(self) -> None:
         self.console = Console(
             self.events,
-            on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)")),
+            on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)", "host-ui")),
             stdin_fd=self.config.stdin_fd,
             stdout_fd=self.config.stdout_fd,
+            monitor=lambda line: self.monitor.hmp.execute(line),
         )
         self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), output=self.console.write)
         self.console.attach(self.serial)
         self.pio.register(layout.COM1_PORT, layout.COM1_PORT_COUNT, self.serial, "serial")
-        self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)")))
+        self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)", "guest-reset")))
         self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
         self.pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042")
         self.acpi_pm = AcpiSleepRegisters(on_sleep=self._on_sleep)
         self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
-        self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
+        self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)", "guest-panic")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
         # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
         self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
@@ -174,14 +186,15 @@ class Machine:
         self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)
         self.pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, self.pci.conf1, "pci-conf1")
         self.pmem_devices: list[VirtioPmem] = []
-        for backing in self.pmem_backings:
-            self.add_pmem(backing)
+        for spec, backing in zip(self.config.pmem, self.pmem_backings):
+            if spec.plug:
+                self.add_pmem(backing)
 
     def add_pmem(self, backing: PmemBacking) -> VirtioPmem:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
         describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
         window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
-        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id))
+        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id, readonly=backing.readonly))
         device = VirtioPmem.from_backing(backing, start=window.base)
         transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
         self.pci.add_device(transport)
@@ -191,7 +204,46 @@ class Machine:
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:
-            self.request_stop(Stop(0, "guest powered off (ACPI S5)"))
+            self.request_stop(Stop(0, "guest powered off (ACPI S5)", "guest-shutdown"))
+
+    # -- run state and events (the monitor's view) -----------------------------------------
+    @property
+    def run_state(self) -> str:
+        """QEMU's RunState name (qapi/run-state.json): prelaunch, running, paused or shutdown."""
+        if self._stop is not None:
+            return "shutdown"
+        if not self.loops or self.loops[0].thread is None:
+            return "prelaunch"
+        return "paused" if self._paused else "running"
+
+    def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
+        """`listener(name, data)` hears every QMP event the machine emits (any thread)."""
+        self._listeners.append(listener)
+
+    def emit(self, event: str, data: dict[str, object] | None = None) -> None:
+        for listener in list(self._listeners):
+            listener(event, data or {})
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop every vCPU outside KVM_RUN (QMP `stop`); device threads keep serving."""
+        if self._paused:
+            return
+        self._paused = True
+        for loop in self.loops:
+            loop.pause()
+        for loop in self.loops:
+            if loop.thread is not None and loop.thread.is_alive():
+                loop.paused.wait(timeout)
+        self.emit("STOP")
+
+    def resume(self) -> None:
+        """Let every vCPU run again (QMP `cont`)."""
+        if not self._paused:
+            return
+        self._paused = False
+        for loop in self.loops:
+            loop.resume()
+        self.emit("RESUME")
 
     # -- stop -----------------------------------------------------------------------------
     def request_stop(self, stop: Stop) -> None:
@@ -239,6 +291,8 @@ class Machine:
             print(f"minivmm: {self.host.notice}", file=sys.stderr)
         old_handlers = self._install_signal_handlers()
         self.events.start()
+        if self.qmp is not None:
+            self.qmp.start()
         try:
             with self.console:  # raw terminal while the guest runs; restored whatever happens
                 for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
@@ -255,13 +309,15 @@ class Machine:
             self.events.stop()
             self._restore_signal_handlers(old_handlers)
         assert self._stop is not None
+        self.emit("SHUTDOWN", {"guest": self._stop.cause.startswith("guest-"), "reason": self._stop.cause})
         return self._stop
 
     def _wait(self) -> None:
         last_progress = time.monotonic()
         last_exits = -1
         while not self._stopped.wait(0.5):
-            if self.config.watchdog is None:
+            if self.config.watchdog is None or self._paused:
+                last_exits = -1  # a paused guest makes no progress on purpose
                 continue
             exits = sum(sum(loop.stats.by_kind.values()) for loop in self.loops)
             now = time.monotonic()
@@ -278,7 +334,7 @@ class Machine:
             return {}
 
         def on_term(signum: int, frame: object) -> None:
-            self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}"))
+            self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}", "host-signal"))
 
         def on_usr1(signum: int, frame: object) -> None:
             for loop in self.loops:

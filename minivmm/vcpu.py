@@ -54,6 +54,9 @@ class VcpuLoop:
         self.stopping = False
         self.describe_requested = False
         self.thread: threading.Thread | None = None
+        self._run_allowed = threading.Event()  # cleared by pause(): the thread waits outside KVM_RUN
+        self._run_allowed.set()
+        self.paused = threading.Event()  # set while the thread waits in pause
 
     @property
     def fallbacks(self) -> EmulationFallbacks:
@@ -67,6 +70,7 @@ class VcpuLoop:
     def kick(self) -> None:
         """Make KVM_RUN return and the loop end soon, from any thread."""
         self.stopping = True
+        self._run_allowed.set()  # a paused vCPU wakes up to end
         self._interrupt()
 
     def request_describe(self) -> None:
@@ -86,6 +90,15 @@ class VcpuLoop:
                 signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def pause(self) -> None:
+        """Stop running guest code soon (any thread); `paused` is set once the thread waits."""
+        self._run_allowed.clear()
+        self._interrupt()
+
+    def resume(self) -> None:
+        """Let a paused vCPU run again (any thread)."""
+        self._run_allowed.set()
 
     def end(self, status: int, reason: str) -> None:
         """End the run with `status` (from the vCPU thread, e.g. a device on a guest write)."""
@@ -118,6 +131,10 @@ class VcpuLoop:
         if self.describe_requested:
             self.describe_requested = False
             print(self.describe(), file=self.parts.diagnostics, flush=True)
+        if not self._run_allowed.is_set():
+            self.paused.set()
+            self._run_allowed.wait()
+            self.paused.clear()
 
     def describe(self) -> str:
         """Registers, the instruction bytes at RIP and the last exits (see `exit_handler.describe`)."""
