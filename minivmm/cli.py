@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
+    run.add_argument(
+        "--stats-json",
+        type=Path,
+        metavar="FILE",
+        help="write the same statistics as JSON to FILE at exit (with --trace: every exit too)",
+    )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
     guest = sub.add_parser("guest", help="build or locate the default guest", description="The default guest kernel and initramfs.")
     guest.add_argument("action", choices=["build", "paths"])
@@ -79,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {path}: no such file")
     if args.watchdog is not None and args.watchdog <= 0:
         raise UserError("--watchdog must be a positive number of seconds")
+    if args.stats_json is not None:
+        _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
     # Files are checked (and created/extended) before KVM is touched, all or nothing.
     pmem = open_all([parse_pmem_option(text) for text in args.pmem])
     config = MachineConfig(
@@ -99,12 +107,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     try:
         stop = machine.run()
-        if args.stats:
-            print(machine.stats_report(), file=sys.stderr)
     finally:
+        stats = machine.statistics()  # also when the run failed (the JSON then has no stop)
         machine.close()
+        if args.stats:
+            print(stats.render_text(), file=sys.stderr)
+        if args.stats_json is not None:
+            _write_stats_json(args.stats_json, stats.to_json())
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
+
+
+def _write_stats_json(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--stats-json {path}: {exc.strerror}") from None
 
 
 def cmd_guest(args: argparse.Namespace) -> int:

@@ -12,8 +12,8 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from . import kvm
@@ -21,6 +21,8 @@ from .bus import Bus
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
+from .stats import ExitRecord
+from .stats import VcpuStats as ExitStats
 
 KICK_SIGNAL = signal.SIGUSR2  # interrupts KVM_RUN on a vCPU thread (its handler does nothing)
 MAX_INSN = 15
@@ -32,31 +34,6 @@ class Stop:
 
     status: int
     reason: str
-
-
-@dataclass
-class ExitStats:
-    by_kind: Counter[str] = field(default_factory=Counter)
-    by_device: Counter[str] = field(default_factory=Counter)
-    time_in_run: float = 0.0
-    time_outside: float = 0.0
-    first_run: float | None = None  # time.monotonic() of the first KVM_RUN
-
-
-@dataclass(frozen=True)
-class ExitRecord:
-    """One exit, kept raw (formatting every exit would slow the hot path)."""
-
-    kind: str
-    op: str
-    addr: int
-    size: int
-    value: int
-    device: str
-
-    def __str__(self) -> str:
-        where = f"port={self.addr:#06x}" if self.kind == "io" else f"addr={self.addr:#x}"
-        return f"{self.kind} {self.op} {where} size={self.size} value={self.value:#x} -> {self.device}"
 
 
 def fetch_instruction(vcpu: Vcpu, mem: GuestMemory, length: int = MAX_INSN) -> tuple[int, bytes]:
@@ -107,7 +84,7 @@ class VcpuLoop:
         self.fallbacks = fallbacks
         self.on_stop = on_stop
         self.trace = trace
-        self.stats = ExitStats()
+        self.stats = ExitStats(exit_log=[] if trace is not None else None)  # a traced run keeps every exit
         self.recent: deque[ExitRecord] = deque(maxlen=16)
         self.stopping = False
         self.describe_requested = False
@@ -195,6 +172,8 @@ class VcpuLoop:
     # -- exits -----------------------------------------------------------------------------
     def _record(self, record: ExitRecord) -> None:
         self.recent.append(record)
+        if self.stats.exit_log is not None:  # --trace: the whole log goes to --stats-json
+            self.stats.exit_log.append(record)
         if self.trace is not None:
             print(f"[vcpu{self.vcpu.index}] {record}", file=self.trace, flush=True)
 
