@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-from bootutil import TRACEBACK, Run, cli
+from bootutil import TRACEBACK, cli
+from support.runner import RunResult
 
 from minivmm import __version__
 
@@ -21,7 +22,7 @@ MiB = 1 << 20
 ONE_ERROR_LINE = re.compile(r"^minivmm(?: run| guest)?: error: \S.*$")
 
 
-def assert_user_error(run: Run, pattern: str | None = None) -> str:
+def assert_user_error(run: RunResult, pattern: str | None = None) -> str:
     """Exit status 2 and exactly one `... error: ...` line on stderr (matching `pattern`)."""
     lines = run.stderr.splitlines()
     assert TRACEBACK not in run.stderr, run.describe()
