@@ -189,7 +189,10 @@ class Minivmm:
         return time.monotonic() - self.t0
 
     def wait(self, timeout: float) -> RunResult:
-        """Stream the outputs until the process exits (escalating after `timeout` seconds)."""
+        """Stream the outputs until the process exits, escalating `timeout` seconds from now.
+
+        Until `wait` is called nothing reads the pipes: a caller that interacts first (through
+        a pseudo-terminal on stdin/stdout) should keep stderr short (no --trace)."""
         copies: list[IO[bytes]] = []
         sel = selectors.DefaultSelector()
         stopper = _Stopper(self, timeout)
@@ -281,7 +284,7 @@ class _Stopper:
 
     def __init__(self, run: Minivmm, timeout: float) -> None:
         self.run = run
-        self.next_at = timeout
+        self.next_at = run.elapsed() + timeout
         self.stage = 0
         self.fired = False
         self.killed = False
