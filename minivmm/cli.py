@@ -77,7 +77,7 @@ def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine, MachineConfig
-    from .pmemfile import open_all, parse_pmem_option
+    from .pmemfile import parse_pmem_option
 
     kernel, initrd = _default_guest(args)
     for what, path in (("kernel", kernel), ("initrd", initrd)):
@@ -87,8 +87,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--watchdog must be a positive number of seconds")
     if args.stats_json is not None:
         _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
-    # Files are checked (and created/extended) before KVM is touched, all or nothing.
-    pmem = open_all([parse_pmem_option(text) for text in args.pmem])
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -97,23 +95,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         trace=args.trace,
         watchdog=args.watchdog,
-        pmem=pmem,
+        pmem=[parse_pmem_option(text) for text in args.pmem],
     )
-    try:
-        machine = Machine(config)
-    except BaseException:
-        for backing in pmem:
-            backing.close()
-        raise
-    try:
-        stop = machine.run()
-    finally:
-        stats = machine.statistics()  # also when the run failed (the JSON then has no stop)
-        machine.close()
-        if args.stats:
-            print(stats.render_text(), file=sys.stderr)
-        if args.stats_json is not None:
-            _write_stats_json(args.stats_json, stats.to_json())
+    with Machine(config) as machine:
+        try:
+            stop = machine.run()
+        finally:
+            stats = machine.statistics()  # also when the run failed (the JSON then has no stop)
+            if args.stats:
+                print(stats.render_text(), file=sys.stderr)
+            if args.stats_json is not None:
+                _write_stats_json(args.stats_json, stats.to_json())
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
 

@@ -12,10 +12,12 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cpu, hostcheck, layout
+from . import cpu, hostcheck, layout, pmemfile
+from .allocator import ResourceAllocator
 from .boot import build_acpi, load_kernel
 from .boot.acpi import S5_SLP_TYP
 from .bus import Bus
@@ -30,13 +32,14 @@ from .devices.virtio.pmem import VirtioPmem
 from .errors import UserError
 from .eventloop import EventLoop
 from .fallback import EmulationFallbacks
-from .irqchip import KvmInterrupts
+from .kvm_interrupts import KvmInterrupts
 from .kvm import Kvm
 from .memory import GuestMemory, Region
-from .pci import MmioWindow, PciHostBridge
-from .pmemfile import PmemBacking
+from .pci import PciHostBridge
+from .pmemfile import PmemBacking, PmemSpec
+from .exit_handler import Stop
 from .stats import MachineStats, PmemDeviceStats
-from .vcpu import Stop, VcpuLoop, install_kick_handler
+from .vcpu import VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -52,6 +55,8 @@ def process_start_monotonic() -> float:
 
 @dataclass
 class MachineConfig:
+    """What to build: plain data (paths and sizes; nothing opened). `Machine` acquires it all."""
+
     kernel: Path
     initrd: Path | None = None
     cmdline: str = ""
@@ -59,51 +64,89 @@ class MachineConfig:
     cpus: int = 1
     trace: bool = False
     watchdog: float | None = None
-    pmem: list[PmemBacking] = field(default_factory=list)  # opened and validated by the caller
+    pmem: list[PmemSpec] = field(default_factory=list)
     stdin_fd: int = 0
     stdout_fd: int = 1
 
 
 class Machine:
-    """One VM: owns the KVM fds, the guest memory map, the buses, the devices and the vCPUs."""
+    """One VM: owns every fd, mapping, thread and file it uses, and releases them all.
+
+    Everything is acquired in `__init__`/`run` through one `ExitStack` (`self.owned`) and
+    released in reverse order by `close()` (or leaving the `with` block), on every path:
+    a failure half-way through `__init__` releases what was acquired so far."""
 
     def __init__(self, config: MachineConfig) -> None:
         self.config = config
+        self.owned = ExitStack()
+        self.loops: list[VcpuLoop] = []
+        self._stop: Stop | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.pmem_backings: list[PmemBacking] = []
+        try:
+            self._assemble()
+        except BaseException:
+            self.owned.close()
+            for backing in self.pmem_backings:
+                backing.rollback()  # a refused run leaves no file created or extended
+            raise
+        self.started_at = time.monotonic()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release everything, last acquired first (idempotent)."""
+        self.owned.close()
+
+    def _assemble(self) -> None:
+        cfg, own = self.config, self.owned
+        # Backing files are checked (and created or extended) before KVM is touched, all or none.
+        self.pmem_backings = pmemfile.open_all(cfg.pmem)
+        for backing in self.pmem_backings:
+            own.callback(backing.close)
+        ram = [(gpa, self._reserve_ram(size)) for gpa, size in layout.ram_ranges(cfg.mem_size)]
         self.kvm = Kvm()
+        own.callback(self.kvm.close)
         self.host = hostcheck.probe()
         self.vm = self.kvm.create_vm()
+        own.callback(self.vm.close)
+        self.resources = ResourceAllocator(cfg.mem_size, max_memory_slots=self.kvm.max_memory_slots())
         # Pages Intel VMX needs for real-mode emulation, clear of RAM and every window (layout).
         self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
         self.vm.set_tss_addr(layout.TSS_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2()
-        self.interrupts = KvmInterrupts(self.vm)
+        self.interrupts = KvmInterrupts(self.vm, self.resources.gsis)
         self.mem = GuestMemory()
-        self._next_slot = 0
-        for gpa, size in layout.ram_ranges(config.mem_size):
-            try:
-                mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-            except OSError as exc:
-                raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
-            self.add_region(Region(gpa, size, mapping, "ram"))
+        for gpa, mapping in ram:
+            self.add_region(Region(gpa, len(mapping), mapping, "ram"))
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.events = EventLoop()
+        own.callback(self.events.close)
         self.fallbacks = EmulationFallbacks()
-        self._stop: Stop | None = None
-        self._stopped = threading.Event()
-        self._stop_lock = threading.Lock()
         self._add_platform_devices()
         self._add_pci_devices()
-        self.loops: list[VcpuLoop] = []
-        self.started_at = time.monotonic()
 
     # -- memory ---------------------------------------------------------------------------
+    def _reserve_ram(self, size: int) -> mmap.mmap:
+        try:
+            mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        except OSError as exc:
+            raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
+        self.owned.callback(mapping.close)
+        return mapping
+
     def add_region(self, region: Region) -> Region:
         """Add a region to the guest-physical map and give it a KVM memory slot."""
         self.mem.add_region(region)
-        region.slot = self._next_slot
-        self._next_slot += 1
+        self.owned.callback(region.view.release)  # before its mapping closes (LIFO)
+        region.slot = self.resources.memory_slots.allocate()
         self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
         return region
 
@@ -129,26 +172,21 @@ class Machine:
         self.pio.register(layout.POST_PORT, 1, ByteRegister(lambda: 0xFF, lambda value: None), "post")
 
     def _add_pci_devices(self) -> None:
-        base64, size64 = layout.pci_mmio64_window(self.config.mem_size)
-        self.pci = PciHostBridge(
-            self.mmio,
-            self.interrupts,
-            MmioWindow(layout.PCI_MMIO32.base, layout.PCI_MMIO32.size),
-            MmioWindow(base64, size64),
-            pio_bus=self.pio,
-        )
-        self.pmem_allocator = layout.PmemAllocator(layout.ram_top(self.config.mem_size))
+        self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)
+        self.pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, self.pci.conf1, "pci-conf1")
         self.pmem_devices: list[VirtioPmem] = []
-        for backing in self.config.pmem:
+        for backing in self.pmem_backings:
             self.add_pmem(backing)
 
     def add_pmem(self, backing: PmemBacking) -> VirtioPmem:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
         describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
-        gpa = self.pmem_allocator.allocate(backing.size, backing.id or "pmem")
-        self.add_region(Region(gpa, backing.size, backing.mapping, name=backing.id or "pmem"))
-        device = VirtioPmem.from_backing(backing, start=gpa)
-        self.pci.add_device(VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id))
+        window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
+        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id))
+        device = VirtioPmem.from_backing(backing, start=window.base)
+        transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
+        self.pci.add_device(transport)
+        self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
         self.pmem_devices.append(device)
         return device
 
@@ -184,6 +222,7 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         for index in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(index)
+            self.owned.callback(vcpu.close)
             cpu.setup_cpuid(vcpu, supported, index)
             cpu.setup_msrs(vcpu)
             cpu.setup_fpu(vcpu)
@@ -263,21 +302,7 @@ class Machine:
             process_start=process_start_monotonic(),
             fallbacks=dict(self.fallbacks.counts),
             unclaimed={bus.name: dict(bus.unclaimed) for bus in (self.pio, self.mmio)},
-            pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in zip(self.pmem_devices, self.config.pmem)],
+            pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in zip(self.pmem_devices, self.pmem_backings)],
             stop_status=None if self._stop is None else self._stop.status,
             stop_reason=None if self._stop is None else self._stop.reason,
         )
-
-    def close(self) -> None:
-        for device in self.pmem_devices:
-            device.reset()  # stops its flusher thread before guest memory goes away
-        for loop in self.loops:
-            loop.vcpu.close()
-        self.vm.close()
-        self.kvm.close()
-        for region in self.mem.regions:
-            region.view.release()
-            if region.name == "ram":
-                region.mapping.close()
-        for backing in self.config.pmem:
-            backing.close()

@@ -63,6 +63,12 @@ class PmemBacking:
     discard_writes: bool
     id: str
     created: bool = False  # the file did not exist before this run
+    extended_from: os.stat_result | None = field(default=None, repr=False)  # stat before this run extended it
+
+    def rollback(self) -> None:
+        """Undo what opening did to the file, after `close()`: remove a file this run created,
+        or cut an extended one back to its old length and times (a refused run leaves no trace)."""
+        _undo_by_path(self.path, self.created, self.extended_from)
 
     def close(self) -> None:
         if self.fd < 0:
@@ -287,19 +293,24 @@ def _map(plan: _Plan) -> PmemBacking:
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"--pmem {path}: cannot map {format_size(plan.size)}: {exc}") from None
-    return PmemBacking(plan.fd, path, plan.size, mapping, discard, plan.ident, plan.created)
+    return PmemBacking(plan.fd, path, plan.size, mapping, discard, plan.ident, plan.created, plan.old_stat if plan.extended else None)
 
 
 def _undo(plan: _Plan) -> None:
     """Best-effort rollback of `_create_or_extend`, then close the fd."""
-    try:
-        if plan.created:
-            os.unlink(plan.spec.path)
-        elif plan.extended and plan.old_stat is not None:
-            os.ftruncate(plan.fd, plan.old_stat.st_size)
-            os.utime(plan.fd, ns=(plan.old_stat.st_atime_ns, plan.old_stat.st_mtime_ns))
-    except OSError:
-        pass
     if plan.fd >= 0:
         os.close(plan.fd)
         plan.fd = -1
+    _undo_by_path(plan.spec.path, plan.created, plan.old_stat if plan.extended else None)
+
+
+def _undo_by_path(path: str, created: bool, extended_from: os.stat_result | None) -> None:
+    """Remove a created file, or truncate an extended one back (best effort: a rollback)."""
+    try:
+        if created:
+            os.unlink(path)
+        elif extended_from is not None:
+            os.truncate(path, extended_from.st_size)
+            os.utime(path, ns=(extended_from.st_atime_ns, extended_from.st_mtime_ns))
+    except OSError:
+        pass

@@ -372,3 +372,21 @@ def test_writes_reach_the_file_through_the_shared_mapping(backing) -> None:
     with open(backing.path, "rb") as f:
         f.seek(100)
         assert f.read(4) == b"abcd"
+
+
+def test_an_unexpected_flusher_exception_is_reported_and_needs_reset(backing, capfd) -> None:
+    """A device bug on the flusher thread reaches stderr in one line and the device's error
+    list (statistics count it), and the device asks for a reset instead of dying silently."""
+    h = Harness(VirtioPmem.from_backing(backing, start=0x1_0000_0000))
+
+    def broken(*args: object) -> bool:
+        raise RuntimeError("boom")
+
+    h.dev.process_batch = broken  # type: ignore[method-assign]
+    h.activate()
+    h.driver.add()
+    h.kick()
+    assert h.reset_requested.wait(TIMEOUT)
+    h.close()
+    assert [str(e) for e in h.dev.errors] == ["boom"]
+    assert f"minivmm: {h.dev.name} flusher failed: RuntimeError: boom\n" in capfd.readouterr().err

@@ -34,7 +34,10 @@ from minivmm.devices.virtio.pci import (
 from minivmm.devices.virtio.queue import Virtqueue
 from minivmm.memory import GuestMemory
 from minivmm.pci.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
-from minivmm.pci.host import MmioWindow, PciHostBridge
+from minivmm import layout
+from minivmm.allocator import AddressAllocator
+from minivmm.pci.host import PciHostBridge
+from minivmm.ranges import AddressRange
 from minivmm.pci.regs import (
     PCI_CAP_ID_MSIX,
     PCI_CAP_ID_VNDR,
@@ -315,7 +318,7 @@ def test_bad_queue_needs_reset(env, kwargs):
 def test_reset_and_reactivate(env):
     t, dev, d, _routes = env
     bridge_reg = FakeIoEventRegistry()
-    bridge = PciHostBridge(Bus("mmio"), bridge_reg, MmioWindow(0xC000_0000, 0x1000_0000))
+    bridge = PciHostBridge(Bus("mmio"), bridge_reg, AddressAllocator("w32", AddressRange(0xC000_0000, 0x1000_0000)))
     bridge.add_device(t)
     activate(t, d)
     fd = dev.activated[0][2][0]
@@ -405,7 +408,9 @@ def test_linux_probe_sequence():
     and the MMIO bus, against a real host bridge."""
     mmio, pio = Bus("mmio"), Bus("pio")
     ioev = FakeIoEventRegistry()
-    bridge = PciHostBridge(mmio, ioev, MmioWindow(0xC000_0000, 0x3EC0_0000), MmioWindow(1 << 32, 1 << 32), pio_bus=pio)
+    w32, w64 = AddressRange(0xC000_0000, 0x3EC0_0000), AddressRange(1 << 32, 1 << 32)
+    bridge = PciHostBridge(mmio, ioev, AddressAllocator("w32", w32), AddressAllocator("w64", w64))
+    pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, bridge.conf1, "pci-conf1")
     mem = GuestMemory.anonymous(4 * MB)
     ic = FakeInterruptController()
     dev = FakeDevice()

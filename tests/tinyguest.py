@@ -12,7 +12,8 @@ from minivmm.bus import Bus
 from minivmm.fallback import EmulationFallbacks
 from minivmm.kvm import Kvm
 from minivmm.memory import GuestMemory
-from minivmm.vcpu import Stop, VcpuLoop, install_kick_handler
+from minivmm.exit_handler import Stop
+from minivmm.vcpu import VcpuLoop, install_kick_handler
 
 RAM_SIZE = 2 << 20
 CODE = 0x10000  # long-mode page tables use 0x1000-0x6fff
@@ -305,7 +306,7 @@ class DoneDevice:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.value = value
-        self.loop_ref[0]._end(0, "done")
+        self.loop_ref[0].end(0, "done")
 
 
 class TinyGuest:

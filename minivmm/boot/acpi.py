@@ -168,7 +168,8 @@ def madt(ncpus: int) -> bytes:
 def pci_host_bridge(mem_size: int) -> bytes:
     """\\_SB.PCI0: the PCI host bridge (PNP0A03) using configuration mechanism #1."""
     mmio32 = layout.PCI_MMIO32
-    mmio64_base, mmio64_size = layout.pci_mmio64_window(mem_size)
+    mmio64 = layout.pci_mmio64_window(mem_size)
+    mmio64_base, mmio64_size = mmio64.base, mmio64.size
     crs = aml.resource_template(
         aml.word_bus_number(0x00, 0xFF),
         aml.io_port(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_ADDRESS_PORT, 1, layout.PCI_CONFIG_PORT_COUNT),

@@ -36,6 +36,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from ...errors import report_thread_error
 from ...memory import GuestMemory
 from ...stats import PmemStats
 from .queue import DescriptorChain, Virtqueue, VirtqueueError
@@ -252,7 +253,7 @@ class _Flusher:
                 sel.unregister(self.notify_fd)
                 sel.select()  # only the stop pipe is left
         except Exception as exc:  # e.g. the notify fd was closed under us: report, stop serving
-            self.dev.errors.append(exc)
+            report_thread_error(f"{self.dev.name} flusher", exc, self.dev.errors)
             self.needs_reset()
         finally:
             sel.close()
@@ -272,6 +273,6 @@ class _Flusher:
             self.needs_reset()
             return False
         except Exception as exc:  # a device bug: keep the VMM alive, report it
-            self.dev.errors.append(exc)
+            report_thread_error(f"{self.dev.name} flusher", exc, self.dev.errors)
             self.needs_reset()
             return False
