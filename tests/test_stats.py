@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
+
+from support.runner import run_minivmm
 
 from minivmm import layout
 from minivmm.boot.synthetic import make_pvh_elf, smoke_pvh_elf
@@ -107,35 +104,8 @@ def test_vcpu_stats_copy_is_independent() -> None:
     assert snap.exits == 0 and snap.exit_log == []
 
 
-# --- the command line, with tiny kernels on real KVM ------------------------------------------
-
-
-def minivmm(*args: str | Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "minivmm", "run", *map(str, args)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
-def run(*args: str | Path, timeout: float = 60) -> tuple[int, str, str]:
-    proc = minivmm(*args)
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def kernel(tmp_path: Path, code: bytes) -> Path:
-    path = tmp_path / "kernel"
-    path.write_bytes(make_pvh_elf(code))
-    return path
-
-
-def print_code(message: bytes) -> bytes:
-    """mov dx, COM1; then mov al, ch; out dx, al for each byte (valid in 32- and 64-bit mode)."""
-    return b"\x66\xba" + layout.COM1_PORT.to_bytes(2, "little") + b"".join(bytes([0xB0, ch, 0xEE]) for ch in message)
+# --- the command line, with tiny kernels on real KVM, through the tests' runner ---------------
+# (tests/test_runner.py: the JSON is also written when SIGTERM stops a run)
 
 
 def stats_block(stderr: str) -> str:
@@ -148,57 +118,38 @@ def stats_block(stderr: str) -> str:
 def test_stats_json_unwritable_is_one_line_and_nothing_boots(tmp_path: Path) -> None:
     k = tmp_path / "k"
     k.write_bytes(smoke_pvh_elf(b"booted\n"))
-    for target in (tmp_path / "missing-dir" / "s.json", tmp_path):  # no such directory; a directory
-        status, out, err = run("--kernel", k, "--stats", "--stats-json", target)
-        assert status == 2
-        assert err == f"minivmm: error: --stats-json {target}: {'No such file or directory' if target != tmp_path else 'Is a directory'}\n"
-        assert out == ""  # the guest never printed: it never ran
+    for target, why in ((tmp_path / "missing-dir" / "s.json", "No such file or directory"), (tmp_path, "Is a directory")):
+        run = run_minivmm(["--kernel", k, "--stats", "--stats-json", target], tmp_path / "w", timeout=60, stats=False)
+        assert run.status == 2 and run.stderr == f"minivmm: error: --stats-json {target}: {why}\n", run.describe()
+        assert run.stdout == ""  # the guest never printed: it never ran
 
 
 def test_stats_json_matches_stats_text_after_a_guest_panic(tmp_path: Path) -> None:
     """pvpanic ends the run with status 1; the JSON says so and renders to the --stats text."""
-    code = print_code(b"x") + b"\x66\xba" + layout.PVPANIC_PORT.to_bytes(2, "little") + bytes([0xB0, PVPANIC_PANICKED, 0xEE]) + SPIN
-    out_json = tmp_path / "stats.json"
-    status, out, err = run("--kernel", kernel(tmp_path, code), "--stats", "--stats-json", out_json)
-    assert status == 1 and out == "x", err
-    stats = MachineStats.from_json(out_json.read_text())
+    k = tmp_path / "k"
+    port = layout.PVPANIC_PORT.to_bytes(2, "little")
+    k.write_bytes(make_pvh_elf(b"\x66\xba" + port + bytes([0xB0, PVPANIC_PANICKED, 0xEE]) + SPIN))  # mov dx; mov al; out
+    run = run_minivmm(["--kernel", k, "--stats"], tmp_path, timeout=60)
+    stats = run.stats
+    assert run.status == 1 and stats is not None, run.describe()
     assert (stats.stop_status, stats.stop_reason) == (1, "guest kernel panicked (pvpanic)")
-    assert err.rstrip("\n").splitlines()[-1] == f"minivmm: {stats.stop_reason}"
-    assert stats.render_text() == stats_block(err)
+    assert run.stderr.rstrip("\n").splitlines()[-1] == f"minivmm: {stats.stop_reason}"
+    assert stats.render_text() == stats_block(run.stderr)
     (v,) = stats.vcpus
-    assert v.by_device == {"serial": 1, "pvpanic": 1} and v.by_kind == {"io": 2} and v.exit_log is None
-    assert 0 < stats.startup < stats.startup + stats.wall_time
-
-
-def test_stats_json_written_when_a_signal_stops_the_run(tmp_path: Path) -> None:
-    out_json = tmp_path / "stats.json"
-    proc = minivmm("--kernel", kernel(tmp_path, print_code(b"ready\n") + SPIN), "--stats-json", out_json)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"  # the guest runs: now the signal means something
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, err
-    stats = MachineStats.from_json(out_json.read_text())
-    assert (stats.stop_status, stats.stop_reason) == (0, "stopped by SIGTERM")
-    assert stats.vcpus[0].by_device["serial"] == len("ready\n")
+    assert v.by_device == {"pvpanic": 1} and v.by_kind == {"io": 1} and v.exit_log is None
+    assert stats.startup is not None and 0 < stats.startup < run.wall and 0 < stats.wall_time < run.wall
 
 
 def test_trace_puts_every_exit_in_the_json(tmp_path: Path) -> None:
     k = tmp_path / "k"
     k.write_bytes(smoke_pvh_elf(b"AB"))
-    out_json = tmp_path / "stats.json"
-    status, out, err = run("--kernel", k, "--trace", "--stats-json", out_json)
-    assert status == 0 and out == "AB", err
-    stats = MachineStats.from_json(out_json.read_text())
-    log = stats.vcpus[0].exit_log
+    run = run_minivmm(["--kernel", k, "--trace"], tmp_path, timeout=60)
+    assert run.status == 0 and run.stdout == "AB" and run.stats is not None, run.describe()
+    log = run.stats.vcpus[0].exit_log
     assert log is not None and log[:2] == [
         ExitRecord("io", "out", layout.COM1_PORT, 1, ord("A"), "serial"),
         ExitRecord("io", "out", layout.COM1_PORT, 1, ord("B"), "serial"),
     ]
-    assert log[-1].device == "acpi-sleep" and len(log) == sum(stats.vcpus[0].by_device.values())
-    traced = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[vcpu0] ")]
+    assert log[-1].device == "acpi-sleep" and len(log) == sum(run.stats.vcpus[0].by_device.values())
+    traced = [line.split("] ", 1)[1] for line in run.stderr.splitlines() if line.startswith("[vcpu0] ")]
     assert traced == [str(r) for r in log]  # the JSON log is the --trace log, exit for exit
