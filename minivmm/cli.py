@@ -58,21 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the same statistics as JSON to FILE at exit (with --trace: every exit too)",
     )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
-    guest = sub.add_parser("guest", help="build or locate the default guest", description="The default guest kernel and initramfs.")
-    guest.add_argument("action", choices=["build", "paths"])
+    guest = sub.add_parser(
+        "guest",
+        help="build or locate the default guest",
+        description="The default guest kernel and initramfs. build (in a minivmm checkout): build what is missing and "
+        "record it in the manifest that `minivmm run` reads; paths: print what the manifest names; "
+        "prune: delete other cached builds.",
+    )
+    guest.add_argument("action", choices=["build", "paths", "prune"])
+    guest.add_argument("--force", action="store_true", help="build: rebuild even what is cached")
     return parser
 
 
 def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    from . import guestimage
+    """--kernel/--initrd, else the default guest that the manifest of the last build names."""
+    from .guestmanifest import default_guest
 
     if args.kernel is not None:
         return args.kernel, args.initrd
-    kernel = guestimage.default_kernel()
-    initrd = args.initrd or guestimage.default_initrd()
-    if kernel is None or initrd is None:
-        raise UserError("the default guest is not built: run `make guest` (or pass --kernel)")
-    return kernel, initrd
+    guest = default_guest()
+    return guest.vmlinux, args.initrd or guest.initrd
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -118,9 +123,20 @@ def _write_stats_json(path: Path, text: str) -> None:
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
+    """`minivmm guest build|paths|prune`; `python -m minivmm.guestimage` comes here too."""
+    if args.action == "paths":
+        from .guestmanifest import default_guest
+
+        print(default_guest().describe())
+        return 0
     from . import guestimage
 
-    return guestimage.main([args.action])
+    if args.action == "build":
+        print(guestimage.build(force=args.force).describe())
+    else:
+        for path in guestimage.prune():
+            print(f"removed {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cpu, hostcheck, layout, pmemfile
+from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
 from .boot import build_acpi, load_kernel
 from .boot.acpi import S5_SLP_TYP
@@ -25,7 +25,6 @@ from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
 from .devices.pvpanic import PvPanic
-from .devices.register import ByteRegister
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.pmem import VirtioPmem
@@ -37,6 +36,7 @@ from .kvm import Kvm
 from .memory import GuestMemory, Region
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
+from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
 from .stats import MachineStats, PmemDeviceStats
 from .vcpu import VcpuLoop, install_kick_handler
@@ -169,7 +169,7 @@ class Machine:
         self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
         # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
-        self.pio.register(layout.POST_PORT, 1, ByteRegister(lambda: 0xFF, lambda value: None), "post")
+        self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
 
     def _add_pci_devices(self) -> None:
         self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)
@@ -211,24 +211,24 @@ class Machine:
         cmdline = cfg.cmdline
         if self.host.software_kvm:
             cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
-        self.entry = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
+        self.boot = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
         if cfg.trace:
             for base, size, name in layout.describe(cfg.mem_size):
                 print(f"map: {base:#014x} +{size:#x} {name}", file=sys.stderr)
             for region in self.mem.regions:
                 print(f"map: {region.gpa:#014x} +{region.size:#x} slot {region.slot} {region.name}", file=sys.stderr)
-            for line in self.entry.describe():
+            for line in self.boot.describe():
                 print(line, file=sys.stderr)
         supported = self.kvm.supported_cpuid()
         for index in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.owned.callback(vcpu.close)
-            cpu.setup_cpuid(vcpu, supported, index)
-            cpu.setup_msrs(vcpu)
-            cpu.setup_fpu(vcpu)
-            cpu.setup_lapic(vcpu)
+            vcpu_setup.setup_cpuid(vcpu, supported, index)
+            vcpu_setup.setup_msrs(vcpu)
+            vcpu_setup.setup_fpu(vcpu)
+            vcpu_setup.setup_lapic(vcpu)
             if index == 0:
-                cpu.apply_entry(vcpu, self.entry)
+                vcpu_setup.apply_entry(vcpu, self.boot.entry)
             trace = sys.stderr if cfg.trace else None
             self.loops.append(VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace))
 

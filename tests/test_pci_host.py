@@ -13,7 +13,7 @@ from minivmm.allocator import AddressAllocator
 from minivmm.errors import UserError
 from minivmm.pci.host import PciHostBridge
 from minivmm.ranges import AddressRange
-from minivmm.pci.regs import (
+from minivmm.pci.pci_regs import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
     PCI_CLASS_DEVICE,

@@ -7,9 +7,9 @@ import signal
 from pathlib import Path
 
 from support.runner import run_minivmm
+from support.synthetic_kernels import make_pvh_elf, smoke_pvh_elf
 
 from minivmm import layout
-from minivmm.boot.synthetic import make_pvh_elf, smoke_pvh_elf
 
 SPIN = b"\xeb\xfe"  # jmp $
 

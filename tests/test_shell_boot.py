@@ -42,6 +42,23 @@ class Pty:
                     raise AssertionError(f"terminal closed before {needle!r}:\n{self.output[-3000:].decode(errors='replace')}")
         return self.output
 
+    def drain(self) -> bytes:
+        """Everything minivmm wrote, once it has exited: closes our slave fd, the last one, and
+        reads to the master's EIO, which Linux returns only after the buffered output."""
+        assert self.vmm is not None and self.vmm.proc.poll() is not None
+        os.close(self.slave)
+        self.slave = -1
+        while True:
+            if not select.select([self.master], [], [], 60)[0]:
+                raise AssertionError("the terminal neither delivered nor ended its output in 60 s")
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: no slave fd left and nothing buffered
+                return self.output
+            if not chunk:
+                return self.output
+            self.output += chunk
+
     def type(self, text: bytes) -> None:
         for byte in text:  # at typing speed: the guest's UART has a 16-byte FIFO
             os.write(self.master, bytes([byte]))
@@ -49,7 +66,8 @@ class Pty:
 
     def close(self) -> None:
         os.close(self.master)
-        os.close(self.slave)
+        if self.slave >= 0:
+            os.close(self.slave)
 
 
 @pytest.mark.boot
@@ -67,15 +85,20 @@ def test_interactive_shell_runs_commands_and_poweroff_ends_the_run(guest, tmp_pa
         pty.expect(b"x86_64", 60)
         pty.type(b"poweroff\r")
         run = vmm.wait(timeout=300)
-        out = pty.output
     finally:
         if run is None:
             vmm.kill()
         after = termios.tcgetattr(pty.slave)
-        pty.close()
+        try:
+            out = pty.drain()
+        finally:
+            pty.close()
     assert run.status == 0 and not run.timed_out, run.describe() + out.decode(errors="replace")[-3000:]
     assert "powered off" in run.stderr.strip().splitlines()[-1]
     assert run.stop_reason == "guest powered off (ACPI S5)", run.describe()
     assert b"shell-42" in out
+    # /init prints each of its lines once (guest/init.sh log()), not once per kernel log and tty.
+    for line in (b"minivmm: init started", b"minivmm: starting shell", b"minivmm: powering off"):
+        assert out.count(line) == 1, (line, out.decode(errors="replace")[-3000:])
     assert after == before  # the terminal is restored
     assert "Traceback" not in run.stderr

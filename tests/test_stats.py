@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 from support.runner import run_minivmm
+from support.synthetic_kernels import make_pvh_elf, smoke_pvh_elf
 
 from minivmm import layout
-from minivmm.boot.synthetic import make_pvh_elf, smoke_pvh_elf
 from minivmm.devices.pvpanic import PVPANIC_PANICKED
 from minivmm.stats import STATS_FORMAT, ExitRecord, MachineStats, PmemDeviceStats, PmemStats, VcpuStats
 

@@ -305,7 +305,7 @@ def test_triple_fault_ends_the_run(make_guest) -> None:
 
 
 def test_divide_error_without_an_idt_triple_faults(make_guest) -> None:
-    g = make_guest(long_mode=True)  # IDTR: base 0, limit 0xffff over zeroed RAM: no present gate
+    g = make_guest(long_mode=True)  # IDTR of the entry state: base 0, limit 0: no gate
     a = Asm(64)
     a.xor_ecx_ecx()  # xor ecx, ecx
     a.div_ecx()  # div ecx                (#DE -> #NP -> #DF -> shutdown)

@@ -98,11 +98,7 @@ ALL_PROCESSORS = 0xFF
 MPS_INTI_POLARITY_HIGH = 1
 MPS_INTI_TRIGGER_EDGE = 1 << 2
 
-# Sleep registers (4.8.3.7).
-SLP_TYP_SHIFT = 2
-SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
-SLP_EN = 1 << 5
-WAK_STS = 1 << 7
+# The SLP_TYPx value of \_S5 (the sleep registers' bits live with their device, devices/acpi_pm.py).
 S5_SLP_TYP = 5
 
 PVPANIC_HID = "QEMU0001"

@@ -1,9 +1,9 @@
 """PCI: bus 0 behind configuration mechanism #1, type-0 configuration space, BARs, MSI-X.
 
-Modules: `regs` (pci_regs.h constants), `config` (configuration space), `device` (what the
-bridge needs from a function), `host` (the host bridge, conf1, BAR mapping), `msix` (MSI-X),
-`registers` (register blocks declared as tables), `fakes` (test doubles for the KVM-backed
-interrupt plumbing, and a Linux-shaped conf1 accessor).
+Modules: `pci_regs` (the constants of Linux's pci_regs.h), `config` (configuration space),
+`device` (what the bridge needs from a function), `host` (the host bridge, conf1, BAR
+mapping), `msix` (MSI-X), `fakes` (test doubles for the KVM-backed interrupt plumbing, and a
+Linux-shaped conf1 accessor). Register blocks inside BARs are `minivmm.register_block`.
 
 Wiring it into a machine::
 

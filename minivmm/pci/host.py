@@ -33,13 +33,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..allocator import AddressAllocator
-from ..bus import Bus, BusError, Range
+from ..bus import Bus, BusDeviceRange, BusError
 from ..errors import UserError
 from ..interrupts import IoEventRegistry
 from .config import BarInfo, PciConfigSpace
 from .device import PciDevice
 from ..ranges import AddressRange
-from .regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
+from .pci_regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Conf1:
 @dataclass
 class _Slot:
     device: PciDevice
-    mapped: dict[int, tuple[int, Range]] = field(default_factory=dict)  # BAR -> (address, range)
+    mapped: dict[int, tuple[int, BusDeviceRange]] = field(default_factory=dict)  # BAR -> (address, range)
     ioevents: set[tuple[int, int, int, int | None]] = field(default_factory=set)  # addr, len, fd, match
     rejected: dict[int, int] = field(default_factory=dict)  # BAR -> address already warned about
 
