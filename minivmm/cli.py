@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
+    run.add_argument(
+        "--stats-json",
+        type=Path,
+        metavar="FILE",
+        help="write the same statistics as JSON to FILE at exit (with --trace: every exit too)",
+    )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
     guest = sub.add_parser(
         "guest",
@@ -95,6 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {path}: no such file")
     if args.watchdog is not None and args.watchdog <= 0:
         raise UserError("--watchdog must be a positive number of seconds")
+    if args.stats_json is not None:
+        _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -107,11 +115,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
     )
     with Machine(config) as machine:
-        stop = machine.run()
-        if args.stats:
-            print(machine.stats_report(), file=sys.stderr)
+        try:
+            stop = machine.run()
+        finally:
+            stats = machine.statistics()  # also when the run failed (the JSON then has no stop)
+            if args.stats:
+                print(stats.render_text(), file=sys.stderr)
+            if args.stats_json is not None:
+                _write_stats_json(args.stats_json, stats.to_json())
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
+
+
+def _write_stats_json(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--stats-json {path}: {exc.strerror}") from None
 
 
 def cmd_guest(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from .errors import GuestMemoryError
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
+from .stats import ExitRecord
 from .vcpu_exit import (
     FailEntryExit,
     HltExit,
@@ -49,22 +50,6 @@ class Stop:
     cause: str = field(default="host-error", compare=False)
 
 
-@dataclass(frozen=True)
-class ExitRecord:
-    """One exit, kept raw (formatting every exit would slow the hot path)."""
-
-    kind: str
-    op: str
-    addr: int
-    size: int
-    value: int
-    device: str
-
-    def __str__(self) -> str:
-        where = f"port={self.addr:#06x}" if self.kind == "io" else f"addr={self.addr:#x}"
-        return f"{self.kind} {self.op} {where} size={self.size} value={self.value:#x} -> {self.device}"
-
-
 @dataclass
 class ExitParts:
     """The machine parts an exit may touch: one vCPU, guest memory, the buses, the fallback
@@ -78,6 +63,7 @@ class ExitParts:
     by_device: Counter[str] = field(default_factory=Counter)
     recent: deque[ExitRecord] = field(default_factory=lambda: deque(maxlen=RECENT_EXITS))
     trace: TextIO | None = None
+    log: list[ExitRecord] | None = None  # every exit, when the run is traced (for --stats-json)
     diagnostics: TextIO = field(default_factory=lambda: sys.stderr)  # where the state dump of a failing vCPU goes
 
     def record(self, record: ExitRecord) -> None:
@@ -88,6 +74,8 @@ class ExitParts:
     def remember(self, record: ExitRecord) -> None:
         """Keep an exit among the recent ones (for `describe`) and trace it."""
         self.recent.append(record)
+        if self.log is not None:
+            self.log.append(record)
         if self.trace is not None:
             print(f"[vcpu{self.vcpu.index}] {record}", file=self.trace, flush=True)
 

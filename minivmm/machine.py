@@ -41,6 +41,7 @@ from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
+from .stats import MachineStats, PmemDeviceStats
 from .vcpu import VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
@@ -349,27 +350,15 @@ class Machine:
             signal.signal(sig, handler)
 
     # -- statistics -------------------------------------------------------------------------
-    def stats_report(self) -> str:
-        lines = []
-        wall = time.monotonic() - self.started_at
-        first = min((loop.stats.first_run for loop in self.loops if loop.stats.first_run), default=None)
-        if first is not None:
-            lines.append(f"startup: first KVM_RUN {first - process_start_monotonic():.3f} s after process start")
-        for loop in self.loops:
-            s = loop.stats
-            total = sum(s.by_kind.values())
-            lines.append(f"vcpu{loop.vcpu.index}: {total} exits; in KVM_RUN {s.time_in_run:.3f} s, outside {s.time_outside:.3f} s, wall {wall:.3f} s")
-            lines += [f"  exits {kind}: {n}" for kind, n in s.by_kind.most_common()]
-            lines += [f"  device {name}: {n}" for name, n in s.by_device.most_common()]
-        lines += [f"emulation fallback {name}: {n}" for name, n in self.fallbacks.counts.items()]
-        for dev, backing in zip(self.pmem_devices, self.pmem_backings):
-            st = dev.stats()
-            lines.append(
-                f"pmem {backing.id} ({backing.path}): {st['flush_requests']} flush requests, {st['host_fsyncs']} host fsyncs, "
-                f"service mean {st['service_time_mean'] * 1e3:.3f} ms max {st['service_time_max'] * 1e3:.3f} ms, "
-                f"fsync mean {st['fsync_time_mean'] * 1e3:.3f} ms, "
-                f"without fsync mean {st['overhead_time_mean'] * 1e3:.3f} ms"
-            )
-        for bus in (self.pio, self.mmio):
-            lines += [f"{bus.name} unclaimed {op}s: {n}" for op, n in bus.unclaimed.items()]
-        return "\n".join(lines)
+    def statistics(self) -> MachineStats:
+        """A snapshot of the run's statistics (exits, times, fallbacks, unclaimed accesses, pmem)."""
+        return MachineStats(
+            vcpus=[loop.stats.copy() for loop in self.loops],
+            wall_time=time.monotonic() - self.started_at,
+            process_start=process_start_monotonic(),
+            fallbacks=dict(self.fallbacks.counts),
+            unclaimed={bus.name: dict(bus.unclaimed) for bus in (self.pio, self.mmio)},
+            pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in zip(self.pmem_devices, self.pmem_backings)],
+            stop_status=None if self._stop is None else self._stop.status,
+            stop_reason=None if self._stop is None else self._stop.reason,
+        )

@@ -11,8 +11,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from .bus import Bus
@@ -20,18 +18,10 @@ from .exit_handler import ExitParts, Stop, describe, handle_exit
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
+from .stats import VcpuStats as ExitStats
 from .vcpu_exit import InterruptedExit
 
 KICK_SIGNAL = signal.SIGUSR2  # interrupts KVM_RUN on a vCPU thread (its handler does nothing)
-
-
-@dataclass
-class ExitStats:
-    by_kind: Counter[str] = field(default_factory=Counter)
-    by_device: Counter[str] = field(default_factory=Counter)
-    time_in_run: float = 0.0
-    time_outside: float = 0.0
-    first_run: float | None = None  # time.monotonic() of the first KVM_RUN
 
 
 class VcpuLoop:
@@ -49,8 +39,8 @@ class VcpuLoop:
     ) -> None:
         self.vcpu = vcpu
         self.on_stop = on_stop
-        self.stats = ExitStats()
-        self.parts = ExitParts(vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace)
+        self.stats = ExitStats(exit_log=[] if trace is not None else None)  # a traced run keeps every exit
+        self.parts = ExitParts(vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace, log=self.stats.exit_log)
         self.stopping = False
         self.describe_requested = False
         self.thread: threading.Thread | None = None

@@ -161,8 +161,8 @@ def test_flush_end_to_end(harness, fsync_calls, backing) -> None:
     with open(backing.path, "rb") as f:
         assert f.read(5) == b"hello"
     st = harness.dev.stats()
-    assert st["flush_requests"] == 1 and st["host_fsyncs"] == 1 and st["batches"] == 1
-    assert st["service_time_max"] >= st["fsync_time_max"] > 0
+    assert st.flush_requests == 1 and st.host_fsyncs == 1 and st.batches == 1
+    assert st.service_time_max >= st.fsync_time_max > 0
     assert not harness.reset_requested.is_set()
 
 
@@ -178,7 +178,7 @@ def test_unknown_type_is_an_error(harness, fsync_calls) -> None:
     harness.kick()
     d.wait_used(2)
     assert d.ret(good) == 0 and len(fsync_calls) == 1
-    assert harness.dev.stats()["bad_requests"] == 1
+    assert harness.dev.stats().bad_requests == 1
     assert not harness.reset_requested.is_set()
 
 
@@ -205,7 +205,7 @@ def test_malformed_chain_needs_reset(harness, fsync_calls, descs) -> None:
     harness.kick()
     time.sleep(0.1)
     assert d.used_idx() == 0
-    assert harness.dev.errors == [] and harness.dev.stats()["malformed"] == 1
+    assert harness.dev.errors == [] and harness.dev.stats().malformed == 1
 
 
 def test_good_requests_before_a_malformed_one_complete(harness) -> None:
@@ -234,7 +234,7 @@ def test_fsync_failure_reports_error(harness, backing, monkeypatch) -> None:
     d.wait_used(2)
     assert all(d.ret(h) != 0 for h in heads)
     st = harness.dev.stats()
-    assert st["fsync_errors"] == 1 and st["host_fsyncs"] == 1
+    assert st.fsync_errors == 1 and st.host_fsyncs == 1
     monkeypatch.setattr(os, "fdatasync", real)  # the next flush succeeds again
     h = d.add()
     harness.kick()
@@ -282,7 +282,7 @@ def test_group_commit(harness, backing, monkeypatch) -> None:
     for head, submitted in d.submitted.items():
         covering = [s for s, e in fsyncs if s > submitted and e <= acked[head]]
         assert covering, f"request {head} acknowledged without an fsync started after it"
-    assert harness.dev.stats()["host_fsyncs"] == len(fsyncs)
+    assert harness.dev.stats().host_fsyncs == len(fsyncs)
 
 
 def test_no_interrupt_flag_suppresses_signal(harness) -> None:
@@ -356,7 +356,7 @@ def test_discard_writes(tmp_path: Path, monkeypatch) -> None:
             h.kick()
             h.driver.wait_used(1)
             assert h.driver.ret(head) == 0
-            assert calls == [] and h.dev.stats()["host_fsyncs"] == 0 and h.dev.stats()["flush_requests"] == 1
+            assert calls == [] and h.dev.stats().host_fsyncs == 0 and h.dev.stats().flush_requests == 1
         finally:
             h.close()
     finally:
