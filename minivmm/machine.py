@@ -186,7 +186,7 @@ class Machine:
     def _add_pci_devices(self) -> None:
         self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)
         self.pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, self.pci.conf1, "pci-conf1")
-        self.pmem_devices: list[VirtioPmem] = []
+        self.pmem_plugged: list[tuple[VirtioPmem, PmemBacking]] = []  # in plug order
         for spec, backing in zip(self.config.pmem, self.pmem_backings):
             if spec.plug:
                 self.add_pmem(backing)
@@ -200,7 +200,7 @@ class Machine:
         transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
         self.pci.add_device(transport)
         self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
-        self.pmem_devices.append(device)
+        self.pmem_plugged.append((device, backing))
         return device
 
     def _on_sleep(self, slp_typ: int) -> None:
@@ -358,7 +358,7 @@ class Machine:
             process_start=process_start_monotonic(),
             fallbacks=dict(self.fallbacks.counts),
             unclaimed={bus.name: dict(bus.unclaimed) for bus in (self.pio, self.mmio)},
-            pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in zip(self.pmem_devices, self.pmem_backings)],
+            pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in self.pmem_plugged],
             stop_status=None if self._stop is None else self._stop.status,
             stop_reason=None if self._stop is None else self._stop.reason,
         )

@@ -96,8 +96,8 @@ class MachineObjects:
         for spec, backing in zip(machine.config.pmem, machine.pmem_backings):
             memdev = spec.memdev or backing.id
             self.backends[memdev] = MemoryBackend(memdev, backing, share=not spec.discard_writes)
-        for device in machine.pmem_devices:
-            memdev = next(b.id for b in self.backends.values() if b.backing.id == device.name)
+        for device, backing in machine.pmem_plugged:
+            memdev = next(b.id for b in self.backends.values() if b.backing is backing)
             self.backends[memdev].user = device.name
             self.devices[device.name] = PmemDevice(device.name, memdev, device.start, device.size)
 
