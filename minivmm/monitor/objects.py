@@ -61,6 +61,11 @@ def spec_from_object(props: dict[str, object]) -> PmemSpec:
         raise UserError("Parameter 'size' expects a size")
     share = bool(props.get("share", False))
     ident = str(props["id"])
+    if not share and not os.path.exists(str(props["mem-path"])):
+        raise UserError(
+            f"mem-path {props['mem-path']} does not exist: share=off (the default) maps an existing file privately "
+            "and minivmm never creates a file whose writes are discarded; give share=on to create it"
+        )
     return PmemSpec(
         path=str(props["mem-path"]),
         size=size,
