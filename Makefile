@@ -26,7 +26,7 @@ deps:
 	fi
 
 guest: deps venv
-	$(PY) -m minivmm.guestimage build
+	$(PY) -m minivmm guest build
 
 # The default pmem image: 4 GiB sparse, ext4 with 4 KiB blocks (ext4 DAX needs block size = page size).
 PMEM_IMG ?= pmem.img

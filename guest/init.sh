@@ -9,10 +9,16 @@
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
-# To the kernel log at KERN_ERR (synchronous, shown even with "quiet", survives a
-# broken tty path) and the console; the status is the console write's.
+# One copy of each line on the console: through the kernel log at KERN_ERR (printk writes it
+# to the console whole and at once, even with "quiet", and even when the tty is broken) when
+# the console shows KERN_ERR (console_loglevel, the first field of /proc/sys/kernel/printk,
+# above 3); else, or if /dev/kmsg is missing, straight to the console.
 log() {
-	echo "<3>minivmm: $*" >/dev/kmsg 2>/dev/null
+	local level
+	read -r level _ </proc/sys/kernel/printk 2>/dev/null
+	if [ "${level:-0}" -gt 3 ] && [ -c /dev/kmsg ] && echo "<3>minivmm: $*" >/dev/kmsg 2>/dev/null; then
+		return 0
+	fi
 	echo "minivmm: $*" >/dev/console 2>/dev/null
 }
 
@@ -37,12 +43,13 @@ mkdir -p /dev/pts /tmp /mnt
 mount -t devpts devpts /dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 
-# log fails when the console write does: if the 8250 driver could not get the UART's
-# IRQ (a hardware-reduced ACPI machine maps no ISA IRQs unless its DSDT describes COM1),
-# the tty fails every write with EIO while printk still works. Then switch the port to
-# polled mode (setserial's irq 0, done by minivmm-test), which needs every open of the
-# tty closed, ours included.
-if ! log "init started"; then
+log "init started"
+# If the 8250 driver could not get the UART's IRQ (a hardware-reduced ACPI machine maps no
+# ISA IRQs unless its DSDT describes COM1), the tty fails every write and ioctl with EIO
+# (stty's TCGETS included) while printk still works. Then switch the port to polled mode
+# (setserial's irq 0, done by minivmm-test), which needs every open of the tty closed,
+# ours included.
+if ! stty </dev/console >/dev/null 2>&1; then
 	exec </dev/null >/dev/null 2>&1
 	serial=$(/sbin/minivmm-test serial-poll 2>&1)
 	exec </dev/console >/dev/console 2>&1

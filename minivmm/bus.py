@@ -21,7 +21,10 @@ class BusDevice(Protocol):
 
 
 @dataclass(frozen=True)
-class Range:
+class BusDeviceRange:
+    """A device's claim on a bus: [base, base + size) goes to `device` (not a plain range:
+    plain ranges are `ranges.AddressRange`)."""
+
     base: int
     size: int
     device: BusDevice
@@ -41,16 +44,16 @@ class Bus:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._ranges: list[Range] = []  # sorted by base
+        self._ranges: list[BusDeviceRange] = []  # sorted by base
         self._bases: list[int] = []
         self._lock = threading.Lock()
         self.unclaimed = Counter[str]()  # "read"/"write" -> count
         self.hits = Counter[str]()  # range name -> count
 
-    def register(self, base: int, size: int, device: BusDevice, name: str | None = None) -> Range:
+    def register(self, base: int, size: int, device: BusDevice, name: str | None = None) -> BusDeviceRange:
         if size <= 0 or base < 0:
             raise BusError(f"{self.name}: bad range {base:#x}+{size:#x}")
-        rng = Range(base, size, device, name or type(device).__name__)
+        rng = BusDeviceRange(base, size, device, name or type(device).__name__)
         with self._lock:
             i = bisect.bisect_left(self._bases, base)
             for other in self._ranges[max(0, i - 1) : i + 1]:
@@ -62,13 +65,13 @@ class Bus:
             self._bases.insert(i, base)
         return rng
 
-    def unregister(self, rng: Range) -> None:
+    def unregister(self, rng: BusDeviceRange) -> None:
         with self._lock:
             i = self._ranges.index(rng)
             del self._ranges[i]
             del self._bases[i]
 
-    def lookup(self, addr: int) -> Range | None:
+    def lookup(self, addr: int) -> BusDeviceRange | None:
         i = bisect.bisect_right(self._bases, addr) - 1
         if i >= 0:
             rng = self._ranges[i]
@@ -77,10 +80,10 @@ class Bus:
         return None
 
     @property
-    def ranges(self) -> tuple[Range, ...]:
+    def ranges(self) -> tuple[BusDeviceRange, ...]:
         return tuple(self._ranges)
 
-    def read(self, addr: int, size: int) -> tuple[int, Range | None]:
+    def read(self, addr: int, size: int) -> tuple[int, BusDeviceRange | None]:
         """Dispatch a read; returns (value, range) — all-ones and None when unclaimed."""
         rng = self.lookup(addr)
         if rng is None or addr + size > rng.end:
@@ -89,7 +92,7 @@ class Bus:
         self.hits[rng.name] += 1
         return rng.device.read(addr - rng.base, size) & ((1 << (8 * size)) - 1), rng
 
-    def write(self, addr: int, size: int, value: int) -> Range | None:
+    def write(self, addr: int, size: int, value: int) -> BusDeviceRange | None:
         """Dispatch a write; returns the range that took it, or None when dropped."""
         rng = self.lookup(addr)
         if rng is None or addr + size > rng.end:

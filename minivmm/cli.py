@@ -49,29 +49,51 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on]",
         help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...)",
     )
+    run.add_argument("--qmp", "-qmp", metavar="PATH", help="serve QMP on a UNIX socket (also QEMU's unix:PATH,server=on,wait=off)")
+    run.add_argument(
+        "--object", "-object", action="append", default=[], metavar="memory-backend-file,id=ID,mem-path=PATH[,size=SIZE][,share=on]",
+        help="a memory backend, as QEMU's -object (repeatable)",
+    )
+    run.add_argument(
+        "--device", "-device", action="append", default=[], metavar="virtio-pmem-pci,memdev=ID[,id=ID]",
+        help="a virtio-pmem-pci device on a --object backend, as QEMU's -device (repeatable)",
+    )
     run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
+    run.add_argument(
+        "--stats-json",
+        type=Path,
+        metavar="FILE",
+        help="write the same statistics as JSON to FILE at exit (with --trace: every exit too)",
+    )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
-    guest = sub.add_parser("guest", help="build or locate the default guest", description="The default guest kernel and initramfs.")
-    guest.add_argument("action", choices=["build", "paths"])
+    guest = sub.add_parser(
+        "guest",
+        help="build or locate the default guest",
+        description="The default guest kernel and initramfs. build (in a minivmm checkout): build what is missing and "
+        "record it in the manifest that `minivmm run` reads; paths: print what the manifest names; "
+        "prune: delete other cached builds.",
+    )
+    guest.add_argument("action", choices=["build", "paths", "prune"])
+    guest.add_argument("--force", action="store_true", help="build: rebuild even what is cached")
     return parser
 
 
 def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    from . import guestimage
+    """--kernel/--initrd, else the default guest that the manifest of the last build names."""
+    from .guestmanifest import default_guest
 
     if args.kernel is not None:
         return args.kernel, args.initrd
-    kernel = guestimage.default_kernel()
-    initrd = args.initrd or guestimage.default_initrd()
-    if kernel is None or initrd is None:
-        raise UserError("the default guest is not built: run `make guest` (or pass --kernel)")
-    return kernel, initrd
+    guest = default_guest()
+    return guest.vmlinux, args.initrd or guest.initrd
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine, MachineConfig
-    from .pmemfile import open_all, parse_pmem_option
+    from .monitor.objects import specs_from_command_line
+    from .monitor.qmp import parse_qmp_path
+    from .pmemfile import parse_pmem_option
 
     kernel, initrd = _default_guest(args)
     for what, path in (("kernel", kernel), ("initrd", initrd)):
@@ -79,8 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {path}: no such file")
     if args.watchdog is not None and args.watchdog <= 0:
         raise UserError("--watchdog must be a positive number of seconds")
-    # Files are checked (and created/extended) before KVM is touched, all or nothing.
-    pmem = open_all([parse_pmem_option(text) for text in args.pmem])
+    if args.stats_json is not None:
+        _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -89,28 +111,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         trace=args.trace,
         watchdog=args.watchdog,
-        pmem=pmem,
+        pmem=[parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device),
+        qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
     )
-    try:
-        machine = Machine(config)
-    except BaseException:
-        for backing in pmem:
-            backing.close()
-        raise
-    try:
-        stop = machine.run()
-        if args.stats:
-            print(machine.stats_report(), file=sys.stderr)
-    finally:
-        machine.close()
+    with Machine(config) as machine:
+        try:
+            stop = machine.run()
+        finally:
+            stats = machine.statistics()  # also when the run failed (the JSON then has no stop)
+            if args.stats:
+                print(stats.render_text(), file=sys.stderr)
+            if args.stats_json is not None:
+                _write_stats_json(args.stats_json, stats.to_json())
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
 
 
+def _write_stats_json(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--stats-json {path}: {exc.strerror}") from None
+
+
 def cmd_guest(args: argparse.Namespace) -> int:
+    """`minivmm guest build|paths|prune`; `python -m minivmm.guestimage` comes here too."""
+    if args.action == "paths":
+        from .guestmanifest import default_guest
+
+        print(default_guest().describe())
+        return 0
     from . import guestimage
 
-    return guestimage.main([args.action])
+    if args.action == "build":
+        print(guestimage.build(force=args.force).describe())
+    else:
+        for path in guestimage.prune():
+            print(f"removed {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

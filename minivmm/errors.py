@@ -26,6 +26,13 @@ class GuestMemoryError(Exception):
     """A guest-physical access outside guest memory; raised by a guest-controlled value, never fatal to the VMM."""
 
 
+def report_thread_error(where: str, exc: BaseException, errors: list[BaseException]) -> None:
+    """An unexpected exception on a VMM thread (event loop, a device's thread): keep it in
+    `errors` (statistics count them) and say it on stderr at once, in one line."""
+    errors.append(exc)
+    print(f"minivmm: {where} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
 def run_command(body: Callable[[], int]) -> int:
     """Run a command's body; a `MinivmmError` becomes one line on stderr and its exit status."""
     try:

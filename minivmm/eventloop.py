@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import selectors
-import sys
 import threading
 from typing import Callable
+
+from .errors import report_thread_error
 
 
 class EventLoop:
@@ -57,6 +58,13 @@ class EventLoop:
             os.write(self._wake_w, b"x")
             self._thread.join(timeout=5)
 
+    def close(self) -> None:
+        """Stop the loop thread if it runs, and release the selector and the wake-up pipe."""
+        self.stop()
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
     def _run(self) -> None:
         while not self._stop:
             for key, _ in self._sel.select():
@@ -73,5 +81,4 @@ class EventLoop:
                 try:
                     key.data()
                 except Exception as exc:  # a device bug must not kill every other device
-                    self.errors.append(exc)
-                    print(f"minivmm: event loop callback failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    report_thread_error("event loop callback", exc, self.errors)

@@ -1,4 +1,4 @@
-"""Build and locate the default guest: a small Linux kernel and a busybox initramfs.
+"""Build the default guest: a small Linux kernel and a busybox initramfs.
 
 Inputs live in the repository's ``guest/`` directory; outputs in a content-addressed
 cache, ``${XDG_CACHE_HOME:-~/.cache}/minivmm``:
@@ -8,16 +8,18 @@ cache, ``${XDG_CACHE_HOME:-~/.cache}/minivmm``:
 - ``linux-src-<version>/`` and ``linux-obj-<version>/``: the unpacked, patched Debian
   ``linux-source-6.1`` tree and its object directory, reused so rebuilds are incremental
 - ``logs/``: full ``make`` output of each build
+- ``guest.json``: the manifest of the last build (``minivmm/guestmanifest.py``), the only
+  thing ``minivmm run`` reads to find the default guest
 
 Artifacts are built in a temporary path next to their final name and renamed at the
 end, so a killed build never leaves a half-written cache entry.
 
-Command line: ``python -m minivmm.guestimage build [--force]`` and ``... paths``.
+Command line: ``minivmm guest build [--force]|paths|prune`` (``minivmm/cli.py``);
+``python -m minivmm.guestimage ...`` is the same command.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import functools
@@ -31,17 +33,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from minivmm.errors import MinivmmError, UserError, run_command
+from minivmm.errors import MinivmmError, UserError
+# The lookup side; default_kernel/default_initrd stay importable from here for the tests.
+from minivmm.guestmanifest import (GuestManifest, cache_dir, default_initrd, default_kernel,
+                                   read_manifest, write_manifest)
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 LINUX_PACKAGE = "linux-source-6.1"
 LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 BUSYBOX_PACKAGE = "busybox-static"
 BUSYBOX = Path("/bin/busybox")
-KERNEL_KINDS = ("vmlinux", "bzImage")
 MAKE_JOBS = 2
 
 # Bump when the build recipe itself changes (commands, layout), so the hash moves.
@@ -70,13 +75,13 @@ class BuildError(MinivmmError):
 # ---------------------------------------------------------------- locations
 
 
-def cache_dir() -> Path:
-    """``${XDG_CACHE_HOME:-~/.cache}/minivmm``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "minivmm"
-
-
 def guest_dir() -> Path:
+    """The build inputs: ``guest/`` of the checkout this module belongs to."""
+    if not GUEST_DIR.is_dir():
+        # An installed minivmm (pip install .) carries no guest sources; it only reads
+        # the manifest of a build made in a checkout.
+        raise UserError(f"no guest sources at {GUEST_DIR}: build the default guest in a "
+                        "minivmm checkout with `make guest`")
     return GUEST_DIR
 
 
@@ -88,20 +93,6 @@ def kernel_dir(guest: Path | None = None) -> Path:
 def initramfs_path(guest: Path | None = None) -> Path:
     """Cache path of the initramfs built from the current inputs."""
     return cache_dir() / f"initramfs-{initramfs_hash(guest)[:16]}.cpio.gz"
-
-
-def default_kernel(kind: str = "vmlinux") -> Path | None:
-    """The default guest kernel (``vmlinux`` for PVH entry, or ``bzImage``), or None if not built."""
-    if kind not in KERNEL_KINDS:
-        raise ValueError(f"kernel kind must be one of {KERNEL_KINDS}, not {kind!r}")
-    path = kernel_dir() / kind
-    return path if path.is_file() else None
-
-
-def default_initrd() -> Path | None:
-    """The default guest initramfs (gzip'd newc cpio), or None if not built."""
-    path = initramfs_path()
-    return path if path.is_file() else None
 
 
 # ---------------------------------------------------------------- input hashing
@@ -529,6 +520,7 @@ def _build_initramfs(guest: Path, final: Path) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / (final.name.removesuffix(".cpio.gz") + ".log")
     log.write_text("")
+    started = time.monotonic()
     _say(f"building initramfs {final.name} (log: {log})")
     tree, _ = _source_tree(guest, log)
     tmp = _fresh_tmp(final)
@@ -554,16 +546,20 @@ def _build_initramfs(guest: Path, final: Path) -> None:
         packed.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _say(f"initramfs done: {final}")
+    _say(f"initramfs done in {time.monotonic() - started:.0f} s: {final}")
 
 
 # ---------------------------------------------------------------- both
 
 
 def prune(guest: Path | None = None) -> list[Path]:
-    """Delete cached kernels, initramfs images and logs other than the current ones."""
-    kernel, initrd = kernel_dir(guest).name, initramfs_path(guest).name
-    keep = {kernel, initrd, f"{kernel}.log", initrd.removesuffix(".cpio.gz") + ".log"}
+    """Delete cached kernels, initramfs images and logs other than the current ones and
+    the manifest's (which another checkout may have built)."""
+    keep = {kernel_dir(guest).name, initramfs_path(guest).name}
+    manifest = read_manifest()
+    if manifest is not None:
+        keep |= {manifest.vmlinux.parent.name, manifest.initrd.name}
+    keep |= {name.removesuffix(".cpio.gz") + ".log" for name in keep}
     removed = []
     with _build_lock():
         for path in [*cache_dir().glob("kernel-*"), *cache_dir().glob("initramfs-*"),
@@ -578,49 +574,29 @@ def prune(guest: Path | None = None) -> list[Path]:
     return removed
 
 
-def build(force: bool = False, guest: Path | None = None) -> tuple[Path, Path]:
-    """Build what is missing (everything with ``force``); returns (kernel dir, initramfs)."""
-    return build_kernel(force, guest), build_initramfs(force, guest)
-
-
-def _print_paths() -> int:
-    paths = {"vmlinux": default_kernel("vmlinux"), "bzImage": default_kernel("bzImage"),
-             "initrd": default_initrd()}
-    for name, path in paths.items():
-        print(f"{name}: {path if path else 'not built'}")
-    if None in paths.values():
-        print("build the default guest with: python -m minivmm.guestimage build",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minivmm.guestimage",
-                                     description="Build or locate the default minivmm guest.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    build_cmd = sub.add_parser("build", help="build the kernel and initramfs if missing")
-    build_cmd.add_argument("--force", action="store_true", help="rebuild even if cached")
-    sub.add_parser("paths", help="print the artifact paths")
-    sub.add_parser("prune", help="delete cached guests other than the current one")
-    args = parser.parse_args(argv)
-    return run_command(lambda: _COMMANDS[args.command](args))
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    kernel, initrd = build(force=args.force)
-    print(f"vmlinux: {kernel / 'vmlinux'}\nbzImage: {kernel / 'bzImage'}\ninitrd: {initrd}")
-    return 0
-
-
-def _cmd_prune(args: argparse.Namespace) -> int:
-    for path in prune():
-        print(f"removed {path}")
-    return 0
-
-
-_COMMANDS = {"build": _cmd_build, "prune": _cmd_prune, "paths": lambda args: _print_paths()}
+def build(force: bool = False, guest: Path | None = None) -> GuestManifest:
+    """Build what is missing (everything with ``force``), then record it in the manifest."""
+    guest = guest or guest_dir()
+    kernel = build_kernel(force, guest)
+    initrd = build_initramfs(force, guest)
+    manifest = GuestManifest(
+        vmlinux=kernel / "vmlinux",
+        bzimage=kernel / "bzImage",
+        initrd=initrd,
+        kernel_hash=kernel_hash(guest),
+        initramfs_hash=initramfs_hash(guest),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        sources=str(guest),
+        versions={"linux": linux_source_version(), "gcc": gcc_version(),
+                  "busybox": busybox_version()},
+    )
+    with _build_lock():  # a concurrent build's manifest is written whole, before or after ours
+        _say(f"manifest: {write_manifest(manifest)}")
+    return manifest
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The command line is defined once, as `minivmm guest ...`.
+    from minivmm.cli import main
+
+    sys.exit(main(["guest", *sys.argv[1:]]))

@@ -17,6 +17,18 @@ from dataclasses import dataclass
 import cffi
 
 from .errors import HostError
+from .vcpu_exit import (
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoExit,
+    MmioExit,
+    ShutdownExit,
+    SystemEventExit,
+    UnknownExit,
+    VcpuExit,
+)
 
 ffi = cffi.FFI()
 ffi.cdef(
@@ -116,7 +128,10 @@ ffi.cdef(
             struct kvm_run_internal internal;
             struct kvm_run_system_event system_event;
             char padding[256];
-        } u;
+        };  /* anonymous, as in linux/kvm.h */
+        uint64_t kvm_valid_regs;
+        uint64_t kvm_dirty_regs;
+        union { char padding[2048]; } s;  /* struct kvm_sync_regs is not used */
     };
     int ioctl(int fd, unsigned long request, ...);
     """
@@ -188,6 +203,8 @@ KVM_CAP_HLT = 1
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_DEFAULT_MEMSLOTS = 32  # KVM_USER_MEM_SLOTS before KVM_CAP_NR_MEMSLOTS existed
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
@@ -227,6 +244,7 @@ EXIT_NAMES = {
 }
 KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
 KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_BAD_IO_EXIT = -1  # minivmm's own: a KVM_EXIT_IO whose data lies outside kvm_run
 KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2, 3
 
 KVM_MEM_READONLY = 1 << 1
@@ -289,6 +307,10 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def max_memory_slots(self) -> int:
+        """KVM_CAP_NR_MEMSLOTS (api.rst 4.4): how many memory slots a VM may have (32 if unsaid)."""
+        return self.check_extension(KVM_CAP_NR_MEMSLOTS) or KVM_DEFAULT_MEMSLOTS
 
     def supported_cpuid(self) -> list[dict[str, int]]:
         for n in (128, 256, 512):
@@ -404,19 +426,54 @@ class Vcpu:
         self.index = index
         self.fd = fd
         self.run_map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run = ffi.from_buffer("struct kvm_run *", self.run_map)
+        self.kvm_run = ffi.from_buffer("struct kvm_run *", self.run_map)
+        mmio_data = ffi.offsetof("struct kvm_run", "mmio") + ffi.offsetof("struct kvm_run_mmio", "data")
+        self._mmio_data = memoryview(self.run_map)[mmio_data : mmio_data + 8]
 
-    def run_once(self) -> None:
-        """KVM_RUN until the next exit to userspace (EINTR is reported as KVM_EXIT_INTR)."""
+    def run(self) -> VcpuExit:
+        """KVM_RUN until the next exit to userspace, decoded (api.rst 4.10 "KVM_RUN", 5 "The
+        kvm_run structure"). EINTR (a signal or `immediate_exit`) is an `InterruptedExit`.
+
+        Data views of the returned exit point into the `kvm_run` page: they are valid until the
+        next `run()`."""
         try:
             _ioctl(self.fd, KVM_RUN)
         except InterruptedError:
-            self.run.exit_reason = KVM_EXIT_INTR
+            return InterruptedExit()
+        return self._decode(self.kvm_run.exit_reason)
 
-    def io_data(self) -> memoryview:
-        io = self.run.u.io
-        off = io.data_offset
-        return memoryview(self.run_map)[off : off + io.size * io.count]
+    def _decode(self, reason: int) -> VcpuExit:
+        u = self.kvm_run
+        if reason == KVM_EXIT_IO:
+            io = u.io
+            off, size, count = io.data_offset, io.size, io.count
+            if size not in (1, 2, 4) or off + size * count > len(self.run_map):
+                return InternalErrorExit(KVM_INTERNAL_ERROR_BAD_IO_EXIT)  # never from a sane KVM
+            view = memoryview(self.run_map)[off : off + size * count]
+            return IoExit(io.port, size, count, io.direction == KVM_EXIT_IO_OUT, view)
+        if reason == KVM_EXIT_MMIO:
+            m = u.mmio
+            size = min(m.len, 8)
+            return MmioExit(m.phys_addr, size, bool(m.is_write), self._mmio_data[:size])
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            n = min(u.internal.ndata, 16)
+            return InternalErrorExit(u.internal.suberror, tuple(u.internal.data[0:n]))
+        if reason == KVM_EXIT_SYSTEM_EVENT:
+            n = min(u.system_event.ndata, 16)
+            return SystemEventExit(u.system_event.type, tuple(u.system_event.data[0:n]))
+        if reason == KVM_EXIT_SHUTDOWN:
+            return ShutdownExit()
+        if reason == KVM_EXIT_HLT:
+            return HltExit()
+        if reason == KVM_EXIT_INTR:
+            return InterruptedExit()
+        if reason == KVM_EXIT_FAIL_ENTRY:
+            return FailEntryExit(u.fail_entry.hardware_entry_failure_reason, u.fail_entry.cpu)
+        return UnknownExit(reason, EXIT_NAMES.get(reason, f"exit{reason}"))
+
+    def set_immediate_exit(self, value: bool) -> None:
+        """`kvm_run.immediate_exit`: make the next KVM_RUN return EINTR at once (api.rst 5)."""
+        self.kvm_run.immediate_exit = int(value)
 
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")
@@ -482,6 +539,7 @@ class Vcpu:
         return tr.physical_address if tr.valid else None
 
     def close(self) -> None:
-        ffi.release(self.run)  # the from_buffer view pins run_map: mmap.close() would raise BufferError
+        ffi.release(self.kvm_run)  # the from_buffer view pins run_map: mmap.close() would raise BufferError
+        self._mmio_data.release()
         self.run_map.close()
         os.close(self.fd)

@@ -52,6 +52,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import UserError
+from .ranges import AddressRange
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -68,41 +69,32 @@ def align_down(value: int, align: int) -> int:
 
 
 @dataclass(frozen=True)
-class Range:
+class NamedRange(AddressRange):
     """One named guest-physical range of the fixed map."""
 
-    name: str
-    base: int
-    size: int
-    description: str
-
-    @property
-    def end(self) -> int:
-        return self.base + self.size
-
-    def __contains__(self, gpa: int) -> bool:
-        return self.base <= gpa < self.end
+    name: str = ""
+    description: str = ""
 
 
 # --- the fixed map (addresses independent of the memory size) ---------------------------------
 
-REAL_MODE_IVT_BDA = Range("real_mode_ivt_bda", 0x0000, 0x1000, "real-mode IVT and BIOS data area")
-BOOT_GDT = Range("boot_gdt", 0x1000, 0x1000, "GDT for the entry state")
-PVH_START_INFO = Range("pvh_start_info", 0x2000, 0x1000, "hvm_start_info, modlist and memmap")
-BOOT_STACK = Range("boot_stack", 0x6000, 0x1000, "initial stack")
-ZERO_PAGE = Range("zero_page", 0x7000, 0x1000, "boot_params (zero page)")
-PAGE_TABLES = Range("page_tables", 0x9000, 0x6000, "PML4, PDPT and 4 PDs identity-mapping 4 GiB")
-CMDLINE = Range("cmdline", 0x20000, 0x1000, "kernel command line")
-EBDA = Range("ebda", 0x9FC00, 0x400, "extended BIOS data area")
-VGA_ROM_HOLE = Range("vga_rom_hole", 0xA0000, 0x40000, "legacy VGA and option-ROM hole")
-ACPI = Range("acpi", 0xE0000, 0x20000, "ACPI tables; RSDP at the start")
+REAL_MODE_IVT_BDA = NamedRange(0x0000, 0x1000, "real_mode_ivt_bda", "real-mode IVT and BIOS data area")
+BOOT_GDT = NamedRange(0x1000, 0x1000, "boot_gdt", "GDT for the entry state")
+PVH_START_INFO = NamedRange(0x2000, 0x1000, "pvh_start_info", "hvm_start_info, modlist and memmap")
+BOOT_STACK = NamedRange(0x6000, 0x1000, "boot_stack", "initial stack")
+ZERO_PAGE = NamedRange(0x7000, 0x1000, "zero_page", "boot_params (zero page)")
+PAGE_TABLES = NamedRange(0x9000, 0x6000, "page_tables", "PML4, PDPT and 4 PDs identity-mapping 4 GiB")
+CMDLINE = NamedRange(0x20000, 0x1000, "cmdline", "kernel command line")
+EBDA = NamedRange(0x9FC00, 0x400, "ebda", "extended BIOS data area")
+VGA_ROM_HOLE = NamedRange(0xA0000, 0x40000, "vga_rom_hole", "legacy VGA and option-ROM hole")
+ACPI = NamedRange(0xE0000, 0x20000, "acpi", "ACPI tables; RSDP at the start")
 HIGH_MEMORY = 0x100000  # 1 MiB: the bzImage protected-mode kernel is loaded here
 
 LOW_RAM_MAX = 3 * GiB  # RAM below 4 GiB ends here at most
 FOUR_GIB = 4 * GiB
-PCI_MMIO32 = Range("pci_mmio32", 0xC000_0000, 0xFEC0_0000 - 0xC000_0000, "32-bit PCI MMIO window")
-IOAPIC = Range("ioapic", 0xFEC0_0000, 0x1000, "I/O APIC")
-LAPIC = Range("lapic", 0xFEE0_0000, 0x1000, "local APIC")
+PCI_MMIO32 = NamedRange(0xC000_0000, 0xFEC0_0000 - 0xC000_0000, "pci_mmio32", "32-bit PCI MMIO window")
+IOAPIC = NamedRange(0xFEC0_0000, 0x1000, "ioapic", "I/O APIC")
+LAPIC = NamedRange(0xFEE0_0000, 0x1000, "lapic", "local APIC")
 # Intel VMX needs three pages for real-mode emulation (KVM_SET_TSS_ADDR) and one for the EPT
 # identity map (KVM_SET_IDENTITY_MAP_ADDR); they sit above the LAPIC, clear of every window.
 IDENTITY_MAP_ADDR = 0xFEFF_C000
@@ -112,7 +104,7 @@ PCI_MMIO64_ALIGN = 1 * GiB
 PMEM_ALIGN = 128 * MiB  # the x86-64 memory hotplug section size
 DEFAULT_PHYS_ADDR_BITS = 39
 
-FIXED_MAP: tuple[Range, ...] = (
+FIXED_MAP: tuple[NamedRange, ...] = (
     REAL_MODE_IVT_BDA,
     BOOT_GDT,
     PVH_START_INFO,
@@ -153,8 +145,10 @@ ACPI_SLEEP_STATUS_PORT = 0x601
 PCI_CONFIG_ADDRESS_PORT = 0xCF8
 PCI_CONFIG_DATA_PORT = 0xCFC
 PCI_CONFIG_PORT_COUNT = 8  # 0xCF8-0xCFF
-IOAPIC_NUM_PINS = 24
+IOAPIC_NUM_PINS = 24  # KVM's in-kernel IOAPIC (KVM_IOAPIC_NUM_PINS)
+PIC_NUM_PINS = 16  # two cascaded 8259s
 PCI_INTX_GSI_BASE = 16  # GSIs 16..23 carry PCI INTx
+FIRST_MSI_GSI = IOAPIC_NUM_PINS  # GSIs from here on are MSI routes
 
 
 def pci_intx_gsi(slot: int, pin: int) -> int:
@@ -230,10 +224,9 @@ def ram_top(mem_size: int) -> int:
     return gpa + size
 
 
-def pci_mmio64_window(mem_size: int) -> tuple[int, int]:
-    """(base, size) of the 64-bit PCI MMIO window: 1 GiB aligned above RAM and above 4 GiB."""
-    base = align_up(max(ram_top(mem_size), FOUR_GIB), PCI_MMIO64_ALIGN)
-    return base, PCI_MMIO64_SIZE
+def pci_mmio64_window(mem_size: int) -> AddressRange:
+    """The 64-bit PCI MMIO window: 1 GiB aligned above RAM and above 4 GiB."""
+    return AddressRange(align_up(max(ram_top(mem_size), FOUR_GIB), PCI_MMIO64_ALIGN), PCI_MMIO64_SIZE)
 
 
 def pmem_base(ram_top: int) -> int:
@@ -243,31 +236,10 @@ def pmem_base(ram_top: int) -> int:
     return align_up(mmio64 + PCI_MMIO64_SIZE, PMEM_ALIGN)
 
 
-class PmemAllocator:
-    """Hands out 128 MiB-aligned guest-physical slots for pmem regions.
-
-    Slots are consecutive from `pmem_base(ram_top)`; a region of any size occupies a slot
-    rounded up to 128 MiB so the next one stays aligned. Everything stays below
-    2**phys_addr_bits (the guest's physical address width)."""
-
-    def __init__(self, ram_top: int, phys_addr_bits: int = DEFAULT_PHYS_ADDR_BITS) -> None:
-        self.limit = 1 << phys_addr_bits
-        self.phys_addr_bits = phys_addr_bits
-        self.next = pmem_base(ram_top)
-        self.slots: list[tuple[int, int]] = []
-
-    def allocate(self, size: int, name: str = "pmem") -> int:
-        if size <= 0:
-            raise UserError(f"{name}: size must be positive")
-        gpa = self.next
-        end = gpa + align_up(size, PMEM_ALIGN)
-        if end > self.limit:
-            raise UserError(
-                f"{name}: {size // MiB} MiB at {gpa:#x} exceeds the {self.phys_addr_bits}-bit guest physical address limit"
-            )
-        self.next = end
-        self.slots.append((gpa, size))
-        return gpa
+def pmem_window(mem_size: int, phys_addr_bits: int = DEFAULT_PHYS_ADDR_BITS) -> AddressRange:
+    """Where pmem regions go: from `pmem_base` up to the guest physical address limit."""
+    base = pmem_base(ram_top(mem_size))
+    return AddressRange(base, max(0, (1 << phys_addr_bits) - base))
 
 
 def e820_map(mem_size: int) -> list[E820Entry]:
@@ -290,7 +262,7 @@ def describe(mem_size: int) -> list[tuple[int, int, str]]:
     rows = [(r.base, r.size, r.name) for r in FIXED_MAP]
     for i, (gpa, size) in enumerate(ram_ranges(mem_size)):
         rows.append((gpa, size, "ram_low" if i == 0 else "ram_high"))
-    base, size = pci_mmio64_window(mem_size)
-    rows.append((base, size, "pci_mmio64"))
+    mmio64 = pci_mmio64_window(mem_size)
+    rows.append((mmio64.base, mmio64.size, "pci_mmio64"))
     rows.append((pmem_base(ram_top(mem_size)), 0, "pmem"))
     return sorted(rows)

@@ -12,10 +12,13 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from . import cpu, hostcheck, layout
+from . import hostcheck, layout, pmemfile, vcpu_setup
+from .allocator import ResourceAllocator
 from .boot import build_acpi, load_kernel
 from .boot.acpi import S5_SLP_TYP
 from .bus import Bus
@@ -23,19 +26,23 @@ from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
 from .devices.pvpanic import PvPanic
-from .devices.register import ByteRegister
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.pmem import VirtioPmem
 from .errors import UserError
 from .eventloop import EventLoop
 from .fallback import EmulationFallbacks
-from .irqchip import KvmInterrupts
+from .kvm_interrupts import KvmInterrupts
 from .kvm import Kvm
 from .memory import GuestMemory, Region
-from .pci import MmioWindow, PciHostBridge
-from .pmemfile import PmemBacking
-from .vcpu import Stop, VcpuLoop, install_kick_handler
+from .monitor.monitor import Monitor
+from .monitor.qmp import QmpServer, listen_unix
+from .pci import PciHostBridge
+from .pmemfile import PmemBacking, PmemSpec
+from .register_block import Register, RegisterBlock
+from .exit_handler import Stop
+from .stats import MachineStats, PmemDeviceStats
+from .vcpu import VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -51,6 +58,8 @@ def process_start_monotonic() -> float:
 
 @dataclass
 class MachineConfig:
+    """What to build: plain data (paths and sizes; nothing opened). `Machine` acquires it all."""
+
     kernel: Path
     initrd: Path | None = None
     cmdline: str = ""
@@ -58,51 +67,97 @@ class MachineConfig:
     cpus: int = 1
     trace: bool = False
     watchdog: float | None = None
-    pmem: list[PmemBacking] = field(default_factory=list)  # opened and validated by the caller
+    pmem: list[PmemSpec] = field(default_factory=list)
+    qmp: str | None = None  # QMP socket path
     stdin_fd: int = 0
     stdout_fd: int = 1
 
 
 class Machine:
-    """One VM: owns the KVM fds, the guest memory map, the buses, the devices and the vCPUs."""
+    """One VM: owns every fd, mapping, thread and file it uses, and releases them all.
+
+    Everything is acquired in `__init__`/`run` through one `ExitStack` (`self.owned`) and
+    released in reverse order by `close()` (or leaving the `with` block), on every path:
+    a failure half-way through `__init__` releases what was acquired so far."""
 
     def __init__(self, config: MachineConfig) -> None:
         self.config = config
+        self.owned = ExitStack()
+        self.loops: list[VcpuLoop] = []
+        self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+        self._paused = False
+        self._stop: Stop | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.pmem_backings: list[PmemBacking] = []
+        try:
+            self._assemble()
+        except BaseException:
+            self.owned.close()
+            for backing in self.pmem_backings:
+                backing.rollback()  # a refused run leaves no file created or extended
+            raise
+        self.started_at = time.monotonic()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release everything, last acquired first (idempotent)."""
+        self.owned.close()
+
+    def _assemble(self) -> None:
+        cfg, own = self.config, self.owned
+        # Backing files are checked (and created or extended) before KVM is touched, all or none.
+        self.pmem_backings = pmemfile.open_all(cfg.pmem)
+        for backing in self.pmem_backings:
+            own.callback(backing.close)
+        ram = [(gpa, self._reserve_ram(size)) for gpa, size in layout.ram_ranges(cfg.mem_size)]
         self.kvm = Kvm()
+        own.callback(self.kvm.close)
         self.host = hostcheck.probe()
         self.vm = self.kvm.create_vm()
+        own.callback(self.vm.close)
+        self.resources = ResourceAllocator(cfg.mem_size, max_memory_slots=self.kvm.max_memory_slots())
         # Pages Intel VMX needs for real-mode emulation, clear of RAM and every window (layout).
         self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
         self.vm.set_tss_addr(layout.TSS_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2()
-        self.interrupts = KvmInterrupts(self.vm)
+        self.interrupts = KvmInterrupts(self.vm, self.resources.gsis)
         self.mem = GuestMemory()
-        self._next_slot = 0
-        for gpa, size in layout.ram_ranges(config.mem_size):
-            try:
-                mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-            except OSError as exc:
-                raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
-            self.add_region(Region(gpa, size, mapping, "ram"))
+        for gpa, mapping in ram:
+            self.add_region(Region(gpa, len(mapping), mapping, "ram"))
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.events = EventLoop()
+        own.callback(self.events.close)
         self.fallbacks = EmulationFallbacks()
-        self._stop: Stop | None = None
-        self._stopped = threading.Event()
-        self._stop_lock = threading.Lock()
         self._add_platform_devices()
         self._add_pci_devices()
-        self.loops: list[VcpuLoop] = []
-        self.started_at = time.monotonic()
+        self.monitor = Monitor(self)
+        self.qmp: QmpServer | None = None
+        if cfg.qmp is not None:
+            self.qmp = QmpServer(listen_unix(cfg.qmp), self.monitor, cfg.qmp)
+            own.callback(self.qmp.close)
 
     # -- memory ---------------------------------------------------------------------------
+    def _reserve_ram(self, size: int) -> mmap.mmap:
+        try:
+            mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        except OSError as exc:
+            raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
+        self.owned.callback(mapping.close)
+        return mapping
+
     def add_region(self, region: Region) -> Region:
         """Add a region to the guest-physical map and give it a KVM memory slot."""
         self.mem.add_region(region)
-        region.slot = self._next_slot
-        self._next_slot += 1
+        self.owned.callback(region.view.release)  # before its mapping closes (LIFO)
+        region.slot = self.resources.memory_slots.allocate()
         self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
         return region
 
@@ -110,50 +165,86 @@ class Machine:
     def _add_platform_devices(self) -> None:
         self.console = Console(
             self.events,
-            on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)")),
+            on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)", "host-ui")),
             stdin_fd=self.config.stdin_fd,
             stdout_fd=self.config.stdout_fd,
+            monitor=lambda line: self.monitor.hmp.execute(line),
         )
         self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), output=self.console.write)
         self.console.attach(self.serial)
         self.pio.register(layout.COM1_PORT, layout.COM1_PORT_COUNT, self.serial, "serial")
-        self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)")))
+        self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)", "guest-reset")))
         self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
         self.pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042")
         self.acpi_pm = AcpiSleepRegisters(on_sleep=self._on_sleep)
         self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
-        self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
+        self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)", "guest-panic")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
         # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
-        self.pio.register(layout.POST_PORT, 1, ByteRegister(lambda: 0xFF, lambda value: None), "post")
+        self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
 
     def _add_pci_devices(self) -> None:
-        base64, size64 = layout.pci_mmio64_window(self.config.mem_size)
-        self.pci = PciHostBridge(
-            self.mmio,
-            self.interrupts,
-            MmioWindow(layout.PCI_MMIO32.base, layout.PCI_MMIO32.size),
-            MmioWindow(base64, size64),
-            pio_bus=self.pio,
-        )
-        self.pmem_allocator = layout.PmemAllocator(layout.ram_top(self.config.mem_size))
-        self.pmem_devices: list[VirtioPmem] = []
-        for backing in self.config.pmem:
-            self.add_pmem(backing)
+        self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)
+        self.pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, self.pci.conf1, "pci-conf1")
+        self.pmem_plugged: list[tuple[VirtioPmem, PmemBacking]] = []  # in plug order
+        for spec, backing in zip(self.config.pmem, self.pmem_backings):
+            if spec.plug:
+                self.add_pmem(backing)
 
     def add_pmem(self, backing: PmemBacking) -> VirtioPmem:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
         describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
-        gpa = self.pmem_allocator.allocate(backing.size, backing.id or "pmem")
-        self.add_region(Region(gpa, backing.size, backing.mapping, name=backing.id or "pmem"))
-        device = VirtioPmem.from_backing(backing, start=gpa)
-        self.pci.add_device(VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id))
-        self.pmem_devices.append(device)
+        window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
+        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id, readonly=backing.readonly))
+        device = VirtioPmem.from_backing(backing, start=window.base)
+        transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
+        self.pci.add_device(transport)
+        self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
+        self.pmem_plugged.append((device, backing))
         return device
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:
-            self.request_stop(Stop(0, "guest powered off (ACPI S5)"))
+            self.request_stop(Stop(0, "guest powered off (ACPI S5)", "guest-shutdown"))
+
+    # -- run state and events (the monitor's view) -----------------------------------------
+    @property
+    def run_state(self) -> str:
+        """QEMU's RunState name (qapi/run-state.json): prelaunch, running, paused or shutdown."""
+        if self._stop is not None:
+            return "shutdown"
+        if not self.loops or self.loops[0].thread is None:
+            return "prelaunch"
+        return "paused" if self._paused else "running"
+
+    def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
+        """`listener(name, data)` hears every QMP event the machine emits (any thread)."""
+        self._listeners.append(listener)
+
+    def emit(self, event: str, data: dict[str, object] | None = None) -> None:
+        for listener in list(self._listeners):
+            listener(event, data or {})
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop every vCPU outside KVM_RUN (QMP `stop`); device threads keep serving."""
+        if self._paused:
+            return
+        self._paused = True
+        for loop in self.loops:
+            loop.pause()
+        for loop in self.loops:
+            if loop.thread is not None and loop.thread.is_alive():
+                loop.paused.wait(timeout)
+        self.emit("STOP")
+
+    def resume(self) -> None:
+        """Let every vCPU run again (QMP `cont`)."""
+        if not self._paused:
+            return
+        self._paused = False
+        for loop in self.loops:
+            loop.resume()
+        self.emit("RESUME")
 
     # -- stop -----------------------------------------------------------------------------
     def request_stop(self, stop: Stop) -> None:
@@ -172,23 +263,24 @@ class Machine:
         cmdline = cfg.cmdline
         if self.host.software_kvm:
             cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
-        self.entry = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
+        self.boot = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
         if cfg.trace:
             for base, size, name in layout.describe(cfg.mem_size):
                 print(f"map: {base:#014x} +{size:#x} {name}", file=sys.stderr)
             for region in self.mem.regions:
                 print(f"map: {region.gpa:#014x} +{region.size:#x} slot {region.slot} {region.name}", file=sys.stderr)
-            for line in self.entry.describe():
+            for line in self.boot.describe():
                 print(line, file=sys.stderr)
         supported = self.kvm.supported_cpuid()
         for index in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(index)
-            cpu.setup_cpuid(vcpu, supported, index)
-            cpu.setup_msrs(vcpu)
-            cpu.setup_fpu(vcpu)
-            cpu.setup_lapic(vcpu)
+            self.owned.callback(vcpu.close)
+            vcpu_setup.setup_cpuid(vcpu, supported, index)
+            vcpu_setup.setup_msrs(vcpu)
+            vcpu_setup.setup_fpu(vcpu)
+            vcpu_setup.setup_lapic(vcpu)
             if index == 0:
-                cpu.apply_entry(vcpu, self.entry)
+                vcpu_setup.apply_entry(vcpu, self.boot.entry)
             trace = sys.stderr if cfg.trace else None
             self.loops.append(VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace))
 
@@ -200,6 +292,8 @@ class Machine:
             print(f"minivmm: {self.host.notice}", file=sys.stderr)
         old_handlers = self._install_signal_handlers()
         self.events.start()
+        if self.qmp is not None:
+            self.qmp.start()
         try:
             with self.console:  # raw terminal while the guest runs; restored whatever happens
                 for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
@@ -216,13 +310,15 @@ class Machine:
             self.events.stop()
             self._restore_signal_handlers(old_handlers)
         assert self._stop is not None
+        self.emit("SHUTDOWN", {"guest": self._stop.cause.startswith("guest-"), "reason": self._stop.cause})
         return self._stop
 
     def _wait(self) -> None:
         last_progress = time.monotonic()
         last_exits = -1
         while not self._stopped.wait(0.5):
-            if self.config.watchdog is None:
+            if self.config.watchdog is None or self._paused:
+                last_exits = -1  # a paused guest makes no progress on purpose
                 continue
             exits = sum(sum(loop.stats.by_kind.values()) for loop in self.loops)
             now = time.monotonic()
@@ -239,7 +335,7 @@ class Machine:
             return {}
 
         def on_term(signum: int, frame: object) -> None:
-            self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}"))
+            self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}", "host-signal"))
 
         def on_usr1(signum: int, frame: object) -> None:
             for loop in self.loops:
@@ -254,41 +350,15 @@ class Machine:
             signal.signal(sig, handler)
 
     # -- statistics -------------------------------------------------------------------------
-    def stats_report(self) -> str:
-        lines = []
-        wall = time.monotonic() - self.started_at
-        first = min((loop.stats.first_run for loop in self.loops if loop.stats.first_run), default=None)
-        if first is not None:
-            lines.append(f"startup: first KVM_RUN {first - process_start_monotonic():.3f} s after process start")
-        for loop in self.loops:
-            s = loop.stats
-            total = sum(s.by_kind.values())
-            lines.append(f"vcpu{loop.vcpu.index}: {total} exits; in KVM_RUN {s.time_in_run:.3f} s, outside {s.time_outside:.3f} s, wall {wall:.3f} s")
-            lines += [f"  exits {kind}: {n}" for kind, n in s.by_kind.most_common()]
-            lines += [f"  device {name}: {n}" for name, n in s.by_device.most_common()]
-        lines += [f"emulation fallback {name}: {n}" for name, n in self.fallbacks.counts.items()]
-        for dev, backing in zip(self.pmem_devices, self.config.pmem):
-            st = dev.stats()
-            lines.append(
-                f"pmem {backing.id} ({backing.path}): {st['flush_requests']} flush requests, {st['host_fsyncs']} host fsyncs, "
-                f"service mean {st['service_time_mean'] * 1e3:.3f} ms max {st['service_time_max'] * 1e3:.3f} ms, "
-                f"fsync mean {st['fsync_time_mean'] * 1e3:.3f} ms, "
-                f"without fsync mean {st['overhead_time_mean'] * 1e3:.3f} ms"
-            )
-        for bus in (self.pio, self.mmio):
-            lines += [f"{bus.name} unclaimed {op}s: {n}" for op, n in bus.unclaimed.items()]
-        return "\n".join(lines)
-
-    def close(self) -> None:
-        for device in self.pmem_devices:
-            device.reset()  # stops its flusher thread before guest memory goes away
-        for loop in self.loops:
-            loop.vcpu.close()
-        self.vm.close()
-        self.kvm.close()
-        for region in self.mem.regions:
-            region.view.release()
-            if region.name == "ram":
-                region.mapping.close()
-        for backing in self.config.pmem:
-            backing.close()
+    def statistics(self) -> MachineStats:
+        """A snapshot of the run's statistics (exits, times, fallbacks, unclaimed accesses, pmem)."""
+        return MachineStats(
+            vcpus=[loop.stats.copy() for loop in self.loops],
+            wall_time=time.monotonic() - self.started_at,
+            process_start=process_start_monotonic(),
+            fallbacks=dict(self.fallbacks.counts),
+            unclaimed={bus.name: dict(bus.unclaimed) for bus in (self.pio, self.mmio)},
+            pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in self.pmem_plugged],
+            stop_status=None if self._stop is None else self._stop.status,
+            stop_reason=None if self._stop is None else self._stop.reason,
+        )

@@ -278,7 +278,8 @@ def test_dsdt_pci_host_bridge(dsdt):
             windows.setdefault(rtype, []).append((lo, hi))
     assert windows[2] == [(0, 0xFF)]
     assert windows[1] == [(0, 0xCF7), (0xD00, 0xFFFF)]
-    base64, size64 = layout.pci_mmio64_window(MEM)
+    mmio64 = layout.pci_mmio64_window(MEM)
+    base64, size64 = mmio64.base, mmio64.size
     assert windows[0] == [(0xC0000000, 0xFEBFFFFF), (base64, base64 + size64 - 1)]
     prt = dsdt.names["\\_SB_.PCI0._PRT"]
     assert len(prt) == 128

@@ -8,9 +8,12 @@ import struct
 import pytest
 
 from minivmm import layout
-from minivmm.boot import bzimage, cpu, load_kernel, synthetic
+from minivmm.boot import BootProtocol, CpuMode, bzimage, entry, load_kernel
 from minivmm.errors import UserError
 from minivmm.memory import GuestMemory
+from minivmm.ranges import AddressRange
+from support import synthetic_kernels as synthetic
+from support.descriptors import decode_descriptor
 
 MEM = 256 * layout.MiB
 RSDP = 0xE0000
@@ -39,12 +42,13 @@ PAYLOAD = bytes(0x200) + bytes(range(256)) * 64
 
 def test_kernel_loaded_at_1mib_and_entry(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD)
-    mem, e = boot(tmp_path, image)
+    mem, b = boot(tmp_path, image)
     setup = 5 * 512
     assert mem.read(layout.HIGH_MEMORY, len(image) - setup) == image[setup:]
-    assert e.kernel == cpu.LoadedRange(layout.HIGH_MEMORY, len(image) - setup)
-    assert e.rip == layout.HIGH_MEMORY + 0x200
-    assert e.rsi == e.boot_info == ZP and e.protocol == "bzimage" and e.mode == "long64"
+    assert b.loaded.kernel == AddressRange(layout.HIGH_MEMORY, len(image) - setup)
+    assert b.entry.regs.rip == layout.HIGH_MEMORY + 0x200
+    assert b.entry.regs.rsi == b.config.boot_info == ZP and b.config.protocol is BootProtocol.BZIMAGE
+    assert b.entry.mode is CpuMode.LONG64
 
 
 def test_boot_params_fields(tmp_path):
@@ -89,9 +93,9 @@ def test_header_copied_from_file(tmp_path):
 
 def test_setup_sects_zero_means_four(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD, setup_sects=0)
-    mem, e = boot(tmp_path, image)
+    mem, b = boot(tmp_path, image)
     assert mem.read(layout.HIGH_MEMORY, 16) == PAYLOAD[:16]
-    assert e.kernel.size == len(image) - 5 * 512
+    assert b.loaded.kernel.size == len(image) - 5 * 512
 
 
 def translate(mem: GuestMemory, cr3: int, va: int) -> int | None:
@@ -103,40 +107,42 @@ def translate(mem: GuestMemory, cr3: int, va: int) -> int | None:
     if not pdpte & 1:
         return None
     pde = mem.read_int((pdpte & ~0xFFF & (2**52 - 1)) + ((va >> 21) & 511) * 8, 8)
-    if not pde & 1 or not pde & cpu.PTE_PS or not pde & cpu.PTE_RW:
+    if not pde & 1 or not pde & entry.PTE_PS or not pde & entry.PTE_RW:
         return None
     return (pde & ~(2**21 - 1) & (2**52 - 1)) | (va & (2**21 - 1))
 
 
 def test_long_mode_state_and_identity_map(tmp_path):
-    mem, e = boot(tmp_path, synthetic.make_bzimage(PAYLOAD))
-    assert e.cr0 & cpu.X86_CR0_PG and e.cr0 & cpu.X86_CR0_PE
-    assert e.cr4 & cpu.X86_CR4_PAE and e.efer & cpu.EFER_LME and e.efer & cpu.EFER_LMA
+    mem, b = boot(tmp_path, synthetic.make_bzimage(PAYLOAD))
+    e = b.entry
+    assert e.cr0 & entry.X86_CR0_PG and e.cr0 & entry.X86_CR0_PE
+    assert e.cr4 & entry.X86_CR4_PAE and e.efer & entry.EFER_LME and e.efer & entry.EFER_LMA
     assert e.cr3 == layout.PML4_ADDR and e.cr3 in layout.PAGE_TABLES
-    for va in (0, 0x1000, e.rip, ZP, 0x0FFF_FFFF, 0xC000_0000, 0xFEC0_0000, 0xFFFF_FFFF):
+    for va in (0, 0x1000, e.regs.rip, ZP, 0x0FFF_FFFF, 0xC000_0000, 0xFEC0_0000, 0xFFFF_FFFF):
         assert translate(mem, e.cr3, va) == va
     assert translate(mem, e.cr3, 4 * layout.GiB) is None
-    assert not e.rflags & (1 << 9)
+    assert not e.regs.rflags & (1 << 9)
 
 
 def test_gdt_has_linux_boot_selectors(tmp_path):
-    mem, e = boot(tmp_path, synthetic.make_bzimage(PAYLOAD))
+    mem, b = boot(tmp_path, synthetic.make_bzimage(PAYLOAD))
+    e = b.entry
     assert e.cs.selector == 0x10 and e.ds.selector == e.ss.selector == 0x18
-    cs = cpu.Segment.from_descriptor(0x10, mem.read_int(e.gdt_base + 0x10, 8))
-    ds = cpu.Segment.from_descriptor(0x18, mem.read_int(e.gdt_base + 0x18, 8))
+    cs = decode_descriptor(0x10, mem.read_int(e.gdt.base + 0x10, 8))
+    ds = decode_descriptor(0x18, mem.read_int(e.gdt.base + 0x18, 8))
     assert cs == e.cs and ds == e.ds
     assert cs.l == 1 and cs.db == 0 and cs.type & 0x8 and cs.present and cs.s
     assert ds.type == 0x3 and ds.present and ds.s and ds.limit == 0xFFFFFFFF
-    assert mem.read_int(e.gdt_base, 8) == 0
-    tss = cpu.Segment.from_descriptor(0x20, mem.read_int(e.gdt_base + 0x20, 8))
-    assert tss == e.tr and mem.read_int(e.gdt_base + 0x28, 8) == 0
-    assert e.gdt_limit >= 0x2F
+    assert mem.read_int(e.gdt.base, 8) == 0
+    tss = decode_descriptor(0x20, mem.read_int(e.gdt.base + 0x20, 8))
+    assert tss == e.tr and mem.read_int(e.gdt.base + 0x28, 8) == 0
+    assert e.gdt.limit >= 0x2F
 
 
 def test_initrd_respects_initrd_addr_max(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD, initrd_addr_max=0x037FFFFF)
-    _mem, e = boot(tmp_path, image, initrd=bytes(100_000))
-    assert e.initrd.end <= 0x03800000 and 0x03800000 - e.initrd.end < 4096 + 4096
+    _mem, b = boot(tmp_path, image, initrd=bytes(100_000))
+    assert b.config.initrd.end <= 0x03800000 and 0x03800000 - b.config.initrd.end < 4096 + 4096
 
 
 def test_old_protocol_has_no_rsdp_field(tmp_path):
@@ -186,8 +192,8 @@ def test_cmdline_longer_than_cmdline_size(tmp_path):
     image = synthetic.make_bzimage(PAYLOAD, cmdline_size=100)
     with pytest.raises(UserError, match="too long: 101 bytes, the kernel accepts at most 100"):
         boot(tmp_path, image, cmdline="x" * 101)
-    _mem, e = boot(tmp_path, image, cmdline="x" * 100)
-    assert e.cmdline.size == 101
+    _mem, b = boot(tmp_path, image, cmdline="x" * 100)
+    assert b.config.cmdline.size == 101
 
 
 def test_initrd_too_big_below_initrd_addr_max(tmp_path):
@@ -221,15 +227,15 @@ def test_memory_above_4gib_keeps_initrd_below_initrd_addr_max(tmp_path):
     kernel.write_bytes(synthetic.make_bzimage(PAYLOAD))
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"\x5a" * 10_000)
-    e = load_kernel(mem, kernel, initrd, "", size, RSDP)
-    assert e.initrd.end <= 0x80000000 and 0x80000000 - e.initrd.end < 4096
-    assert mem.read(e.initrd.gpa, 10_000) == b"\x5a" * 10_000
+    initrd_range = load_kernel(mem, kernel, initrd, "", size, RSDP).config.initrd
+    assert initrd_range.end <= 0x80000000 and 0x80000000 - initrd_range.end < 4096
+    assert mem.read(initrd_range.base, 10_000) == b"\x5a" * 10_000
     n = mem.read_int(ZP + bzimage.BP_E820_ENTRIES, 1)
     last = layout.E820Entry(*layout.E820Entry.FORMAT.unpack(mem.read(ZP + bzimage.BP_E820_TABLE + 20 * (n - 1), 20)))
     assert last == layout.E820Entry(4 * layout.GiB, 64 * layout.MiB, layout.E820_RAM)
 
 
 def test_smoke_bzimage_entry_is_the_smoke_code(tmp_path):
-    mem, e = boot(tmp_path, synthetic.smoke_bzimage(b"hi\n"))
+    mem, b = boot(tmp_path, synthetic.smoke_bzimage(b"hi\n"))
     code = synthetic.smoke_code(b"hi\n")
-    assert mem.read(e.rip, len(code)) == code
+    assert mem.read(b.entry.regs.rip, len(code)) == code

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
 import pytest
 
 from minivmm import layout
-from minivmm.boot import cpu, load_kernel, pvh, synthetic
+from minivmm.boot import BootProtocol, CpuMode, entry, load_kernel, pvh
 from minivmm.errors import UserError
 from minivmm.memory import GuestMemory
+from minivmm.ranges import AddressRange
+from support import synthetic_kernels as synthetic
+from support.descriptors import decode_descriptor
 
 MEM = 256 * layout.MiB
 RSDP = 0xE0000
@@ -36,21 +40,21 @@ def junk_memory(size: int = MEM) -> GuestMemory:
 def test_segments_copied_and_bss_zeroed(files):
     kernel, initrd, code = files
     mem = junk_memory()
-    entry = load_kernel(mem, kernel, initrd, "console=ttyS0", MEM, RSDP)
+    boot = load_kernel(mem, kernel, initrd, "console=ttyS0", MEM, RSDP)
     assert mem.read(PADDR, len(code)) == code
     assert mem.read(PADDR + len(code), 0x3000) == bytes(0x3000)
-    assert entry.kernel.gpa == PADDR and entry.kernel.size == len(code) + 0x3000
-    assert entry.rip == PADDR + 0x10
-    assert entry.protocol == "pvh"
+    assert boot.loaded.kernel.base == PADDR and boot.loaded.kernel.size == len(code) + 0x3000
+    assert boot.entry.regs.rip == PADDR + 0x10
+    assert boot.config.protocol is BootProtocol.PVH
 
 
 def test_start_info_fields(files):
     kernel, initrd, _ = files
     mem = junk_memory()
-    entry = load_kernel(mem, kernel, initrd, "console=ttyS0 quiet", MEM, RSDP)
-    assert entry.rbx == entry.boot_info == layout.PVH_START_INFO.base
+    boot = load_kernel(mem, kernel, initrd, "console=ttyS0 quiet", MEM, RSDP)
+    assert boot.entry.regs.rbx == boot.config.boot_info == layout.PVH_START_INFO.base
     (magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap, memmap_entries, reserved) = mem.read_struct(
-        entry.rbx, pvh.HVM_START_INFO
+        boot.entry.regs.rbx, pvh.HVM_START_INFO
     )
     assert magic == 0x336EC578 and version == 1 and flags == 0 and reserved == 0
     assert rsdp == RSDP
@@ -67,29 +71,29 @@ def test_start_info_fields(files):
     assert nr_modules == 1
     paddr, size, mod_cmdline, mod_res = mem.read_struct(modlist, pvh.HVM_MODLIST_ENTRY)
     assert mem.read(paddr, size) == initrd.read_bytes()
-    assert paddr % 4096 == 0 and paddr >= entry.kernel.end and paddr + size <= MEM
+    assert paddr % 4096 == 0 and paddr >= boot.loaded.kernel.end and paddr + size <= MEM
     assert MEM - (paddr + size) < 4096
-    assert (paddr, size) == (entry.initrd.gpa, entry.initrd.size)
+    assert boot.config.initrd == AddressRange(paddr, size)
     assert mod_cmdline == 0 and mod_res == 0
 
 
 def test_no_initrd_means_no_modules(files):
     kernel, _, _ = files
     mem = junk_memory()
-    entry = load_kernel(mem, kernel, None, "", MEM, RSDP)
-    _, _, _, nr_modules, modlist, cmdline, *_ = mem.read_struct(entry.rbx, pvh.HVM_START_INFO)
-    assert nr_modules == 0 and modlist == 0 and entry.initrd is None
+    boot = load_kernel(mem, kernel, None, "", MEM, RSDP)
+    _, _, _, nr_modules, modlist, cmdline, *_ = mem.read_struct(boot.entry.regs.rbx, pvh.HVM_START_INFO)
+    assert nr_modules == 0 and modlist == 0 and boot.config.initrd is None
     assert mem.read(cmdline, 1) == b"\0"
 
 
 def test_entry_state_is_32bit_protected_mode(files):
     kernel, _, _ = files
     mem = junk_memory()
-    e = load_kernel(mem, kernel, None, "", MEM, RSDP)
-    assert e.mode == "protected32"
-    assert e.cr0 & cpu.X86_CR0_PE and not e.cr0 & cpu.X86_CR0_PG
+    e = load_kernel(mem, kernel, None, "", MEM, RSDP).entry
+    assert e.mode is CpuMode.PROTECTED32
+    assert e.cr0 & entry.X86_CR0_PE and not e.cr0 & entry.X86_CR0_PG
     assert e.cr4 == 0 and e.efer == 0
-    assert not e.rflags & (1 << 9)  # IF clear
+    assert not e.regs.rflags & (1 << 9)  # IF clear
     for name in ("ds", "es", "fs", "gs", "ss"):
         seg = getattr(e, name)
         assert (seg.base, seg.limit, seg.present, seg.s, seg.db, seg.g) == (0, 0xFFFFFFFF, 1, 1, 1, 1)
@@ -99,10 +103,10 @@ def test_entry_state_is_32bit_protected_mode(files):
     assert e.ldt.present == 0
     # The GDT in memory holds exactly the descriptors the segment registers were given.
     for seg in (e.cs, e.ds, e.tr):
-        raw = mem.read_int(e.gdt_base + seg.selector, 8)
-        assert cpu.Segment.from_descriptor(seg.selector, raw) == seg
-    assert e.gdt_limit == cpu.GDT_SIZE - 1
-    assert set(e.regs) == {"rip", "rsp", "rbx", "rsi", "rflags"}
+        raw = mem.read_int(e.gdt.base + seg.selector, 8)
+        assert decode_descriptor(seg.selector, raw) == seg
+    assert e.gdt.limit == entry.GDT_SIZE - 1
+    assert {f.name for f in dataclasses.fields(e.regs)} == {"rip", "rsp", "rbx", "rsi", "rflags"}
 
 
 def test_note_parser_handles_multiple_notes():
@@ -213,9 +217,9 @@ def test_smoke_pvh_entry_is_the_smoke_code(tmp_path):
     kernel = tmp_path / "smoke"
     kernel.write_bytes(synthetic.smoke_pvh_elf(b"hi\n"))
     mem = GuestMemory.anonymous(MEM)
-    e = load_kernel(mem, kernel, None, "", MEM, RSDP)
+    e = load_kernel(mem, kernel, None, "", MEM, RSDP).entry
     code = synthetic.smoke_code(b"hi\n")
-    assert mem.read(e.rip, len(code)) == code
+    assert mem.read(e.regs.rip, len(code)) == code
     assert code.endswith(b"\xb0\x34\xee\xf4\xeb\xfd")  # out 0x34 to the sleep register; hlt loop
 
 
@@ -225,8 +229,8 @@ def test_pvh_memory_above_4gib(tmp_path, files):
     mem = GuestMemory()
     for gpa, length in layout.ram_ranges(size):
         mem.add_region(GuestMemory.anonymous(length, gpa).regions[0])
-    e = load_kernel(mem, kernel, initrd, "", size, RSDP)
-    assert e.initrd.end <= 3 * layout.GiB and 3 * layout.GiB - e.initrd.end < 4096
-    *_, memmap, entries, _ = mem.read_struct(e.rbx, pvh.HVM_START_INFO)
+    boot = load_kernel(mem, kernel, initrd, "", size, RSDP)
+    assert boot.config.initrd.end <= 3 * layout.GiB and 3 * layout.GiB - boot.config.initrd.end < 4096
+    *_, memmap, entries, _ = mem.read_struct(boot.entry.regs.rbx, pvh.HVM_START_INFO)
     last = mem.read_struct(memmap + (entries - 1) * 24, pvh.HVM_MEMMAP_TABLE_ENTRY)
     assert last == (4 * layout.GiB, 64 * layout.MiB, layout.E820_RAM, 0)

@@ -9,7 +9,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from minivmm import layout
-from minivmm.boot import acpi, bzimage, load_kernel, pvh
+from minivmm.boot import CpuMode, acpi, bzimage, load_kernel, pvh
 from minivmm.memory import GuestMemory
 
 MEM = 256 * layout.MiB
@@ -24,7 +24,8 @@ def mem():
 def test_vmlinux_pvh(guest_kernel_dir, mem):
     path = guest_kernel_dir / "vmlinux"
     rsdp = acpi.build_acpi(mem, 1, MEM)
-    entry = load_kernel(mem, path, None, "console=ttyS0", MEM, rsdp)
+    boot = load_kernel(mem, path, None, "console=ttyS0", MEM, rsdp)
+    entry = boot.entry
     with open(path, "rb") as f:
         elf = ELFFile(f)
         phys32, loads = [], 0
@@ -40,11 +41,11 @@ def test_vmlinux_pvh(guest_kernel_dir, mem):
                 for note in seg.iter_notes():
                     if note["n_name"] == "Xen" and note["n_type"] == pvh.XEN_ELFNOTE_PHYS32_ENTRY:
                         phys32.append(int.from_bytes(note["n_descdata"], "little"))
-    assert loads > 0 and entry.rip in phys32
-    assert entry.mode == "protected32" and entry.rbx == layout.PVH_START_INFO.base
-    magic, version, *_ = mem.read_struct(entry.rbx, pvh.HVM_START_INFO)
+    assert loads > 0 and entry.regs.rip in phys32
+    assert entry.mode is CpuMode.PROTECTED32 and entry.regs.rbx == layout.PVH_START_INFO.base
+    magic, version, *_ = mem.read_struct(entry.regs.rbx, pvh.HVM_START_INFO)
     assert (magic, version) == (pvh.XEN_HVM_START_MAGIC_VALUE, 1)
-    assert entry.kernel.gpa >= layout.HIGH_MEMORY and entry.kernel.end <= MEM
+    assert boot.loaded.kernel.base >= layout.HIGH_MEMORY and boot.loaded.kernel.end <= MEM
 
 
 def test_bzimage(guest_kernel_dir, mem, tmp_path):
@@ -52,7 +53,9 @@ def test_bzimage(guest_kernel_dir, mem, tmp_path):
     raw = path.read_bytes()
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"\x07" * 100_000)
-    entry = load_kernel(mem, path, initrd, "console=ttyS0", MEM, 0xE0000)
+    boot = load_kernel(mem, path, initrd, "console=ttyS0", MEM, 0xE0000)
+    entry, initrd_range = boot.entry, boot.config.initrd
+    assert initrd_range is not None
     setup_sects = raw[0x1F1] or 4
     setup = (setup_sects + 1) * 512
     assert mem.read(layout.HIGH_MEMORY, len(raw) - setup) == raw[setup:]
@@ -60,10 +63,10 @@ def test_bzimage(guest_kernel_dir, mem, tmp_path):
     version = struct.unpack_from("<H", raw, 0x206)[0]
     assert mem.read_int(zp + 0x206, 2) == version >= 0x020C
     assert mem.read_int(zp + 0x210, 1) == 0xFF
-    assert entry.rip == layout.HIGH_MEMORY + 0x200 and entry.rsi == zp and entry.mode == "long64"
+    assert entry.regs.rip == layout.HIGH_MEMORY + 0x200 and entry.regs.rsi == zp and entry.mode is CpuMode.LONG64
     init_size = struct.unpack_from("<I", raw, 0x260)[0]
     pref = struct.unpack_from("<Q", raw, 0x258)[0]
-    assert entry.initrd.gpa >= max(pref, layout.HIGH_MEMORY) + init_size
-    assert entry.initrd.end <= struct.unpack_from("<I", raw, 0x22C)[0] + 1
+    assert initrd_range.base >= max(pref, layout.HIGH_MEMORY) + init_size
+    assert initrd_range.end <= struct.unpack_from("<I", raw, 0x22C)[0] + 1
     hdr = bzimage.SetupHeader.unpack(mem.read(zp + 0x1F1, bzimage.SetupHeader.FORMAT.size))
-    assert hdr.ramdisk_image == entry.initrd.gpa and hdr.cmd_line_ptr == layout.CMDLINE.base
+    assert hdr.ramdisk_image == initrd_range.base and hdr.cmd_line_ptr == layout.CMDLINE.base

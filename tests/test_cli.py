@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-from bootutil import TRACEBACK, Run, cli
+from bootutil import TRACEBACK, cli
+from support.runner import RunResult
 
 from minivmm import __version__
 
@@ -21,7 +22,7 @@ MiB = 1 << 20
 ONE_ERROR_LINE = re.compile(r"^minivmm(?: run| guest)?: error: \S.*$")
 
 
-def assert_user_error(run: Run, pattern: str | None = None) -> str:
+def assert_user_error(run: RunResult, pattern: str | None = None) -> str:
     """Exit status 2 and exactly one `... error: ...` line on stderr (matching `pattern`)."""
     lines = run.stderr.splitlines()
     assert TRACEBACK not in run.stderr, run.describe()
@@ -294,7 +295,7 @@ def test_run_help_lists_every_option(tmp_path):
     run = cli("run", "--help", workdir=tmp_path)
     assert run.status == 0, run.describe()
     assert run.stderr == "", run.describe()
-    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--watchdog", "--help")
+    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--stats-json", "--watchdog", "--help")
     for option in options:
         assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", run.stdout), f"{option} missing from run --help\n{run.stdout}"
 
@@ -316,3 +317,23 @@ def test_guest_paths(guest, tmp_path):
     run = cli("guest", "paths", workdir=tmp_path)
     assert run.status == 0, run.describe()
     assert str(guest.vmlinux) in run.stdout and str(guest.bzimage) in run.stdout and str(guest.initrd) in run.stdout
+
+
+def test_a_refused_run_leaves_no_pmem_file_created_or_extended(pmem_file, guest, tmp_path):
+    """Files are checked and created before the machine is built; a later refusal (RAM too
+    small here) removes what was created and cuts what was extended back, times included."""
+    new = tmp_path / "new.img"
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--mem", "1M", "--pmem", f"{new},size=2M",
+              "--pmem", f"{pmem_file},size=8M", workdir=tmp_path)  # fmt: skip
+    assert_user_error(run, r"memory size 1 MiB is too small")
+    assert not new.exists()
+    assert _snapshot(pmem_file) == before
+
+
+def test_more_pmem_devices_than_pci_slots_is_one_line_and_leaves_no_file(guest, tmp_path):
+    paths = [tmp_path / f"p{i}.img" for i in range(32)]  # 31 free slots on bus 0
+    args = [a for p in paths for a in ("--pmem", f"{p},size=2M")]
+    run = cli("run", "--kernel", guest.vmlinux, *args, workdir=tmp_path)
+    assert_user_error(run, r"pmem31: PCI bus 0 is full \(at most 31 devices\)")
+    assert not any(p.exists() for p in paths)

@@ -1,4 +1,5 @@
-"""Default guest build: input hashing, the built config and the initramfs contents.
+"""Default guest build: input hashing, the manifest and how a run finds the guest through it
+(also from a minivmm pip-installed elsewhere), the built config and the initramfs contents.
 
 None of these tests builds a kernel. Those that need the built guest fail (never skip)
 when it is missing, saying how to build it.
@@ -7,16 +8,21 @@ when it is missing, saying how to build it.
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from minivmm import guestimage
+from minivmm import cli, guestimage, guestmanifest
 from minivmm.errors import UserError
+from minivmm.guestmanifest import GuestManifest
 
-BUILD_HINT = "default guest not built: run `make guest` (python -m minivmm.guestimage build)"
+BUILD_HINT = "default guest not built: run `make guest` (minivmm guest build)"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -39,6 +45,27 @@ def _built_initrd() -> Path:
     if initrd is None:
         pytest.fail(BUILD_HINT)
     return initrd
+
+
+def _fake_guest(cache_home: Path) -> GuestManifest:
+    """Three small files standing for a built guest, in ``cache_home``, and their manifest."""
+    built = cache_home / "elsewhere"
+    built.mkdir(parents=True)
+    for name in ("vmlinux", "bzImage", "initrd.cpio.gz"):
+        (built / name).write_bytes(name.encode())
+    return GuestManifest(vmlinux=built / "vmlinux", bzimage=built / "bzImage",
+                         initrd=built / "initrd.cpio.gz", kernel_hash="k" * 64,
+                         initramfs_hash="i" * 64, built_at="2026-11-30T12:00:00+00:00",
+                         sources="/nowhere/guest", versions={"gcc": "gcc 12"})
+
+
+@pytest.fixture
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty ``XDG_CACHE_HOME`` for this test (no manifest: nothing built)."""
+    home = tmp_path / "cache-home"
+    home.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home
 
 
 def _cpio_names(initrd: Path) -> set[str]:
@@ -88,6 +115,7 @@ def test_cache_paths_follow_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.M
     assert guestimage.kernel_dir() == tmp_path / "minivmm" / f"kernel-{k}"
     i = guestimage.initramfs_hash()[:16]
     assert guestimage.initramfs_path() == tmp_path / "minivmm" / f"initramfs-{i}.cpio.gz"
+    assert guestmanifest.manifest_path() == tmp_path / "minivmm" / "guest.json"
     assert guestimage.default_kernel() is None
     assert guestimage.default_kernel("bzImage") is None
     assert guestimage.default_initrd() is None
@@ -185,7 +213,7 @@ def test_without_kernel_source_nothing_is_current(tmp_path: Path,
     monkeypatch.setattr(guestimage, "_dpkg_version", lambda package: None)
     monkeypatch.setattr(guestimage, "LINUX_TARBALL", tmp_path / "absent.tar.xz")
     assert guestimage.linux_source_version() == "missing"
-    assert guestimage.default_kernel() is None
+    assert not guestimage.kernel_dir().exists()  # no cached kernel matches: a build would run
 
 
 def test_unwanted_symbols_names_ones_left_on(tmp_path: Path) -> None:
@@ -194,3 +222,242 @@ def test_unwanted_symbols_names_ones_left_on(tmp_path: Path) -> None:
     config = tmp_path / ".config"
     config.write_text("CONFIG_A=y\n# CONFIG_B is not set\n")
     assert guestimage.unwanted_symbols(fragment, config) == ["CONFIG_A"]
+
+
+# ---- the manifest: the build writes it, a run only reads it
+
+
+def test_manifest_round_trip(cache_home: Path) -> None:
+    fake = _fake_guest(cache_home)
+    path = guestmanifest.write_manifest(fake)
+    assert path == cache_home / "minivmm" / "guest.json"
+    data = json.loads(path.read_text())
+    assert data["format"] == 1 and data["bzImage"] == str(fake.bzimage)
+    assert guestmanifest.read_manifest() == fake
+    assert guestmanifest.default_guest() == fake
+    assert guestmanifest.default_kernel() == fake.vmlinux
+    assert guestmanifest.default_kernel("bzImage") == fake.bzimage
+    assert guestmanifest.default_initrd() == fake.initrd
+    assert fake.describe().splitlines() == [
+        f"vmlinux: {fake.vmlinux}", f"bzImage: {fake.bzimage}", f"initrd: {fake.initrd}",
+        "built: 2026-11-30T12:00:00+00:00 from /nowhere/guest (gcc: gcc 12)"]
+    # Relative paths are relative to the manifest's directory (a moved cache still works).
+    data.update(vmlinux="elsewhere/vmlinux")
+    assert GuestManifest.from_json(json.dumps(data), cache_home).vmlinux == fake.vmlinux
+
+
+def test_not_built_is_one_line_user_error(cache_home: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert guestmanifest.read_manifest() is None
+    assert guestmanifest.default_kernel() is None and guestmanifest.default_initrd() is None
+    for argv in (["run"], ["guest", "paths"]):
+        assert cli.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert (out, err) == ("", f"minivmm: error: {guestmanifest.NOT_BUILT}\n")
+        assert "make guest" in err
+
+
+def test_manifest_naming_a_missing_file_is_not_built(cache_home: Path) -> None:
+    fake = _fake_guest(cache_home)
+    guestmanifest.write_manifest(fake)
+    fake.initrd.unlink()
+    with pytest.raises(UserError) as err:
+        guestmanifest.default_guest()
+    assert str(err.value).startswith(guestmanifest.NOT_BUILT)
+    assert str(fake.initrd) in str(err.value) and "\n" not in str(err.value)
+    assert guestmanifest.default_initrd() is None
+    assert guestmanifest.default_kernel() == fake.vmlinux
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"format": 1}', '{"format": 99}'])
+def test_malformed_manifest_is_user_error(cache_home: Path, text: str) -> None:
+    guestmanifest.manifest_path().parent.mkdir(parents=True)
+    guestmanifest.manifest_path().write_text(text)
+    with pytest.raises(UserError, match=r"guest\.json: .*run `make guest` again$"):
+        guestmanifest.default_guest()
+
+
+def test_run_reads_the_manifest_only(cache_home: Path) -> None:
+    """`minivmm run` finds the guest without hashing, running a tool or importing the builder:
+    in a fresh interpreter whose PATH holds no program at all."""
+    fake = _fake_guest(cache_home)
+    guestmanifest.write_manifest(fake)
+    probe = ("import sys\n"
+             "from minivmm import cli\n"
+             "print(*cli._default_guest(cli.build_parser().parse_args(['run'])))\n"
+             "print('minivmm.guestimage' in sys.modules, 'subprocess' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), PATH=str(cache_home))
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{fake.vmlinux} {fake.initrd}", "False False"]
+
+
+def test_build_writes_the_manifest(guest_copy: Path, cache_home: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What build() records, with the two build steps stood in for by their cache paths."""
+    monkeypatch.setattr(guestimage, "build_kernel", lambda force, guest: guestimage.kernel_dir(guest))
+    monkeypatch.setattr(guestimage, "build_initramfs",
+                        lambda force, guest: guestimage.initramfs_path(guest))
+    manifest = guestimage.build(guest=guest_copy)
+    assert guestmanifest.read_manifest() == manifest
+    kernel = cache_home / "minivmm" / f"kernel-{guestimage.kernel_hash(guest_copy)[:16]}"
+    assert (manifest.vmlinux, manifest.bzimage) == (kernel / "vmlinux", kernel / "bzImage")
+    assert manifest.initrd == guestimage.initramfs_path(guest_copy)
+    assert manifest.kernel_hash == guestimage.kernel_hash(guest_copy)
+    assert manifest.initramfs_hash == guestimage.initramfs_hash(guest_copy)
+    assert manifest.sources == str(guest_copy)
+    assert manifest.versions == {"linux": guestimage.linux_source_version(),
+                                 "gcc": guestimage.gcc_version(),
+                                 "busybox": guestimage.busybox_version()}
+    # A changed input builds (and records) another cache entry.
+    (guest_copy / "init.sh").write_text("#!/bin/sh\n")
+    assert guestimage.build(guest=guest_copy).initrd != manifest.initrd
+
+
+def test_build_without_sources_is_user_error(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guestimage, "GUEST_DIR", tmp_path / "site-packages" / "guest")
+    with pytest.raises(UserError, match=r"^no guest sources at .*: build .* with `make guest`$"):
+        guestimage.build()
+
+
+def test_prune_keeps_the_current_and_the_manifests(guest_copy: Path, cache_home: Path) -> None:
+    cache = cache_home / "minivmm"
+    current_kernel, current_initrd = guestimage.kernel_dir(guest_copy), guestimage.initramfs_path(guest_copy)
+    other_checkout = GuestManifest(
+        vmlinux=cache / "kernel-0000000000000001" / "vmlinux",
+        bzimage=cache / "kernel-0000000000000001" / "bzImage",
+        initrd=cache / "initramfs-0000000000000001.cpio.gz",
+        kernel_hash="1", initramfs_hash="1", built_at="x", sources="/other/guest")
+    old = [cache / "kernel-0000000000000002", cache / "initramfs-0000000000000002.cpio.gz",
+           cache / "logs" / "kernel-0000000000000002.log"]
+    kept = [current_kernel, current_initrd, other_checkout.vmlinux.parent, other_checkout.initrd,
+            cache / "logs" / f"{current_kernel.name}.log", cache / "logs" / "initramfs-0000000000000001.log"]
+    (cache / "logs").mkdir(parents=True)
+    for path in old + kept:
+        if path.name.startswith("kernel-") and not path.name.endswith(".log"):
+            path.mkdir()
+        else:
+            path.write_text("")
+    guestmanifest.write_manifest(other_checkout)
+    assert sorted(guestimage.prune(guest_copy)) == sorted(old)
+    assert all(path.exists() for path in kept)
+
+
+def test_python_m_guestimage_is_the_guest_command(cache_home: Path) -> None:
+    """One command-line definition: `python -m minivmm.guestimage ARGS` is `minivmm guest ARGS`."""
+    guestmanifest.write_manifest(_fake_guest(cache_home))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    runs = [subprocess.run([sys.executable, "-m", *prefix, *args], env=env, capture_output=True,
+                           text=True, timeout=60)
+            for args in (["paths"], ["--help"], ["bogus"])
+            for prefix in (["minivmm", "guest"], ["minivmm.guestimage"])]
+    for via_cli, via_module in zip(runs[::2], runs[1::2]):
+        assert (via_module.returncode, via_module.stdout, via_module.stderr) == \
+            (via_cli.returncode, via_cli.stdout, via_cli.stderr)
+    assert runs[0].returncode == 0 and runs[0].stdout.startswith("vmlinux: ")
+    assert "build,paths,prune" in runs[2].stdout and "--force" in runs[2].stdout
+    assert runs[4].returncode == 2 and "invalid choice: 'bogus'" in runs[4].stderr
+
+
+def test_built_guest_is_current() -> None:
+    """The manifest names the guest built from this checkout's guest/ (else the boot tests
+    would boot another one): `make guest` here updates it."""
+    manifest = guestmanifest.read_manifest()
+    if manifest is None:
+        pytest.fail(BUILD_HINT)
+    assert (manifest.kernel_hash, manifest.initramfs_hash) == \
+        (guestimage.kernel_hash(), guestimage.initramfs_hash()), \
+        f"{guestmanifest.manifest_path()} names a guest built from {manifest.sources}, not from " \
+        f"this checkout's guest/: run `make guest`"
+
+
+# ---- a minivmm installed elsewhere finds the guest a checkout built
+
+
+# Builds a wheel offline from the base environment: pip, setuptools, and bdist_wheel (from
+# `wheel`, or setuptools >= 70.1 which carries it).
+_CAN_BUILD_WHEELS = ("import setuptools, pip, sys\n"
+                     "try:\n    import wheel\n"
+                     "except ImportError:\n"
+                     "    v = tuple(int(x) for x in setuptools.__version__.split('.')[:2])\n"
+                     "    sys.exit(v < (70, 1))\n")
+
+
+def _installer_python() -> str:
+    """An interpreter (>= 3.11) whose own site-packages can ``pip install .`` offline: the one
+    this venv was made from, else Debian's (python3-pip, python3-wheel)."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    for python in dict.fromkeys([base, os.path.realpath(sys.executable), "/usr/bin/python3"]):
+        probe = subprocess.run([python, "-I", "-c", "import sys; assert sys.version_info >= (3, 11)\n"
+                                + _CAN_BUILD_WHEELS], capture_output=True, timeout=60, check=False)
+        if probe.returncode == 0:
+            return python
+    pytest.fail("no interpreter can pip-install minivmm offline: apt-get install python3-pip python3-wheel")
+
+
+def _pip_install_elsewhere(tmp_path: Path) -> Path:
+    """``pip install .`` of a copy of this checkout without guest/ into a fresh venv; its bin/."""
+    src = tmp_path / "src"  # a copy: pip's in-tree build must not write into the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "minivmm", src / "minivmm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    # The base interpreter's site-packages provide pip and setuptools, offline.
+    subprocess.run([_installer_python(), "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-build-isolation", "--no-index", str(src)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shutil.rmtree(src)  # nothing of the checkout is left to find
+    return venv / "bin"
+
+
+def test_pip_installed_minivmm_finds_the_guest(tmp_path: Path) -> None:
+    bin_dir = _pip_install_elsewhere(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+    def installed(*args: str, cache_home: Path | None = None) -> subprocess.CompletedProcess[str]:
+        run_env = env if cache_home is None else dict(env, XDG_CACHE_HOME=str(cache_home))
+        return subprocess.run([str(bin_dir / "minivmm"), *args], env=run_env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import minivmm; print(minivmm.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(tmp_path / "venv")), where.stdout  # the installed copy
+
+    # A guest built for this user (a fake one in a private cache): found, whatever the package path.
+    fake_home = tmp_path / "cache-home"
+    fake = _fake_guest(fake_home)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(fake_home))
+        guestmanifest.write_manifest(fake)
+    paths = installed("guest", "paths", cache_home=fake_home)
+    assert (paths.returncode, paths.stderr) == (0, ""), paths.stderr
+    assert paths.stdout == fake.describe() + "\n"
+    # `minivmm run`'s lookup, in the installed package (a boot would need cffi, which this
+    # environment need not have: pip installed no dependency).
+    lookup = subprocess.run(
+        [str(bin_dir / "python"), "-c", "from minivmm import cli\n"
+         "print(*cli._default_guest(cli.build_parser().parse_args(['run'])))"],
+        env=dict(env, XDG_CACHE_HOME=str(fake_home)), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (lookup.returncode, lookup.stdout) == (0, f"{fake.vmlinux} {fake.initrd}\n"), lookup.stderr
+    # Nothing built: the one-line error.
+    empty_home = tmp_path / "empty-home"
+    missing = installed("guest", "paths", cache_home=empty_home)
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr == f"minivmm: error: {guestmanifest.NOT_BUILT}\n"
+    # No sources next to the installed package: building says where to build.
+    build = installed("guest", "build", cache_home=empty_home)
+    assert build.returncode == 2 and build.stderr.startswith("minivmm: error: no guest sources at ")
+
+    # The real default guest, when `make guest` has built it: the installed minivmm sees it too.
+    real = guestmanifest.read_manifest()
+    if real is not None:
+        seen = installed("guest", "paths")
+        assert (seen.returncode, seen.stdout) == (0, real.describe() + "\n"), seen.stderr

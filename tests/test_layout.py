@@ -71,25 +71,17 @@ def test_fixed_map_disjoint_and_low_areas_below_640k():
 @pytest.mark.parametrize("mem", [256 * MiB, 3 * GiB, 8 * GiB, 100 * GiB])
 def test_mmio64_window_and_pmem_above_ram(mem):
     top = layout.ram_top(mem)
-    base, size = layout.pci_mmio64_window(mem)
+    window = layout.pci_mmio64_window(mem)
+    base, size = window.base, window.size
     assert base >= max(top, 4 * GiB) and base % GiB == 0 and size == layout.PCI_MMIO64_SIZE
     pmem = layout.pmem_base(top)
     assert pmem >= base + size and pmem % layout.PMEM_ALIGN == 0
 
 
-def test_pmem_allocator_slots_aligned_disjoint_and_limited():
-    alloc = layout.PmemAllocator(layout.ram_top(1 * GiB))
-    a = alloc.allocate(1 * MiB)
-    b = alloc.allocate(200 * MiB)
-    c = alloc.allocate(128 * MiB)
-    assert a == layout.pmem_base(layout.ram_top(1 * GiB))
-    assert b == a + 128 * MiB and c == b + 256 * MiB
-    assert all(x % (128 * MiB) == 0 for x in (a, b, c))
-    with pytest.raises(UserError, match="39-bit"):
-        alloc.allocate(600 * GiB)
-    small = layout.PmemAllocator(layout.ram_top(1 * GiB), phys_addr_bits=36)
-    with pytest.raises(UserError, match="36-bit guest physical address limit"):
-        small.allocate(64 * GiB)
+def test_pmem_window_starts_past_the_mmio64_window_and_ends_at_the_address_limit():
+    window = layout.pmem_window(1 * GiB)
+    assert window.base == layout.pmem_base(layout.ram_top(1 * GiB)) and window.end == 1 << 39
+    assert layout.pmem_window(1 * GiB, phys_addr_bits=36).end == 1 << 36
 
 
 def test_check_mem_size_errors():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from minivmm import layout
-from minivmm.boot.synthetic import make_bzimage, make_pvh_elf, smoke_bzimage, smoke_code, smoke_pvh_elf
+from support.synthetic_kernels import make_bzimage, make_pvh_elf, smoke_bzimage, smoke_code, smoke_pvh_elf
 
 SPIN = b"\xeb\xfe"  # jmp $
 UD2 = b"\x0f\x0b"  # #UD with no IDT: the CPU cannot deliver it -> triple fault

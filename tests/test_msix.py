@@ -7,7 +7,7 @@ import pytest
 from minivmm.pci.config import PciConfigSpace
 from support.fakes import FakeInterruptController
 from minivmm.pci.msix import MsixTable
-from minivmm.pci.regs import (
+from minivmm.pci.pci_regs import (
     PCI_CAP_ID_MSIX,
     PCI_MSIX_ENTRY_CTRL_MASKBIT,
     PCI_MSIX_FLAGS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from minivmm.pci.config import PciConfigSpace
-from minivmm.pci.regs import (
+from minivmm.pci.pci_regs import (
     PCI_BASE_ADDRESS_0,
     PCI_BASE_ADDRESS_MEM_PREFETCH,
     PCI_BASE_ADDRESS_MEM_TYPE_64,

@@ -8,8 +8,12 @@ from minivmm.bus import Bus
 from minivmm.pci.config import PciConfigSpace
 from minivmm.pci.device import IoEventFd, PciDevice
 from support.fakes import FakeIoEventRegistry, GuestConf1
-from minivmm.pci.host import MmioWindow, PciHostBridge
-from minivmm.pci.regs import (
+from minivmm import layout
+from minivmm.allocator import AddressAllocator
+from minivmm.errors import UserError
+from minivmm.pci.host import PciHostBridge
+from minivmm.ranges import AddressRange
+from minivmm.pci.pci_regs import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
     PCI_CLASS_DEVICE,
@@ -20,8 +24,16 @@ from minivmm.pci.regs import (
     PCI_VENDOR_ID,
 )
 
-WIN32 = MmioWindow(0xC000_0000, 0xFEC0_0000 - 0xC000_0000)
-WIN64 = MmioWindow(0x1_0000_0000, 0x1_0000_0000)
+WIN32 = AddressRange(0xC000_0000, 0xFEC0_0000 - 0xC000_0000)
+WIN64 = AddressRange(0x1_0000_0000, 0x1_0000_0000)
+
+
+def make_bridge(mmio: Bus, ioevents, w32: AddressRange, w64: AddressRange | None = None, pio: Bus | None = None) -> PciHostBridge:
+    """A bridge allocating BARs in fresh windows, with conf1 on `pio` as the machine puts it."""
+    bridge = PciHostBridge(mmio, ioevents, AddressAllocator("w32", w32), AddressAllocator("w64", w64) if w64 else None)
+    if pio is not None:
+        pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, bridge.conf1, "pci-conf1")
+    return bridge
 
 
 class Regs:
@@ -53,7 +65,7 @@ class Dev(PciDevice):
 def setup():
     mmio, pio = Bus("mmio"), Bus("pio")
     reg = FakeIoEventRegistry()
-    bridge = PciHostBridge(mmio, reg, WIN32, WIN64, pio_bus=pio)
+    bridge = make_bridge(mmio, reg, WIN32, WIN64, pio)
     return bridge, mmio, pio, reg, GuestConf1(pio)
 
 
@@ -217,7 +229,7 @@ def test_overlap_and_outside_window_are_warnings(setup):
 
 def test_slots_and_windows():
     mmio = Bus("mmio")
-    bridge = PciHostBridge(mmio, FakeIoEventRegistry(), MmioWindow(0xC000_0000, 0x10000))
+    bridge = make_bridge(mmio, FakeIoEventRegistry(), AddressRange(0xC000_0000, 0x10000))
     assert bridge.add_device(Dev(), slot=7) == 7
     assert bridge.add_device(Dev()) == 1
     assert bridge.add_device(Dev()) == 2
@@ -225,14 +237,15 @@ def test_slots_and_windows():
     assert sorted(bridge.mapped_bars.values()) == [
         0xC000_0000, 0xC000_4000, 0xC000_5000, 0xC000_6000, 0xC000_8000, 0xC000_C000
     ]
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="^dev BAR0: no room for 16K in w32"):
         bridge.add_device(Dev())  # window exhausted
-    with pytest.raises(ValueError):
+    assert len(bridge.mapped_bars) == 6  # the refused device took nothing
+    with pytest.raises(UserError, match="PCI slot 7 is not free"):
         bridge.add_device(Dev(), slot=7)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="PCI slot 0 is not free"):
         bridge.add_device(Dev(), slot=0)
     with pytest.raises(ValueError):
-        PciHostBridge(mmio, FakeIoEventRegistry(), MmioWindow(0xFFFF_0000, 0x20000))
+        make_bridge(mmio, FakeIoEventRegistry(), AddressRange(0xFFFF_0000, 0x20000))
     bridge.remove_device(7)
     assert all(s != 7 for s, _ in bridge.mapped_bars)
     assert mmio.lookup(0xC000_0000) is None
@@ -246,9 +259,9 @@ def test_linux_scan_finds_devices(setup):
 
 
 def test_removed_device_frees_its_window_space():
-    bridge = PciHostBridge(Bus("mmio"), FakeIoEventRegistry(), MmioWindow(0xC000_0000, 0x8000))
+    bridge = make_bridge(Bus("mmio"), FakeIoEventRegistry(), AddressRange(0xC000_0000, 0x8000))
     a = bridge.add_device(Dev())
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         bridge.add_device(Dev())
     bridge.remove_device(a)
     bridge.add_device(Dev())
@@ -271,3 +284,11 @@ def test_linux_pci_check_type1(setup):
     assert sane
     pio.write(0xCF8, 4, tmp)
     assert pio.read(0xCF8, 4)[0] == tmp
+
+
+def test_a_full_bus_is_a_user_error():
+    bridge = make_bridge(Bus("mmio"), FakeIoEventRegistry(), WIN32, WIN64)
+    for _ in range(31):
+        bridge.add_device(Dev())
+    with pytest.raises(UserError, match="^dev: PCI bus 0 is full \\(at most 31 devices\\)$"):
+        bridge.add_device(Dev())

@@ -170,8 +170,8 @@ def test_flush_end_to_end(harness, fsync_calls, backing) -> None:
     with open(backing.path, "rb") as f:
         assert f.read(5) == b"hello"
     st = harness.dev.stats()
-    assert st["flush_requests"] == 1 and st["host_fsyncs"] == 1 and st["batches"] == 1
-    assert st["service_time_max"] >= st["fsync_time_max"] > 0
+    assert st.flush_requests == 1 and st.host_fsyncs == 1 and st.batches == 1
+    assert st.service_time_max >= st.fsync_time_max > 0
     assert not harness.reset_requested.is_set()
 
 
@@ -188,7 +188,7 @@ def test_unknown_type_is_an_error(harness, fsync_calls) -> None:
     d.wait_used(2)
     harness.wait_idle()
     assert d.ret(good) == 0 and len(fsync_calls) == 1
-    assert harness.dev.stats()["bad_requests"] == 1
+    assert harness.dev.stats().bad_requests == 1
     assert not harness.reset_requested.is_set()
 
 
@@ -223,7 +223,7 @@ def test_malformed_chain_needs_reset(harness, fsync_calls, descs) -> None:
     assert epoll_watched(flusher.thread) == {flusher.stop_r}
     assert os.eventfd_read(harness.notify) == 1  # the kick is still there: nobody consumed it
     assert d.used_idx() == 0
-    assert harness.dev.errors == [] and harness.dev.stats()["malformed"] == 1
+    assert harness.dev.errors == [] and harness.dev.stats().malformed == 1
 
 
 def test_good_requests_before_a_malformed_one_complete(harness) -> None:
@@ -252,7 +252,7 @@ def test_fsync_failure_reports_error(harness, backing, monkeypatch) -> None:
     d.wait_used(2)
     assert all(d.ret(h) != 0 for h in heads)
     st = harness.dev.stats()
-    assert st["fsync_errors"] == 1 and st["host_fsyncs"] == 1
+    assert st.fsync_errors == 1 and st.host_fsyncs == 1
     monkeypatch.setattr(os, "fdatasync", real)  # the next flush succeeds again
     h = d.add()
     harness.kick()
@@ -301,7 +301,7 @@ def test_group_commit(harness, backing, monkeypatch) -> None:
     for head, submitted in d.submitted.items():
         covering = [s for s, e in fsyncs if s > submitted and e <= acked[head]]
         assert covering, f"request {head} acknowledged without an fsync started after it"
-    assert harness.dev.stats()["host_fsyncs"] == len(fsyncs)
+    assert harness.dev.stats().host_fsyncs == len(fsyncs)
 
 
 def test_no_interrupt_flag_suppresses_signal(harness) -> None:
@@ -311,7 +311,7 @@ def test_no_interrupt_flag_suppresses_signal(harness) -> None:
     harness.kick()
     harness.driver.wait_used(1)
     harness.wait_idle()
-    assert harness.dev.stats()["batches"] == 1 and harness.signals == []
+    assert harness.dev.stats().batches == 1 and harness.signals == []
 
 
 def test_reset_and_reactivate(harness, fsync_calls) -> None:
@@ -376,7 +376,7 @@ def test_discard_writes(tmp_path: Path, monkeypatch) -> None:
             h.kick()
             h.driver.wait_used(1)
             assert h.driver.ret(head) == 0
-            assert calls == [] and h.dev.stats()["host_fsyncs"] == 0 and h.dev.stats()["flush_requests"] == 1
+            assert calls == [] and h.dev.stats().host_fsyncs == 0 and h.dev.stats().flush_requests == 1
         finally:
             h.close()
     finally:
@@ -392,3 +392,21 @@ def test_writes_reach_the_file_through_the_shared_mapping(backing) -> None:
     with open(backing.path, "rb") as f:
         f.seek(100)
         assert f.read(4) == b"abcd"
+
+
+def test_an_unexpected_flusher_exception_is_reported_and_needs_reset(backing, capfd) -> None:
+    """A device bug on the flusher thread reaches stderr in one line and the device's error
+    list (statistics count it), and the device asks for a reset instead of dying silently."""
+    h = Harness(VirtioPmem.from_backing(backing, start=0x1_0000_0000))
+
+    def broken(*args: object) -> bool:
+        raise RuntimeError("boom")
+
+    h.dev.process_batch = broken  # type: ignore[method-assign]
+    h.activate()
+    h.driver.add()
+    h.kick()
+    assert h.reset_requested.wait(TIMEOUT)
+    h.close()
+    assert [str(e) for e in h.dev.errors] == ["boom"]
+    assert f"minivmm: {h.dev.name} flusher failed: RuntimeError: boom\n" in capfd.readouterr().err

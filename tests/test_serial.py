@@ -483,6 +483,18 @@ def test_wide_access_is_split_into_bytes(rig: Rig) -> None:
     assert rig.uart.read(UART_SCR, 2) == 0xFF00  # the port past the UART reads 0xff
 
 
+def test_wide_access_reaches_the_bank_lcr_selects(rig: Rig) -> None:
+    # DLAB=1: a 4-byte write at 0 is DLL, DLM, FCR, then LCR (which clears DLAB).
+    rig.outb(UART_LCR, UART_LCR_DLAB)
+    rig.uart.write(UART_DLL, 4, 0x03_00_02_01)
+    assert rig.uart.divisor == 0x0201 and rig.out == b""
+    assert rig.inb(UART_LCR) == 0x03
+    # DLAB=0: the same offsets are THR and IER.
+    rig.uart.write(UART_TX, 2, 0x00_41)
+    assert rig.out == b"A" and rig.inb(UART_IER) == 0
+    assert rig.uart.read(UART_RX, 2) == 0x0000  # RBR (empty) and IER
+
+
 # --------------------------------------------------------------------- threads
 
 

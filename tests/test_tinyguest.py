@@ -15,7 +15,8 @@ import time
 import pytest
 
 from minivmm import kvm
-from minivmm.vcpu import Stop
+from minivmm.exit_handler import Stop
+from minivmm.vcpu_exit import InterruptedExit, VcpuExit
 from support.idle import wait_until
 from tinyguest import kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 from tinyguest import (
@@ -107,11 +108,11 @@ def test_pio_rep_outs_and_rep_ins(make_guest, bits: int, size: int) -> None:
 
     class Observed:
         def read(self, offset: int, size: int) -> int:
-            counts.append(("in", g.vcpu.run.u.io.count))
+            counts.append(("in", g.vcpu.kvm_run.io.count))
             return seq.read(offset, size)
 
         def write(self, offset: int, size: int, value: int) -> None:
-            counts.append(("out", g.vcpu.run.u.io.count))
+            counts.append(("out", g.vcpu.kvm_run.io.count))
             seq.write(offset, size, value)
 
     g.pio.register(PORT, 8, Observed(), "seq")
@@ -305,7 +306,7 @@ def test_triple_fault_ends_the_run(make_guest) -> None:
 
 
 def test_divide_error_without_an_idt_triple_faults(make_guest) -> None:
-    g = make_guest(long_mode=True)  # IDTR: base 0, limit 0xffff over zeroed RAM: no present gate
+    g = make_guest(long_mode=True)  # IDTR of the entry state: base 0, limit 0: no gate
     a = Asm(64)
     a.xor_ecx_ecx()  # xor ecx, ecx
     a.div_ecx()  # div ecx                (#DE -> #NP -> #DF -> shutdown)
@@ -374,15 +375,16 @@ def test_kick_stops_a_spinning_guest_promptly(make_guest) -> None:
 
 def test_immediate_exit_makes_kvm_run_return_as_an_intr_exit(make_guest) -> None:
     """What a kick relies on when it lands before KVM_RUN: immediate_exit=1 makes KVM_RUN
-    return EINTR at once, which Vcpu.run_once reports as KVM_EXIT_INTR."""
+    return EINTR at once, which Vcpu.run reports as an InterruptedExit."""
     g = make_guest(long_mode=True)
     g.mem.write(CODE, bytes(Asm(64).jmp_self()))  # jmp $
-    g.vcpu.run.immediate_exit = 1
-    t = threading.Thread(target=g.vcpu.run_once, daemon=True)
+    g.vcpu.set_immediate_exit(True)
+    exits: list[VcpuExit] = []
+    t = threading.Thread(target=lambda: exits.append(g.vcpu.run()), daemon=True)
     t.start()
     t.join(2)
     assert not t.is_alive()
-    assert g.vcpu.run.exit_reason == kvm.KVM_EXIT_INTR
+    assert exits == [InterruptedExit()]
     assert g.vcpu.get_regs().rip == CODE
 
 

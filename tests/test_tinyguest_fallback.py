@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from minivmm.boot.entry import BOOT_CS
 from tinyguest import kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 from tinyguest import (
     CODE,
@@ -84,7 +85,7 @@ def test_int3_raises_bp_with_rip_after_the_cc(make_guest) -> None:
     g.run_ok(a)
     assert g.done.value == 3  # the #BP handler ran
     assert g.mem.read_int(SAVED_RIP, 8) == after  # a trap: RIP past the CC
-    assert g.mem.read_int(SAVED_CS, 8) == 8
+    assert g.mem.read_int(SAVED_CS, 8) == BOOT_CS  # the product's __BOOT_CS
     assert g.mem.read_int(SAVED_RFLAGS, 8) & 0x2 == 0x2  # reserved bit 1: a real RFLAGS image
     assert g.mem.read_int(AFTER, 1) == 0
     assert g.loop.fallbacks.counts == expected_fallbacks(int3=1)
@@ -172,7 +173,7 @@ def test_fwait_with_an_unmasked_pending_exception_raises_mf_at_the_fwait(make_gu
     g.run_ok(a)
     assert g.done.value == 16  # the #MF handler ran
     assert g.mem.read_int(SAVED_RIP, 8) == fwait_at
-    assert g.mem.read_int(SAVED_CS, 8) == 8
+    assert g.mem.read_int(SAVED_CS, 8) == BOOT_CS  # the product's __BOOT_CS
     assert g.mem.read_int(AFTER, 1) == 0
     fpu = g.vcpu.get_fpu()
     assert (fpu.fcw, fpu.fsw & (FSW_ES | FSW_ZE)) == (FCW_ZE_UNMASKED, FSW_ES | FSW_ZE)  # still pending
@@ -191,7 +192,7 @@ def test_an_instruction_the_host_cannot_emulate_ends_the_run_with_a_diagnosis(ma
     stop = g.run(a)
     if ON_PVM:
         assert stop.status == 1, stop
-        assert stop.reason.startswith(f"KVM internal error (suberror 1) at rip={fldcw_at:#x} insn=d9 2c 25 00 98 00 00")
+        assert stop.reason.startswith(f"KVM internal error (suberror 1) at rip={fldcw_at:#x} insn=d9 2c 25 00 38 00 00")  # fldcw [DATA]
         assert g.loop.stats.by_kind == {"internal_error": 1}
     else:
         assert stop.status == 0, f"{stop}\n{g.loop.describe()}"

@@ -8,6 +8,16 @@ import struct
 import pytest
 
 from minivmm.bus import Bus
+from minivmm.devices.virtio.common_config import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_MSI_NO_VECTOR,
+    VirtioPciCommonConfig,
+)
 from minivmm.devices.virtio.device import VIRTIO_F_VERSION_1
 from minivmm.devices.virtio.pci import (
     COMMON_CFG_OFFSET,
@@ -16,26 +26,21 @@ from minivmm.devices.virtio.pci import (
     MSIX_TABLE_OFFSET,
     NOTIFY_CFG_OFFSET,
     VIRTIO_BAR_SIZE,
-    VIRTIO_CONFIG_S_ACKNOWLEDGE,
-    VIRTIO_CONFIG_S_DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK,
-    VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_MSI_NO_VECTOR,
     VIRTIO_PCI_CAP_COMMON_CFG,
     VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG,
     VIRTIO_PCI_CAP_PCI_CFG,
-    VIRTIO_PCI_COMMON_CFG,
     VirtioPciDevice,
 )
 from minivmm.devices.virtio.queue import Virtqueue
 from minivmm.memory import GuestMemory
 from support.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
-from minivmm.pci.host import MmioWindow, PciHostBridge
-from minivmm.pci.regs import (
+from minivmm import layout
+from minivmm.allocator import AddressAllocator
+from minivmm.pci.host import PciHostBridge
+from minivmm.ranges import AddressRange
+from minivmm.pci.pci_regs import (
     PCI_CAP_ID_MSIX,
     PCI_CAP_ID_VNDR,
     PCI_CLASS_REVISION,
@@ -52,7 +57,28 @@ from minivmm.pci.regs import (
 
 F_DEV_LOW = 1 << 0
 F_DEV_HIGH = 1 << 35  # VIRTIO_F_IN_ORDER: a device bit above 32
-OFFS = {r.name: (r.offset, r.size) for r in VIRTIO_PCI_COMMON_CFG}
+# struct virtio_pci_common_cfg (virtio 1.2 section 4.1.4.3): name -> (offset, size), written
+# out from the spec so that the transport's register table is checked against it.
+OFFS = {
+    "device_feature_select": (0x00, 4),
+    "device_feature": (0x04, 4),
+    "driver_feature_select": (0x08, 4),
+    "driver_feature": (0x0C, 4),
+    "config_msix_vector": (0x10, 2),
+    "num_queues": (0x12, 2),
+    "device_status": (0x14, 1),
+    "config_generation": (0x15, 1),
+    "queue_select": (0x16, 2),
+    "queue_size": (0x18, 2),
+    "queue_msix_vector": (0x1A, 2),
+    "queue_enable": (0x1C, 2),
+    "queue_notify_off": (0x1E, 2),
+    "queue_desc": (0x20, 8),
+    "queue_driver": (0x28, 8),
+    "queue_device": (0x30, 8),
+    "queue_notify_data": (0x38, 2),
+    "queue_reset": (0x3A, 2),
+}
 MB = 1 << 20
 
 
@@ -173,6 +199,39 @@ def test_capabilities(env):
     assert t.config.read(msix + PCI_MSIX_TABLE, 4) == MSIX_TABLE_OFFSET
 
 
+def test_common_cfg_layout_is_the_spec_struct(env):
+    t, *_ = env
+    regs = t.common_cfg.registers.registers
+    assert {r.name: (r.offset, r.size) for r in regs} == OFFS
+    read_only = {"device_feature", "num_queues", "config_generation", "queue_notify_off", "queue_notify_data", "queue_reset"}
+    assert {r.name for r in regs if r.write is None} == read_only
+
+
+def test_common_cfg_status_machine_without_a_transport():
+    """The status machine alone: DRIVER_OK calls back only after FEATURES_OK, 0 asks for reset."""
+    calls: list[str] = []
+    cc = VirtioPciCommonConfig(
+        FakeDevice(), 2, on_driver_ok=lambda: calls.append("driver_ok"), on_reset=lambda: calls.append("reset"), name="t"
+    )
+
+    def write(name: str, value: int) -> None:
+        cc.registers.write(*OFFS[name], value)
+
+    write("device_status", VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK)
+    assert calls == [] and not cc.status & VIRTIO_CONFIG_S_DRIVER_OK
+    write("driver_feature_select", 1)
+    write("driver_feature", VIRTIO_F_VERSION_1 >> 32)
+    write("device_status", VIRTIO_CONFIG_S_FEATURES_OK)
+    write("device_status", VIRTIO_CONFIG_S_DRIVER_OK)
+    assert calls == ["driver_ok"] and cc.driver_ok
+    write("queue_size", 16)  # frozen while DRIVER_OK
+    assert cc.registers.read(*OFFS["queue_size"]) == 256
+    write("config_msix_vector", 2)  # only vectors 0 and 1 exist
+    assert cc.config_msix_vector == VIRTIO_MSI_NO_VECTOR
+    write("device_status", 0)
+    assert calls == ["driver_ok", "reset"]
+
+
 def test_feature_negotiation_with_high_bits(env):
     t, _dev, d, _ = env
     assert d.read("num_queues") == 1
@@ -286,7 +345,7 @@ def test_no_vector_means_isr_only(env):
     t, dev, d, routes = env
     activate(t, d)
     d.write("queue_select", 0)
-    t._queues[0].msix_vector = VIRTIO_MSI_NO_VECTOR  # as if the driver never assigned one
+    t.common_cfg.queue_registers[0].msix_vector = VIRTIO_MSI_NO_VECTOR  # as if the driver never assigned one
     dev.activated[0][3](0)
     assert routes[1].delivered == []
     assert t.router.read(ISR_CFG_OFFSET, 1) == 1
@@ -315,7 +374,7 @@ def test_bad_queue_needs_reset(env, kwargs):
 def test_reset_and_reactivate(env):
     t, dev, d, _routes = env
     bridge_reg = FakeIoEventRegistry()
-    bridge = PciHostBridge(Bus("mmio"), bridge_reg, MmioWindow(0xC000_0000, 0x1000_0000))
+    bridge = PciHostBridge(Bus("mmio"), bridge_reg, AddressAllocator("w32", AddressRange(0xC000_0000, 0x1000_0000)))
     bridge.add_device(t)
     activate(t, d)
     fd = dev.activated[0][2][0]
@@ -405,7 +464,9 @@ def test_linux_probe_sequence():
     and the MMIO bus, against a real host bridge."""
     mmio, pio = Bus("mmio"), Bus("pio")
     ioev = FakeIoEventRegistry()
-    bridge = PciHostBridge(mmio, ioev, MmioWindow(0xC000_0000, 0x3EC0_0000), MmioWindow(1 << 32, 1 << 32), pio_bus=pio)
+    w32, w64 = AddressRange(0xC000_0000, 0x3EC0_0000), AddressRange(1 << 32, 1 << 32)
+    bridge = PciHostBridge(mmio, ioev, AddressAllocator("w32", w32), AddressAllocator("w64", w64))
+    pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, bridge.conf1, "pci-conf1")
     mem = GuestMemory.anonymous(4 * MB)
     ic = FakeInterruptController()
     dev = FakeDevice()

@@ -1,5 +1,10 @@
 """Tiny hand-assembled guests on real KVM: a few bytes of real-mode or long-mode code run
-against test devices on the real buses, through the real exit path (`VcpuLoop`)."""
+against test devices on the real buses, through the real exit path (`VcpuLoop`).
+
+A long-mode guest enters long mode through the product's own entry code, as the machine
+boots a bzImage: the boot GDT and identity page tables (`minivmm.boot.entry.setup_entry` for
+`CpuMode.LONG64`), copied into the vCPU by `minivmm.vcpu_setup.apply_entry`.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,29 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from minivmm import layout
+from minivmm.boot.entry import BOOT_CS, BootEntry, CpuMode, Registers, setup_entry
 from minivmm.bus import Bus
 from minivmm.fallback import EmulationFallbacks
 from minivmm.kvm import Kvm
 from minivmm.memory import GuestMemory
-from minivmm.vcpu import Stop, VcpuLoop, install_kick_handler
+from minivmm.exit_handler import Stop
+from minivmm.ranges import AddressRange
+from minivmm.vcpu import VcpuLoop, install_kick_handler
+from minivmm.vcpu_setup import apply_entry, setup_cpuid
 
 RAM_SIZE = 2 << 20
-CODE = 0x10000  # long-mode page tables use 0x1000-0x6fff
+# Below 64 KiB, so real mode reaches everything with DS=0, and clear of what the long-mode
+# entry writes (layout.BOOT_GDT, layout.PAGE_TABLES): checked below.
+CODE = 0x10000
 DONE_PORT = 0xF4  # a write here ends the tiny guest
 STACK_TOP = 0x8000  # initial RSP/SP (the stack grows down from here)
-RESULTS = 0x9000  # scratch RAM where guests store what they read (below 64 KiB: real mode reaches it via DS=0)
-DATA = 0x9800  # scratch RAM for data the host puts there before the run (rep outs source, fldcw operand...)
-IDT = 0xA000  # where tests that need one put a 64-bit IDT (256 gates x 16 bytes = up to 0xAFFF)
+RESULTS = 0x3000  # scratch RAM where guests store what they read
+DATA = 0x3800  # scratch RAM for data the host puts there before the run (rep outs source, fldcw operand...)
+IDT = 0x4000  # where tests that need one put a 64-bit IDT (256 gates x 16 bytes = up to 0x4FFF)
+_SCRATCH = AddressRange(RESULTS, IDT + 0x1000 - RESULTS)
+assert not any(_SCRATCH.overlaps(r) for r in (layout.BOOT_GDT, layout.PAGE_TABLES, AddressRange(STACK_TOP - 0x1000, 0x1000)))
+assert not any(AddressRange(CODE, 0x1000).overlaps(r) for r in (layout.BOOT_GDT, layout.PAGE_TABLES))
 
 
 class Asm:
@@ -259,7 +274,7 @@ def fxsave_image(fcw: int, fsw: int, mxcsr: int = 0x1F80) -> bytes:
     return bytes(image)
 
 
-def idt64_gate(handler: int, selector: int = 8) -> bytes:
+def idt64_gate(handler: int, selector: int = BOOT_CS) -> bytes:
     """A 64-bit interrupt gate (16 bytes): present, DPL 0, type 0xE, IST 0."""
     return struct.pack("<HHBBHII", handler & 0xFFFF, selector, 0, 0x8E, (handler >> 16) & 0xFFFF, handler >> 32, 0)
 
@@ -317,7 +332,7 @@ class DoneDevice:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.value = value
-        self.loop_ref[0]._end(0, "done")
+        self.loop_ref[0].end(0, "done")
 
 
 class TinyGuest:
@@ -340,6 +355,7 @@ class TinyGuest:
         self.loop = VcpuLoop(self.vcpu, self.mem, self.pio, self.mmio, EmulationFallbacks(), self.stops.append)
         self.done = DoneDevice([self.loop])
         self.pio.register(DONE_PORT, 1, self.done, "done")
+        self.entry: BootEntry | None = None  # the long-mode entry state, as applied
         if long_mode:
             self._long_mode()
         else:
@@ -356,31 +372,15 @@ class TinyGuest:
         self.vcpu.set_regs(regs)
 
     def _long_mode(self) -> None:
-        pml4, pdpt, pd, gdt = 0x1000, 0x2000, 0x3000, 0x500
-        self.mem.write_int(pml4, 8, pdpt | 3)
-        for i in range(4 * 512):  # identity-map the first 4 GiB with 2 MiB pages (4 PDs)
-            if i % 512 == 0:
-                self.mem.write_int(pdpt + 8 * (i // 512), 8, (pd + 8 * i) | 3)
-            self.mem.write_int(pd + 8 * i, 8, (i << 21) | 0x83)
-        self.mem.write(gdt, struct.pack("<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF))
-        sregs = self.vcpu.get_sregs()
-        sregs.gdt.base, sregs.gdt.limit = gdt, 23
-        for seg, sel, typ in ((sregs.cs, 8, 11),) + tuple((s, 16, 3) for s in (sregs.ds, sregs.es, sregs.ss)):
-            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, sel, typ
-            seg.present, seg.dpl, seg.s, seg.g = 1, 0, 1, 1
-            seg.l, seg.db = (1, 0) if sel == 8 else (0, 1)
-        sregs.cr3 = pml4
-        sregs.cr4 = 1 << 5  # PAE
-        sregs.cr0 = 0x80000001  # PG | PE
-        sregs.efer = (1 << 8) | (1 << 10)  # LME | LMA
-        self.vcpu.set_sregs(sregs)
-        regs = self.vcpu.get_regs()
-        regs.rip, regs.rflags, regs.rsp = CODE, 2, STACK_TOP
-        self.vcpu.set_regs(regs)
+        """The product's LONG64 entry (boot GDT, identity map of 4 GiB, __BOOT_CS/__BOOT_DS,
+        an empty IDT), entering at CODE with RSP = STACK_TOP."""
+        self.entry = setup_entry(self.mem, CpuMode.LONG64, Registers(rip=CODE, rsp=STACK_TOP))
+        apply_entry(self.vcpu, self.entry)
 
     def set_cpuid(self) -> None:
-        """Give the vCPU the CPUID KVM supports (a fresh vCPU has none: no FXSR, no SSE...)."""
-        self.vcpu.set_cpuid(self.kvm.supported_cpuid())
+        """Give the vCPU the CPUID the machine gives its boot vCPU: what KVM supports (a fresh
+        vCPU has none: no FXSR, no SSE...), plus the hypervisor bit and KVM signature."""
+        setup_cpuid(self.vcpu, self.kvm.supported_cpuid(), 0)
 
     def set_cr0_bits(self, bits: int) -> None:
         sregs = self.vcpu.get_sregs()

@@ -1,24 +1,101 @@
-"""Kernel loading: detect the format, load it and describe the initial vCPU state.
+"""Kernel loading in two steps, as rust-vmm's linux-loader does.
 
-An ELF file (`\\x7fELF`) is booted through PVH (`pvh.py`); anything with the "HdrS" setup
-header through the x86 Linux boot protocol's 64-bit entry (`bzimage.py`). Both return a
-`BootEntry` that the machine copies into the boot vCPU's registers.
+1. LOAD (`load_image`): detect the format and write the image into guest memory. An ELF
+   file (`\\x7fELF`) is a vmlinux with a PVH entry note (`pvh.load_elf`); anything with the
+   "HdrS" setup header a bzImage (`bzimage.load_bzimage`). Returns a `KernelLoaderResult`.
+2. CONFIGURE (`configure_boot`): the boot protocol the image asks for: command line, initrd,
+   PVH `hvm_start_info` (`pvh.configure_pvh`) or the `boot_params` zero page
+   (`bzimage.configure_linux`), and the entry state built from the protocol's `CpuMode`
+   (`entry.setup_entry`). Returns a `BootConfig` whose `entry` the machine copies into the
+   boot vCPU (`minivmm.vcpu_setup.apply_entry`).
+
+`load_kernel` does both for the machine.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from .. import layout
 from ..errors import UserError
 from ..memory import GuestMemory
 from .acpi import build_acpi, write_acpi_tables
-from .bzimage import is_bzimage, load_bzimage
-from .common import encode_cmdline, read_file
-from .cpu import BootEntry, LoadedRange, Segment
-from .pvh import is_elf, load_pvh
+from .bzimage import configure_linux, describe_header, is_bzimage, load_bzimage
+from .common import BootConfig, BootProtocol, KernelLoaderResult, encode_cmdline, read_file
+from .entry import BootEntry, CpuMode, Registers, Segment
+from .pvh import configure_pvh, is_elf, load_elf
 
-__all__ = ["BootEntry", "LoadedRange", "Segment", "build_acpi", "load_kernel", "write_acpi_tables"]
+__all__ = [
+    "Boot",
+    "BootConfig",
+    "BootEntry",
+    "BootProtocol",
+    "CpuMode",
+    "KernelLoaderResult",
+    "Registers",
+    "Segment",
+    "build_acpi",
+    "configure_boot",
+    "load_image",
+    "load_kernel",
+    "write_acpi_tables",
+]
+
+
+@dataclass(frozen=True)
+class Boot:
+    """Both steps' results: where the kernel went (`loaded`) and how it is entered (`config`)."""
+
+    loaded: KernelLoaderResult
+    config: BootConfig
+
+    @property
+    def entry(self) -> BootEntry:
+        return self.config.entry
+
+    def describe(self) -> list[str]:
+        """Human-readable lines for --trace."""
+        kernel, cfg = self.loaded.kernel, self.config
+        first, second = cfg.entry.describe()
+        lines = [
+            f"boot: {cfg.protocol.value} {first}",
+            f"boot: {second}",
+            f"boot: kernel {kernel.base:#x}-{kernel.end - 1:#x} ({kernel.size} bytes)",
+            f"boot: cmdline at {cfg.cmdline.base:#x} ({cfg.cmdline.size - 1} bytes), boot info at {cfg.boot_info:#x}, RSDP at {cfg.rsdp_addr:#x}",
+        ]
+        if cfg.initrd is not None:
+            lines.append(f"boot: initrd {cfg.initrd.base:#x}-{cfg.initrd.end - 1:#x} ({cfg.initrd.size} bytes)")
+        if self.loaded.setup_header is not None:
+            lines.append(f"boot: {describe_header(self.loaded.setup_header, kernel.base)}")
+        return lines
+
+
+def load_image(mem: GuestMemory, kernel_path: str | os.PathLike[str], mem_size: int) -> KernelLoaderResult:
+    """Step 1: load `kernel_path` (an ELF vmlinux with a PVH note, or a bzImage) into `mem`
+    (guest RAM laid out by `layout.ram_ranges(mem_size)`). Problems are `UserError`s naming the file."""
+    layout.check_mem_size(mem_size)
+    data = read_file(kernel_path, "kernel")
+    if is_elf(data):
+        return load_elf(mem, kernel_path, data, mem_size)
+    if is_bzimage(data):
+        return load_bzimage(mem, kernel_path, data, mem_size)
+    raise UserError(f"kernel {os.fspath(kernel_path)}: not an ELF vmlinux or a bzImage (unknown format)")
+
+
+def configure_boot(
+    mem: GuestMemory,
+    loaded: KernelLoaderResult,
+    initrd_path: str | os.PathLike[str] | None,
+    cmdline: str | bytes,
+    mem_size: int,
+    rsdp_addr: int,
+) -> BootConfig:
+    """Step 2: write the command line, the initrd (if given) and the boot information of the
+    protocol `loaded` asks for, and build the entry state."""
+    cmd = encode_cmdline(cmdline)
+    configure = configure_pvh if loaded.protocol is BootProtocol.PVH else configure_linux
+    return configure(mem, loaded, cmd, initrd_path, mem_size, rsdp_addr)
 
 
 def load_kernel(
@@ -28,17 +105,7 @@ def load_kernel(
     cmdline: str | bytes,
     mem_size: int,
     rsdp_addr: int,
-) -> BootEntry:
-    """Load `kernel_path` (an ELF vmlinux with a PVH note, or a bzImage) and, if given, the
-    initrd into `mem` (guest RAM laid out by `layout.ram_ranges(mem_size)`), write the
-    command line and boot information, and return the entry state.
-
-    Every problem with the files or sizes is a `UserError` naming the file."""
-    layout.check_mem_size(mem_size)
-    data = read_file(kernel_path, "kernel")
-    cmd = encode_cmdline(cmdline)
-    if is_elf(data):
-        return load_pvh(mem, kernel_path, data, initrd_path, cmd, mem_size, rsdp_addr)
-    if is_bzimage(data):
-        return load_bzimage(mem, kernel_path, data, initrd_path, cmd, mem_size, rsdp_addr)
-    raise UserError(f"kernel {os.fspath(kernel_path)}: not an ELF vmlinux or a bzImage (unknown format)")
+) -> Boot:
+    """Both steps: `load_image`, then `configure_boot`."""
+    loaded = load_image(mem, kernel_path, mem_size)
+    return Boot(loaded, configure_boot(mem, loaded, initrd_path, cmdline, mem_size, rsdp_addr))

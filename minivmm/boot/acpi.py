@@ -98,11 +98,7 @@ ALL_PROCESSORS = 0xFF
 MPS_INTI_POLARITY_HIGH = 1
 MPS_INTI_TRIGGER_EDGE = 1 << 2
 
-# Sleep registers (4.8.3.7).
-SLP_TYP_SHIFT = 2
-SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
-SLP_EN = 1 << 5
-WAK_STS = 1 << 7
+# The SLP_TYPx value of \_S5 (the sleep registers' bits live with their device, devices/acpi_pm.py).
 S5_SLP_TYP = 5
 
 PVPANIC_HID = "QEMU0001"
@@ -168,7 +164,8 @@ def madt(ncpus: int) -> bytes:
 def pci_host_bridge(mem_size: int) -> bytes:
     """\\_SB.PCI0: the PCI host bridge (PNP0A03) using configuration mechanism #1."""
     mmio32 = layout.PCI_MMIO32
-    mmio64_base, mmio64_size = layout.pci_mmio64_window(mem_size)
+    mmio64 = layout.pci_mmio64_window(mem_size)
+    mmio64_base, mmio64_size = mmio64.base, mmio64.size
     crs = aml.resource_template(
         aml.word_bus_number(0x00, 0xFF),
         aml.io_port(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_ADDRESS_PORT, 1, layout.PCI_CONFIG_PORT_COUNT),

@@ -1,10 +1,12 @@
 """The x86 Linux boot protocol for a bzImage, 64-bit entry (Documentation/arch/x86/boot.rst).
 
-The protected-mode kernel (everything after the (setup_sects + 1) * 512 bytes of real-mode
-setup) is loaded at 1 MiB; boot_params (the "zero page", arch/x86/include/uapi/asm/bootparam.h)
-gets a copy of the file's setup header plus what a boot loader fills in; the vCPU enters
-`startup_64` at load address + 0x200 in long mode with an identity map, __BOOT_CS/__BOOT_DS
-and RSI = the zero page ("64-bit Boot Protocol" in boot.rst).
+Step 1, `load_bzimage`: the protected-mode kernel (everything after the (setup_sects + 1) *
+512 bytes of real-mode setup) is loaded at 1 MiB ("Loading The Rest of The Kernel").
+Step 2, `configure_linux`: boot_params (the "zero page", arch/x86/include/uapi/asm/bootparam.h)
+gets a copy of the file's setup header plus what a boot loader fills in ("Details of Header
+Fields"), with the E820 map; the vCPU enters `startup_64` at load address + 0x200 in long
+mode with an identity map, __BOOT_CS/__BOOT_DS and RSI = the zero page ("64-bit Boot
+Protocol").
 """
 
 from __future__ import annotations
@@ -17,14 +19,9 @@ from dataclasses import dataclass
 from .. import layout
 from ..errors import UserError
 from ..memory import GuestMemory
-from .common import check_ram, place_initrd, read_file, write_cmdline
-from .cpu import (
-    BootEntry,
-    LoadedRange,
-    long64_state,
-    write_boot_gdt,
-    write_identity_page_tables,
-)
+from ..ranges import AddressRange
+from .common import BootConfig, BootProtocol, KernelLoaderResult, check_ram, load_initrd, write_cmdline
+from .entry import CpuMode, Registers, setup_entry
 
 SETUP_HEADER_OFFSET = 0x1F1
 BOOT_FLAG_MAGIC = 0xAA55
@@ -158,21 +155,19 @@ def runtime_start(hdr: SetupHeader, load_address: int) -> int:
     return hdr.pref_address
 
 
-def load_bzimage(
-    mem: GuestMemory,
-    kernel_path: str | os.PathLike[str],
-    data: bytes,
-    initrd_path: str | os.PathLike[str] | None,
-    cmdline: bytes,
-    mem_size: int,
-    rsdp_addr: int,
-) -> BootEntry:
+def describe_header(hdr: SetupHeader, load_address: int) -> str:
+    """One line for --trace: protocol version, runtime start, init_size."""
+    run = runtime_start(hdr, load_address)
+    return f"bzImage protocol {hdr.version >> 8}.{hdr.version & 0xFF:02d}, runs at {run:#x}, init_size {hdr.init_size:#x}"
+
+
+def load_bzimage(mem: GuestMemory, kernel_path: str | os.PathLike[str], data: bytes, mem_size: int) -> KernelLoaderResult:
+    """Step 1: check the setup header and copy the protected-mode kernel to 1 MiB in guest
+    RAM laid out for `mem_size`; the kernel then needs init_size bytes at its runtime start
+    address before it looks at the memory map (boot.rst, init_size)."""
     path = os.fspath(kernel_path)
     hdr, setup_size = parse_setup_header(path, data)
     low_top = layout.low_ram_top(mem_size)
-
-    # The protected-mode kernel goes at 1 MiB; the kernel then needs init_size bytes at its
-    # runtime start address before it looks at the memory map.
     kernel = data[setup_size:]
     load = layout.HIGH_MEMORY
     run = runtime_start(hdr, load)
@@ -185,35 +180,36 @@ def load_bzimage(
         )
     check_ram(mem, load, kernel_end - load, f"kernel {path}")
     mem.write(load, kernel)
-
-    cmd = write_cmdline(mem, cmdline, hdr.cmdline_size)
-
-    initrd = None
-    ramdisk_image = ramdisk_size = 0
-    if initrd_path is not None:
-        blob = read_file(initrd_path, "initrd")
-        top = min(low_top, hdr.initrd_addr_max + 1)
-        gpa = place_initrd(initrd_path, len(blob), layout.align_up(kernel_end, layout.PAGE_SIZE), top)
-        mem.write(gpa, blob)
-        initrd = LoadedRange(gpa, len(blob))
-        ramdisk_image, ramdisk_size = gpa, len(blob)
-
-    # boot_params: zeroed, then the header as found in the file, then our fields.
-    bp = bytearray(BOOT_PARAMS_SIZE)
     hdr_len = SetupHeader.length(data)
-    bp[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + hdr_len] = data[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + hdr_len]
+    return KernelLoaderResult(
+        kernel=AddressRange(load, len(kernel)),
+        kernel_end=kernel_end,
+        entry=load + STARTUP_64_OFFSET,
+        setup_header=hdr,
+        setup_header_bytes=data[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + hdr_len],
+    )
+
+
+def boot_params(hdr: SetupHeader, raw_header: bytes, cmdline: AddressRange, initrd: AddressRange | None, mem_size: int, rsdp_addr: int) -> bytes:
+    """struct boot_params (bootparam.h): zeroed, then the header as found in the file, then the
+    fields a boot loader fills in (boot.rst, "Details of Header Fields": type_of_loader,
+    loadflags, heap_end_ptr, cmd_line_ptr, ramdisk_image/size and their ext_ high halves),
+    the E820 table and, from protocol 2.14, acpi_rsdp_addr."""
+    ramdisk_image, ramdisk_size = (initrd.base, initrd.size) if initrd is not None else (0, 0)
+    bp = bytearray(BOOT_PARAMS_SIZE)
+    bp[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + len(raw_header)] = raw_header
     fields = dataclasses.replace(
         hdr,
         type_of_loader=TYPE_OF_LOADER_UNDEFINED,
         loadflags=(hdr.loadflags | LOADED_HIGH | CAN_USE_HEAP) & ~KEEP_SEGMENTS,
         heap_end_ptr=layout.SETUP_HEAP_END - 0x200,
-        cmd_line_ptr=cmd.gpa & 0xFFFFFFFF,
+        cmd_line_ptr=cmdline.base & 0xFFFFFFFF,
         ramdisk_image=ramdisk_image & 0xFFFFFFFF,
         ramdisk_size=ramdisk_size & 0xFFFFFFFF,
     )
-    packed = fields.pack()[: max(hdr_len, 0)]
+    packed = fields.pack()[: len(raw_header)]  # only the fields the file's header has
     bp[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + len(packed)] = packed
-    struct.pack_into("<I", bp, BP_EXT_CMD_LINE_PTR, cmd.gpa >> 32)
+    struct.pack_into("<I", bp, BP_EXT_CMD_LINE_PTR, cmdline.base >> 32)
     struct.pack_into("<II", bp, BP_EXT_RAMDISK_IMAGE, ramdisk_image >> 32, ramdisk_size >> 32)
     e820 = layout.e820_map(mem_size)
     assert len(e820) <= layout.E820_MAX_ENTRIES_ZEROPAGE
@@ -222,22 +218,29 @@ def load_bzimage(
     bp[BP_E820_TABLE : BP_E820_TABLE + len(table)] = table
     if hdr.version >= PROTOCOL_ACPI_RSDP:
         struct.pack_into("<Q", bp, BP_ACPI_RSDP_ADDR, rsdp_addr)
-    mem.write(layout.ZERO_PAGE.base, bp)
+    return bytes(bp)
 
-    gdt_base, gdt_limit = write_boot_gdt(mem)
-    cr3 = write_identity_page_tables(mem)
-    return BootEntry(
-        protocol="bzimage",
-        rip=load + STARTUP_64_OFFSET,
-        rbx=0,
-        rsi=layout.ZERO_PAGE.base,
-        gdt_base=gdt_base,
-        gdt_limit=gdt_limit,
-        kernel=LoadedRange(load, len(kernel)),
-        cmdline=cmd,
-        boot_info=layout.ZERO_PAGE.base,
-        rsdp_addr=rsdp_addr,
-        initrd=initrd,
-        notes=(f"bzImage protocol {hdr.version >> 8}.{hdr.version & 0xFF:02d}, runs at {run:#x}, init_size {hdr.init_size:#x}",),
-        **long64_state(cr3),  # type: ignore[arg-type]
-    )
+
+def configure_linux(
+    mem: GuestMemory,
+    loaded: KernelLoaderResult,
+    cmdline: bytes,
+    initrd_path: str | os.PathLike[str] | None,
+    mem_size: int,
+    rsdp_addr: int,
+) -> BootConfig:
+    """Step 2: the command line (at most cmdline_size bytes), the initrd (below
+    initrd_addr_max), the zero page, then the LONG64 entry at `loaded.entry` with RSI = the
+    zero page (boot.rst, "64-bit Boot Protocol")."""
+    hdr = loaded.setup_header
+    if hdr is None:
+        raise ValueError("configure_linux needs a bzImage's KernelLoaderResult (no setup header)")
+    cmd = write_cmdline(mem, cmdline, hdr.cmdline_size)
+    initrd = None
+    if initrd_path is not None:
+        top = min(layout.low_ram_top(mem_size), hdr.initrd_addr_max + 1)
+        initrd = load_initrd(mem, initrd_path, loaded.kernel_end, top)
+    zero_page = layout.ZERO_PAGE.base
+    mem.write(zero_page, boot_params(hdr, loaded.setup_header_bytes, cmd, initrd, mem_size, rsdp_addr))
+    entry = setup_entry(mem, CpuMode.LONG64, Registers(rip=loaded.entry, rsi=zero_page))
+    return BootConfig(BootProtocol.BZIMAGE, cmd, initrd, zero_page, rsdp_addr, entry)

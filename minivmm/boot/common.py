@@ -1,16 +1,71 @@
-"""Helpers shared by the loaders: reading files, the command line, placing the initrd."""
+"""What the two loader steps share: their typed results, reading files, the command line,
+placing the initrd.
+
+Loading a kernel takes two steps, as rust-vmm's linux-loader does: LOAD the image into guest
+memory (`KernelLoaderResult`), then CONFIGURE its boot protocol: command line, initrd, the
+boot information structure and the entry state (`BootConfig`).
+"""
 
 from __future__ import annotations
 
+import enum
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import layout
 from ..errors import GuestMemoryError, UserError
 from ..memory import GuestMemory
-from .cpu import LoadedRange
+from ..ranges import AddressRange
+from .entry import BootEntry
+
+if TYPE_CHECKING:
+    from .bzimage import SetupHeader
 
 # x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h) is 2048 including the NUL.
 COMMAND_LINE_SIZE = 2048
+
+
+class BootProtocol(enum.Enum):
+    """How the kernel is entered and told about the machine."""
+
+    PVH = "pvh"  # Xen docs/misc/pvh.pandoc: hvm_start_info (start_info.h), 32-bit entry
+    BZIMAGE = "bzimage"  # Documentation/arch/x86/boot.rst: boot_params, 64-bit entry
+
+
+@dataclass(frozen=True)
+class KernelLoaderResult:
+    """Step 1, LOAD: where the image went and how to enter it (linux-loader's
+    `KernelLoaderResult`)."""
+
+    kernel: AddressRange
+    """The bytes written: an ELF's PT_LOAD span (bss included), a bzImage's protected-mode part."""
+    kernel_end: int
+    """First address past all the kernel claims (a bzImage decompresses into init_size bytes
+    from its runtime start); the initrd goes above it."""
+    entry: int
+    """Where the boot vCPU starts: an ELF's PVH entry (XEN_ELFNOTE_PHYS32_ENTRY), a bzImage's
+    startup_64 (load address + 0x200)."""
+    setup_header: SetupHeader | None = None
+    """bzImage only: the parsed setup header (boot.rst, "The Real-Mode Kernel Header")."""
+    setup_header_bytes: bytes = b""
+    """bzImage only: the header as found in the file, which boot_params gets a copy of."""
+
+    @property
+    def protocol(self) -> BootProtocol:
+        return BootProtocol.PVH if self.setup_header is None else BootProtocol.BZIMAGE
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """Step 2, CONFIGURE: where the boot protocol's pieces went, and the entry state."""
+
+    protocol: BootProtocol
+    cmdline: AddressRange  # including the terminating NUL
+    initrd: AddressRange | None
+    boot_info: int  # hvm_start_info (PVH) or boot_params (zero page) address
+    rsdp_addr: int
+    entry: BootEntry
 
 
 def read_file(path: str | os.PathLike[str], what: str) -> bytes:
@@ -28,14 +83,14 @@ def encode_cmdline(cmdline: str | bytes) -> bytes:
     return data
 
 
-def write_cmdline(mem: GuestMemory, cmdline: bytes, max_len: int) -> LoadedRange:
+def write_cmdline(mem: GuestMemory, cmdline: bytes, max_len: int) -> AddressRange:
     """Write the NUL-terminated command line at `layout.CMDLINE`; `max_len` excludes the NUL."""
     max_len = min(max_len, layout.CMDLINE.size - 1)
     if len(cmdline) > max_len:
         raise UserError(f"kernel command line is too long: {len(cmdline)} bytes, the kernel accepts at most {max_len}")
     data = cmdline + b"\0"
     mem.write(layout.CMDLINE.base, data)
-    return LoadedRange(layout.CMDLINE.base, len(data))
+    return AddressRange(layout.CMDLINE.base, len(data))
 
 
 def place_initrd(path: str | os.PathLike[str], size: int, lowest: int, top: int) -> int:
@@ -48,6 +103,14 @@ def place_initrd(path: str | os.PathLike[str], size: int, lowest: int, top: int)
             f"(ends at {lowest:#x}) and {top:#x}; give the guest more memory"
         )
     return gpa
+
+
+def load_initrd(mem: GuestMemory, path: str | os.PathLike[str], lowest: int, top: int) -> AddressRange:
+    """Read the initrd file and write it as high as `place_initrd` allows."""
+    blob = read_file(path, "initrd")
+    gpa = place_initrd(path, len(blob), layout.align_up(lowest, layout.PAGE_SIZE), top)
+    mem.write(gpa, blob)
+    return AddressRange(gpa, len(blob))
 
 
 def check_ram(mem: GuestMemory, gpa: int, size: int, what: str) -> None:

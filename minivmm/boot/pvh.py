@@ -1,11 +1,12 @@
 """PVH boot of an uncompressed ELF `vmlinux` (Xen's PVH boot ABI, docs/misc/pvh.pandoc).
 
 The kernel advertises its 32-bit entry point in an ELF note of name "Xen" and type
-XEN_ELFNOTE_PHYS32_ENTRY (xen/include/public/elfnote.h). The loader copies every PT_LOAD
-segment to its physical address `p_paddr`, builds `struct hvm_start_info` version 1
-(xen/include/public/arch-x86/hvm/start_info.h) with the memory map, one module (the initrd)
-and the command line, and enters at that address in 32-bit protected mode with paging off,
-flat segments and EBX = the start info address.
+XEN_ELFNOTE_PHYS32_ENTRY (xen/include/public/elfnote.h). Step 1, `load_elf`, copies every
+PT_LOAD segment to its physical address `p_paddr`. Step 2, `configure_pvh`, builds
+`struct hvm_start_info` version 1 (xen/include/public/arch-x86/hvm/start_info.h) with the
+memory map, one module (the initrd) and the command line, and the entry state: 32-bit
+protected mode with paging off, flat segments and EBX = the start info address
+(pvh.pandoc, "x86/HVM direct boot ABI").
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from elftools.elf.elffile import ELFFile
 from .. import layout
 from ..errors import UserError
 from ..memory import GuestMemory
-from .common import COMMAND_LINE_SIZE, check_ram, place_initrd, read_file, write_cmdline
-from .cpu import BootEntry, LoadedRange, protected32_state, write_boot_gdt
+from ..ranges import AddressRange
+from .common import COMMAND_LINE_SIZE, BootConfig, BootProtocol, KernelLoaderResult, check_ram, load_initrd, write_cmdline
+from .entry import CpuMode, Registers, setup_entry
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 XEN_HVM_START_MAGIC_VALUE = 0x336EC578
@@ -112,20 +114,12 @@ def _phys32_entry(notes: bytes) -> int | None:
     return None
 
 
-def load_pvh(
-    mem: GuestMemory,
-    kernel_path: str | os.PathLike[str],
-    data: bytes,
-    initrd_path: str | os.PathLike[str] | None,
-    cmdline: bytes,
-    mem_size: int,
-    rsdp_addr: int,
-) -> BootEntry:
+def load_elf(mem: GuestMemory, kernel_path: str | os.PathLike[str], data: bytes, mem_size: int) -> KernelLoaderResult:
+    """Step 1: copy the PT_LOAD segments of the ELF `data` to their physical addresses in
+    guest RAM laid out for `mem_size`, zeroing the bss tails; the entry is the PVH note's."""
     path = os.fspath(kernel_path)
     loads, entry = _parse(path, data)
     low_top = layout.low_ram_top(mem_size)
-
-    # Copy the PT_LOAD segments to their physical addresses, zeroing the bss tails.
     for paddr, offset, filesz, memsz in loads:
         if paddr < layout.HIGH_MEMORY or paddr + memsz > low_top:
             raise UserError(
@@ -140,18 +134,28 @@ def load_pvh(
     kend = max(p + m for p, _, _, m in loads)
     if not kstart <= entry < kend:
         raise UserError(f"kernel {path}: PVH entry point {entry:#x} is outside the loaded image {kstart:#x}-{kend:#x}")
+    return KernelLoaderResult(kernel=AddressRange(kstart, kend - kstart), kernel_end=kend, entry=entry)
 
+
+def configure_pvh(
+    mem: GuestMemory,
+    loaded: KernelLoaderResult,
+    cmdline: bytes,
+    initrd_path: str | os.PathLike[str] | None,
+    mem_size: int,
+    rsdp_addr: int,
+) -> BootConfig:
+    """Step 2: the command line, the initrd as module 0 (`struct hvm_modlist_entry`), the
+    E820 map as `struct hvm_memmap_table_entry`s and `struct hvm_start_info` (start_info.h),
+    then the PROTECTED32 entry at `loaded.entry` with EBX = the start info (pvh.pandoc)."""
     cmd = write_cmdline(mem, cmdline, COMMAND_LINE_SIZE - 1)
 
     initrd = None
     nr_modules = modlist = 0
     if initrd_path is not None:
-        blob = read_file(initrd_path, "initrd")
-        gpa = place_initrd(initrd_path, len(blob), layout.align_up(kend, layout.PAGE_SIZE), low_top)
-        mem.write(gpa, blob)
-        initrd = LoadedRange(gpa, len(blob))
+        initrd = load_initrd(mem, initrd_path, loaded.kernel_end, layout.low_ram_top(mem_size))
         modlist, nr_modules = layout.PVH_MODLIST_ADDR, 1
-        mem.write_struct(modlist, HVM_MODLIST_ENTRY, gpa, len(blob), 0, 0)
+        mem.write_struct(modlist, HVM_MODLIST_ENTRY, initrd.base, initrd.size, 0, 0)
 
     e820 = layout.e820_map(mem_size)
     table = b"".join(HVM_MEMMAP_TABLE_ENTRY.pack(e.addr, e.size, e.type, 0) for e in e820)
@@ -167,25 +171,11 @@ def load_pvh(
         0,  # flags
         nr_modules,
         modlist,
-        cmd.gpa,
+        cmd.base,
         rsdp_addr,
         layout.PVH_MEMMAP_ADDR,
         len(e820),
         0,
     )
-
-    gdt_base, gdt_limit = write_boot_gdt(mem)
-    return BootEntry(
-        protocol="pvh",
-        rip=entry,
-        rbx=start_info,
-        rsi=0,
-        gdt_base=gdt_base,
-        gdt_limit=gdt_limit,
-        kernel=LoadedRange(kstart, kend - kstart),
-        cmdline=cmd,
-        boot_info=start_info,
-        rsdp_addr=rsdp_addr,
-        initrd=initrd,
-        **protected32_state(),  # type: ignore[arg-type]
-    )
+    entry = setup_entry(mem, CpuMode.PROTECTED32, Registers(rip=loaded.entry, rbx=start_info))
+    return BootConfig(BootProtocol.PVH, cmd, initrd, start_info, rsdp_addr, entry)

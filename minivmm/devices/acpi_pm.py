@@ -17,9 +17,10 @@ Threads: ``on_sleep`` is called on the vCPU thread that made the write.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
-from .register import ByteRegister
+from ..register_block import Register, RegisterBlock
 
 # Sleep control register (§4.8.3.7): bits 1:0 reserved, 4:2 SLP_TYPx, 5 SLP_EN, 7:6 reserved.
 SLP_TYP_SHIFT = 2
@@ -33,8 +34,9 @@ CONTROL_OFFSET = 0
 STATUS_OFFSET = 1
 
 
-class AcpiSleepRegisters:
-    """Sleep control and sleep status registers.
+class AcpiSleepRegisters(RegisterBlock):
+    """Sleep control and sleep status registers: as a block, the adjacent 2-byte layout;
+    ``control_port`` and ``status_port`` are each register alone at offset 0.
 
     ``on_sleep(slp_typ)`` is called for every control write with SLP_EN set; the machine
     compares ``slp_typ`` with the S5 value it put in the DSDT and ends the run.
@@ -43,23 +45,11 @@ class AcpiSleepRegisters:
     def __init__(self, on_sleep: Callable[[int], None]) -> None:
         self._on_sleep = on_sleep
         self._wak_sts = False
-        self.control_port = ByteRegister(self._read_control, self._write_control)
-        self.status_port = ByteRegister(self._read_status, self._write_status)
-        self._by_offset = {CONTROL_OFFSET: self.control_port, STATUS_OFFSET: self.status_port}
-
-    # BusDevice for the adjacent 2-byte layout.
-    def read(self, offset: int, size: int) -> int:
-        value = 0
-        for i in range(size):
-            reg = self._by_offset.get(offset + i)
-            value |= (reg.read(0, 1) if reg else 0) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            reg = self._by_offset.get(offset + i)
-            if reg:
-                reg.write(0, 1, (value >> (8 * i)) & 0xFF)
+        control = Register(CONTROL_OFFSET, 1, "SLEEP_CONTROL_REG", self._read_control, self._write_control)
+        status = Register(STATUS_OFFSET, 1, "SLEEP_STATUS_REG", self._read_status, self._write_status)
+        super().__init__((control, status))
+        self.control_port = RegisterBlock((replace(control, offset=0),))
+        self.status_port = RegisterBlock((replace(status, offset=0),))
 
     def wake(self) -> None:
         """The machine resumed the guest from a sleep state: set WAK_STS for the OS to see."""

@@ -6,8 +6,8 @@ waits for the controller's input buffer to drain (status bit 1 clear) and then w
 keyboard: the status register reads 0 (output buffer empty, input buffer empty), the data
 port reads 0, and every other command is ignored.
 
-Registration: two 1-byte port ranges, ``bus.register(0x60, 1, kbd.data_port)`` and
-``bus.register(0x64, 1, kbd.command_port)``, so that 0x61 (PC port B, the PIT channel 2 gate
+Registration: two 1-byte port ranges, ``bus.register(layout.I8042_DATA_PORT, 1, kbd.data_port)`` and
+``bus.register(layout.I8042_COMMAND_PORT, 1, kbd.command_port)``, so that 0x61 (PC port B, the PIT channel 2 gate
 and speaker) stays free for whoever models the PIT.
 
 Threads: ``on_reset`` is called on the vCPU thread that made the write.
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .register import ByteRegister
+from ..register_block import Register, RegisterBlock
 
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64  # write: command; read: status
 
 I8042_STR_OBF = 0x01  # output buffer full (data waiting at 0x60)
 I8042_STR_IBF = 0x02  # input buffer full (controller busy; Linux's kb_wait polls this)
@@ -42,14 +40,15 @@ class I8042:
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self._on_reset = on_reset
         self.resets = 0
-        self.data_port = ByteRegister(self._read_data, self._write_data, fill=0xFF)
-        self.command_port = ByteRegister(self._read_status, self._write_command, fill=0xFF)
+        # Data writes (a parameter to a command we ignore, or a byte for the absent keyboard)
+        # are dropped. Bytes past a 1-byte port read 0xFF, as on an ISA bus nobody drives.
+        self.data_port = RegisterBlock((Register(0, 1, "data", self._read_data),), fill=0xFF)
+        self.command_port = RegisterBlock(
+            (Register(0, 1, "status/command", self._read_status, self._write_command),), fill=0xFF
+        )
 
     def _read_data(self) -> int:
         return 0  # no scancodes, no command responses
-
-    def _write_data(self, value: int) -> None:
-        pass  # a parameter to a command we ignore, or a byte for the absent keyboard
 
     def _read_status(self) -> int:
         return 0  # nothing to read, ready for a command

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-PVPANIC_PORT = 0x505
+from ..register_block import Register, RegisterBlock
+
 PVPANIC_PANICKED = 1 << 0
 PVPANIC_CRASH_LOADED = 1 << 1
 PVPANIC_SUPPORTED = PVPANIC_PANICKED | PVPANIC_CRASH_LOADED
 
 
-class PvPanic:
+class PvPanic(RegisterBlock):
     """``on_panic()`` is called when the guest reports a panic; ``on_crash_loaded()``, if
     given, when it reports that a crash kernel is taking over (otherwise that is ignored:
     the guest is still alive and will write its dump)."""
@@ -28,13 +29,12 @@ class PvPanic:
         self._on_panic = on_panic
         self._on_crash_loaded = on_crash_loaded
         self.events = 0  # every event bit the guest has reported
+        super().__init__((Register(0, 1, "pvpanic", self._read_events, self._write_event),))
 
-    def read(self, offset: int, size: int) -> int:
-        return PVPANIC_SUPPORTED if offset == 0 else 0
+    def _read_events(self) -> int:
+        return PVPANIC_SUPPORTED
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset != 0:
-            return
+    def _write_event(self, value: int) -> None:
         value &= PVPANIC_SUPPORTED  # unsupported bits are not events
         self.events |= value
         if value & PVPANIC_PANICKED:

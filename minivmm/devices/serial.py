@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 from ..interrupts import InterruptLine
+from ..register_block import Register, RegisterBlock
 
 # Register offsets (include/uapi/linux/serial_reg.h). Several share an offset: which one an
 # access reaches depends on the direction and on LCR.DLAB.
@@ -134,34 +134,8 @@ MSR_DELTAS: tuple[tuple[int, int], ...] = (
 _BREAK_FLAG = 0x100
 
 
-@dataclass(frozen=True)
-class Register:
-    """One entry of the register map: what a read or a write at an offset reaches."""
-
-    name: str
-    read: str | None  # name of the Serial16550 method, None: reads as 0
-    write: str | None  # None: the write is ignored
-
-
-# Indexed by offset, DLAB=0.
-REGISTERS: tuple[Register, ...] = (
-    Register("RBR/THR", "_read_rbr", "_write_thr"),
-    Register("IER", "_read_ier", "_write_ier"),
-    Register("IIR/FCR", "_read_iir", "_write_fcr"),
-    Register("LCR", "_read_lcr", "_write_lcr"),
-    Register("MCR", "_read_mcr", "_write_mcr"),
-    Register("LSR", "_read_lsr", None),  # writes are a factory test mode: ignored
-    Register("MSR", "_read_msr", None),
-    Register("SCR", "_read_scr", "_write_scr"),
-)
-
-# Offsets that LCR.DLAB=1 redirects to the divisor latch.
-DLAB_REGISTERS: dict[int, Register] = {
-    UART_DLL: Register("DLL", "_read_dll", "_write_dll"),
-    UART_DLM: Register("DLM", "_read_dlm", "_write_dlm"),
-}
-
-REGISTER_SPAN = len(REGISTERS)
+# Past the UART nobody drives the 8-bit ISA bus: those bytes of a wide access read 0xFF.
+UNDRIVEN_BUS = 0xFF
 
 
 class Serial16550:
@@ -209,51 +183,64 @@ class Serial16550:
         self.overruns = 0  # times LSR.OE was raised
         self.interrupts = 0  # rising edges of the IRQ line
 
-        self._readers = [getattr(self, r.read) if r.read else None for r in REGISTERS]
-        self._writers = [getattr(self, r.write) if r.write else None for r in REGISTERS]
-        self._dlab_readers = {off: getattr(self, r.read) for off, r in DLAB_REGISTERS.items() if r.read}
-        self._dlab_writers = {off: getattr(self, r.write) for off, r in DLAB_REGISTERS.items() if r.write}
+        self._tx = bytearray()  # THR writes of the current access, sent once the lock is dropped
+
+        # The register map (serial_reg.h). Where a read and a write reach different
+        # registers at one offset (RBR/THR, IIR/FCR), one Register holds both accessors.
+        shared = (
+            Register(UART_IIR, 1, "IIR/FCR", self._read_iir, self._write_fcr),
+            Register(UART_LCR, 1, "LCR", self._read_lcr, self._write_lcr),
+            Register(UART_MCR, 1, "MCR", self._read_mcr, self._write_mcr),
+            Register(UART_LSR, 1, "LSR", self._read_lsr),  # writes are a factory test mode: ignored
+            Register(UART_MSR, 1, "MSR", self._read_msr),
+            Register(UART_SCR, 1, "SCR", self._read_scr, self._write_scr),
+        )
+        self._bank0 = RegisterBlock(
+            (
+                Register(UART_RX, 1, "RBR/THR", self._read_rbr, self._write_thr),
+                Register(UART_IER, 1, "IER", self._read_ier, self._write_ier),
+                *shared,
+            ),
+            fill=UNDRIVEN_BUS,
+        )
+        # LCR.DLAB=1 redirects offsets 0 and 1 to the divisor latch.
+        self._bank_dlab = RegisterBlock(
+            (
+                Register(UART_DLL, 1, "DLL", self._read_dll, self._write_dll),
+                Register(UART_DLM, 1, "DLM", self._read_dlm, self._write_dlm),
+                *shared,
+            ),
+            fill=UNDRIVEN_BUS,
+        )
 
     # ------------------------------------------------------------------ BusDevice
 
+    # Every register is one byte, so a wide access is split into byte accesses in ascending
+    # order, as an 8-bit ISA device would see it. The bank is chosen once per access: only
+    # an LCR write (offset 3) changes DLAB, and the banked offsets 0 and 1 come before it.
+
     def read(self, offset: int, size: int) -> int:
-        """Read ``size`` bytes; a wide access is split into byte accesses as an 8-bit ISA
-        device would see it (ports past the UART read as 0xff)."""
-        value = 0
+        """Read ``size`` bytes (ports past the UART read as 0xff)."""
         with self._lock:
-            for i in range(size):
-                value |= self._read_byte(offset + i) << (8 * i)
+            value = self._bank().read(offset, size)
             self._update_irq()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Write ``size`` bytes (split into byte writes like :meth:`read`)."""
-        out = bytearray()
         with self._lock:
-            for i in range(size):
-                sent = self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
-                if sent is not None:
-                    out.append(sent)
+            self._bank().write(offset, size, value)
             self._update_irq()
-        if out:
-            # Outside the lock: the host console may be slow, and the event loop must
-            # still be able to queue input (and the user to quit) meanwhile.
-            self._output(bytes(out))
+            if not self._tx:
+                return
+            out = bytes(self._tx)
+            self._tx.clear()
+        # Outside the lock: the host console may be slow, and the event loop must
+        # still be able to queue input (and the user to quit) meanwhile.
+        self._output(out)
 
-    def _read_byte(self, offset: int) -> int:
-        if not 0 <= offset < REGISTER_SPAN:
-            return 0xFF
-        fn = self._dlab_readers.get(offset) if self._lcr & UART_LCR_DLAB else None
-        fn = fn or self._readers[offset]
-        return fn() if fn else 0
-
-    def _write_byte(self, offset: int, value: int) -> int | None:
-        """Apply one byte write; returns the byte to transmit to the host, if any."""
-        if not 0 <= offset < REGISTER_SPAN:
-            return None
-        fn = self._dlab_writers.get(offset) if self._lcr & UART_LCR_DLAB else None
-        fn = fn or self._writers[offset]
-        return fn(value) if fn else None
+    def _bank(self) -> RegisterBlock:
+        return self._bank_dlab if self._lcr & UART_LCR_DLAB else self._bank0
 
     # ------------------------------------------------------------------ host side
 
@@ -322,15 +309,15 @@ class Serial16550:
         self._refill_fifo()
         return ch & 0xFF
 
-    def _write_thr(self, value: int) -> int | None:
+    def _write_thr(self, value: int) -> None:
         # The byte leaves at once, so the holding register is empty again: THRE re-asserts.
         self._thri_pending = bool(self._ier & UART_IER_THRI)
         if self._mcr & UART_MCR_LOOP:
             # Loopback: the transmitter feeds the receiver and the TX pin stays idle.
             self._receive_into_fifo(value)
-            return None
+            return
         self.tx_bytes += 1
-        return value
+        self._tx.append(value)  # `write` sends it to `output` once the lock is dropped
 
     def _read_ier(self) -> int:
         return self._ier

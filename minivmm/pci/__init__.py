@@ -1,18 +1,18 @@
 """PCI: bus 0 behind configuration mechanism #1, type-0 configuration space, BARs, MSI-X.
 
-Modules: `regs` (pci_regs.h constants), `config` (configuration space), `device` (what the
-bridge needs from a function), `host` (the host bridge, conf1, BAR mapping), `msix` (MSI-X),
-`registers` (register blocks declared as tables).
+Modules: `pci_regs` (the constants of Linux's pci_regs.h), `config` (configuration space),
+`device` (what the bridge needs from a function), `host` (the host bridge, conf1, BAR
+mapping), `msix` (MSI-X). Register blocks inside BARs are `minivmm.register_block`.
 
 Wiring it into a machine::
 
     bridge = PciHostBridge(
         mmio_bus,                 # the machine's MMIO Bus: BARs are registered on it
         ioevents,                 # IoEventRegistry (KVM_IOEVENTFD) for queue notifications
-        MmioWindow(0xC000_0000, 0xFEC0_0000 - 0xC000_0000),   # 32-bit BAR window
-        MmioWindow(top_of_ram_above_4g, 1 << 32),              # optional 64-bit window
-        pio_bus=pio_bus,          # conf1 goes at 0xCF8-0xCFF
+        resources.mmio32,         # AddressAllocator of the 32-bit BAR window
+        resources.mmio64,         # optional 64-bit window (minivmm.allocator.ResourceAllocator)
     )
+    pio_bus.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, bridge.conf1, "pci-conf1")
     slot = bridge.add_device(VirtioPciDevice(pmem, guest_memory, interrupt_controller))
 
 Neither window may overlap RAM, the pmem region or any other MMIO device, and neither may be
@@ -23,14 +23,13 @@ must not set the "MSI not supported" boot flag.
 
 from .config import BarInfo, PciConfigSpace
 from .device import BarRouter, IoEventFd, PciDevice, SubRegion
-from .host import MmioWindow, PciHostBridge
+from .host import PciHostBridge
 from .msix import MsixTable
 
 __all__ = [
     "BarInfo",
     "BarRouter",
     "IoEventFd",
-    "MmioWindow",
     "MsixTable",
     "PciConfigSpace",
     "PciDevice",

@@ -32,38 +32,24 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..bus import Bus, BusError, Range
+from ..allocator import AddressAllocator
+from ..bus import Bus, BusDeviceRange, BusError
+from ..errors import UserError
 from ..interrupts import IoEventRegistry
 from .config import BarInfo, PciConfigSpace
 from .device import PciDevice
-from .regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
+from ..ranges import AddressRange
+from .pci_regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
 
 log = logging.getLogger(__name__)
 
-PCI_CONF1_ADDRESS_PORT = 0xCF8
-PCI_CONF1_DATA_PORT = 0xCFC
-PCI_CONF1_PORT_COUNT = 8
+PCI_CONF1_DATA_OFFSET = 4  # CONFIG_DATA follows CONFIG_ADDRESS (0xCF8 / 0xCFC)
 PCI_CONF1_ENABLE = 1 << 31
 PCI_CONF1_ADDRESS_MASK = PCI_CONF1_ENABLE | 0x00FF_FFFC  # reserved bits 30:24 and 1:0 read 0
 
 PCI_SLOTS = 32
 HOST_BRIDGE_VENDOR_ID = 0x1B36  # Red Hat, Inc.
 HOST_BRIDGE_DEVICE_ID = 0x0008  # generic PCIe host bridge
-
-
-@dataclass(frozen=True)
-class MmioWindow:
-    """A guest-physical range the bridge may place BARs in (and decodes BARs within)."""
-
-    base: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.base + self.size
-
-    def contains(self, addr: int, size: int) -> bool:
-        return self.base <= addr and addr + size <= self.end
 
 
 def conf1_address(bus: int, device: int, function: int, register: int) -> int:
@@ -88,7 +74,8 @@ class HostBridge(PciDevice):
 
 
 class Conf1:
-    """The PIO device at 0xCF8-0xCFF (register it on the PIO bus at PCI_CONF1_ADDRESS_PORT)."""
+    """The PIO device of configuration mechanism #1: 8 ports, CONFIG_ADDRESS then CONFIG_DATA
+    (the machine registers it at `layout.PCI_CONFIG_ADDRESS_PORT`)."""
 
     def __init__(self, bridge: PciHostBridge) -> None:
         self._bridge = bridge
@@ -97,21 +84,21 @@ class Conf1:
     def read(self, offset: int, size: int) -> int:
         if offset == 0 and size == 4:
             return self.address
-        if offset >= 4:
-            return self._bridge.read_config_at(self.address, offset - 4, size)
+        if offset >= PCI_CONF1_DATA_OFFSET:
+            return self._bridge.read_config_at(self.address, offset - PCI_CONF1_DATA_OFFSET, size)
         return (1 << (8 * size)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
             self.address = value & PCI_CONF1_ADDRESS_MASK
-        elif offset >= 4:
-            self._bridge.write_config_at(self.address, offset - 4, size, value)
+        elif offset >= PCI_CONF1_DATA_OFFSET:
+            self._bridge.write_config_at(self.address, offset - PCI_CONF1_DATA_OFFSET, size, value)
 
 
 @dataclass
 class _Slot:
     device: PciDevice
-    mapped: dict[int, tuple[int, Range]] = field(default_factory=dict)  # BAR -> (address, range)
+    mapped: dict[int, tuple[int, BusDeviceRange]] = field(default_factory=dict)  # BAR -> (address, range)
     ioevents: set[tuple[int, int, int, int | None]] = field(default_factory=set)  # addr, len, fd, match
     rejected: dict[int, int] = field(default_factory=dict)  # BAR -> address already warned about
 
@@ -120,33 +107,31 @@ class PciHostBridge:
     """Bus 0 with the host bridge at 00:00.0 and up to 31 single-function devices.
 
     `mmio_bus` is the machine's MMIO `Bus`; `ioevents` attaches ioeventfds (KVM_IOEVENTFD);
-    `mmio32` is the BAR window below 4 GiB (e.g. 0xC000_0000-0xFEBF_FFFF) and `mmio64` an
-    optional window above RAM. If `pio_bus` is given, conf1 is registered there at 0xCF8.
+    `mmio32` allocates in the BAR window below 4 GiB (e.g. 0xC000_0000-0xFEBF_FFFF) and
+    `mmio64` in an optional window above RAM (the machine's `ResourceAllocator` owns both).
+    `conf1` is the configuration-mechanism-#1 port device, for the machine to put on its PIO bus.
     """
 
     def __init__(
         self,
         mmio_bus: Bus,
         ioevents: IoEventRegistry,
-        mmio32: MmioWindow,
-        mmio64: MmioWindow | None = None,
-        *,
-        pio_bus: Bus | None = None,
+        mmio32: AddressAllocator,
+        mmio64: AddressAllocator | None = None,
     ) -> None:
-        if mmio32.end > 1 << 32 or mmio32.size <= 0:
+        if mmio32.window.end > 1 << 32 or mmio32.window.size <= 0:
             raise ValueError("the 32-bit MMIO window must lie below 4 GiB")
-        if mmio64 is not None and mmio64.size <= 0:
+        if mmio64 is not None and mmio64.window.size <= 0:
             raise ValueError("empty 64-bit MMIO window")
         self.mmio_bus = mmio_bus
         self.ioevents = ioevents
-        self.windows = (mmio32,) if mmio64 is None else (mmio32, mmio64)
-        self._assigned: dict[int, list[tuple[int, int]]] = {}  # slot -> pre-assigned (base, end)
         self.mmio32, self.mmio64 = mmio32, mmio64
+        self.windows = tuple(a.window for a in (mmio32, mmio64) if a is not None)
+        self._assigned: dict[int, list[tuple[AddressAllocator, AddressRange]]] = {}  # slot -> its BARs' allocations
         self._lock = threading.RLock()
         self._slots: dict[int, _Slot] = {}
         self.warnings = Counter[str]()  # "bar-overlap", "bar-outside-window", "ioeventfd"
         self.conf1 = Conf1(self)
-        self.conf1_range = pio_bus.register(PCI_CONF1_ADDRESS_PORT, PCI_CONF1_PORT_COUNT, self.conf1, "pci-conf1") if pio_bus else None
         self._attach(0, HostBridge())
 
     # -- devices --------------------------------------------------------------------------
@@ -158,19 +143,21 @@ class PciHostBridge:
             if slot is None:
                 slot = next((s for s in range(1, PCI_SLOTS) if s not in self._slots), None)
                 if slot is None:
-                    raise ValueError("PCI bus 0 is full")
+                    raise UserError(f"{device.name}: PCI bus 0 is full (at most {PCI_SLOTS - 1} devices)")
             elif not 1 <= slot < PCI_SLOTS or slot in self._slots:
-                raise ValueError(f"PCI slot {slot} is not free")
+                raise UserError(f"{device.name}: PCI slot {slot} is not free")
             config = device.config
-            taken = [r for ranges in self._assigned.values() for r in ranges]
-            mine: list[tuple[int, int]] = []
-            placed = {}
-            for bar in sorted(config.bars.values(), key=lambda b: -b.size):
-                placed[bar.index] = addr = self._allocate(bar, taken)
-                mine.append((addr, addr + bar.size))
+            bars = sorted(config.bars.values(), key=lambda b: -b.size)  # largest first: least padding
+            mine: list[tuple[AddressAllocator, AddressRange]] = []
+            try:
+                for bar in bars:
+                    mine.append(self._allocate(bar, device.name))
+            except UserError:
+                self._free(mine)
+                raise
             self._assigned[slot] = mine
-            for index, addr in placed.items():
-                config.set_bar_address(index, addr)
+            for bar, (_, rng) in zip(bars, mine):
+                config.set_bar_address(bar.index, rng.base)
             if enable_memory:
                 config.set(PCI_COMMAND, 2, config.command | PCI_COMMAND_MEMORY)
             self._attach(slot, device)
@@ -184,7 +171,7 @@ class PciHostBridge:
     def remove_device(self, slot: int) -> None:
         with self._lock:
             s = self._slots.pop(slot)
-            self._assigned.pop(slot, None)
+            self._free(self._assigned.pop(slot, []))
             s.device.set_mapping_listener(None)
             self._apply(s, {}, set())
 
@@ -196,22 +183,21 @@ class PciHostBridge:
     def devices(self) -> dict[int, PciDevice]:
         return {n: s.device for n, s in self._slots.items()}
 
-    def _allocate(self, bar: BarInfo, taken: list[tuple[int, int]]) -> int:
-        """First fit, naturally aligned, in the preferred window; `taken` gets the new range."""
-        order = [self.mmio64, self.mmio32] if bar.mem64 else [self.mmio32]
-        for window in order:
-            if window is None:
+    def _allocate(self, bar: BarInfo, what: str) -> tuple[AddressAllocator, AddressRange]:
+        """Naturally aligned, in the preferred window: a 64-bit BAR in the 64-bit window when
+        there is one (else the 32-bit one), a 32-bit BAR in the 32-bit window."""
+        order = [a for a in (self.mmio64, self.mmio32) if a is not None] if bar.mem64 else [self.mmio32]
+        for allocator in order[:-1]:
+            try:
+                return allocator, allocator.allocate(bar.size, bar.size, f"{what} BAR{bar.index}")
+            except UserError:
                 continue
-            addr = (window.base + bar.size - 1) & ~(bar.size - 1)
-            for base, end in sorted(taken):
-                if addr + bar.size <= base:
-                    break
-                if end > addr:
-                    addr = (end + bar.size - 1) & ~(bar.size - 1)
-            if window.contains(addr, bar.size):
-                taken.append((addr, addr + bar.size))
-                return addr
-        raise ValueError(f"no room for a {bar.size:#x}-byte BAR in the MMIO windows")
+        return order[-1], order[-1].allocate(bar.size, bar.size, f"{what} BAR{bar.index}")
+
+    @staticmethod
+    def _free(allocations: list[tuple[AddressAllocator, AddressRange]]) -> None:
+        for allocator, rng in allocations:
+            allocator.free(rng)
 
     # -- configuration access -------------------------------------------------------------------
 
@@ -268,7 +254,7 @@ class PciHostBridge:
     def _placeable(self, s: _Slot, bar: BarInfo, addr: int) -> bool:
         if addr == 0:
             return False  # unassigned
-        if any(w.contains(addr, bar.size) for w in self.windows):
+        if any(w.covers(addr, bar.size) for w in self.windows):
             return True
         if self._is_sizing_pattern(bar, addr):
             return False  # mid-sizing with decoding left on: not a placement

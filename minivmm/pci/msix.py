@@ -27,7 +27,7 @@ import threading
 
 from ..interrupts import InterruptController, MsiRoute
 from .config import PciConfigSpace
-from .regs import (
+from .pci_regs import (
     PCI_CAP_ID_MSIX,
     PCI_MSIX_ENTRY_CTRL_MASKBIT,
     PCI_MSIX_ENTRY_SIZE,

@@ -1,7 +1,7 @@
 """In-process stand-ins for the machine's KVM-backed interrupt plumbing
 (`minivmm.interrupts`' protocols), and the guest side of PCI configuration mechanism #1.
 
-`FakeMsiRoute` models an irqfd route (`minivmm.irqchip.KvmMsiRoute`): it starts masked; a
+`FakeMsiRoute` models an irqfd route (`minivmm.kvm_interrupts.KvmMsiRoute`): it starts masked; a
 signal on an unmasked route is delivered at once (appended to `delivered` as (address, data));
 on a masked route it accumulates in a counter (`pending()`), and unmasking delivers it once -
 like KVM re-attaching an irqfd whose eventfd already has a count. tests/test_irq_kvm.py checks

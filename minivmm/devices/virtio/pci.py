@@ -20,24 +20,25 @@ COMMON, NOTIFY (`struct virtio_pci_notify_cap`), ISR, DEVICE and PCI_CFG
 (`struct virtio_pci_cfg_cap`, the access window through configuration space that 4.1.4.9
 requires), plus the MSI-X capability.
 
+The common configuration and the device status machine (feature negotiation, queue
+registers, reset values) are `VirtioPciCommonConfig` (common_config.py); this module is the
+PCI side: the function's identity, the BAR layout and capabilities, ISR, notifications and
+MSI-X interrupts, and what DRIVER_OK and a reset do to the running device.
+
 Interrupts are MSI-X only: the function has no INTx pin (Interrupt Pin 0), so with
 queue_msix_vector or config_msix_vector = VIRTIO_MSI_NO_VECTOR the device only sets the ISR
 bit. Linux's virtio_pci always uses MSI-X when the capability is present.
 
-Device status (2.1, 3.1.1): the driver only adds bits; writing 0 resets. FEATURES_OK sticks
-only when the driver's features are a subset of the offered ones (VIRTIO_F_VERSION_1 plus the
-device's) and include VIRTIO_F_VERSION_1. DRIVER_OK (after FEATURES_OK) builds a `Virtqueue`
-per enabled queue and activates the device; a bad queue (size, addresses) sets
-DEVICE_NEEDS_RESET and sends a configuration-change interrupt instead. Each active queue gets
-an eventfd, declared as an ioeventfd (2-byte write at its notify address) that the host bridge
-attaches; a notify write that still reaches Python signals the same eventfd.
+Activation (DRIVER_OK, 3.1.1): a `Virtqueue` per enabled queue, then the device is activated;
+a bad queue (size, addresses) sets DEVICE_NEEDS_RESET and sends a configuration-change
+interrupt instead. Each active queue gets an eventfd, declared as an ioeventfd (2-byte write
+at its notify address) that the host bridge attaches; a notify write that still reaches
+Python signals the same eventfd.
 
-Reset (writing 0 to device_status): device.reset(), queues and eventfds torn down (ioeventfds
-detached first), features, selectors, status and ISR cleared, every queue register back to
-its reset value (queue_size = the maximum, queue_msix_vector = NO_VECTOR, ...), and
-config_msix_vector = NO_VECTOR. The MSI-X table itself is PCI function state that a virtio
-reset does not touch (only a PCI-level reset would); Linux keeps its MSI-X vectors across a
-virtio reset.
+Reset (writing 0 to device_status, 2.4): device.reset(), queues and eventfds torn down
+(ioeventfds detached first), ISR cleared and the common configuration back to its reset
+values. The MSI-X table itself is PCI function state that a virtio reset does not touch (only
+a PCI-level reset would); Linux keeps its MSI-X vectors across a virtio reset.
 
 Locking: one lock guards the transport's registers. The host bridge may call `ioeventfds()`
 while a vCPU holds it, so that method reads a tuple that is replaced, never mutated.
@@ -49,8 +50,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 from ...errors import GuestMemoryError
 from ...interrupts import InterruptController
@@ -58,10 +58,11 @@ from ...memory import GuestMemory
 from ...pci.config import PciConfigSpace
 from ...pci.device import BarRouter, IoEventFd, PciDevice, SubRegion
 from ...pci.msix import MsixTable
-from ...pci.registers import Register, RegisterBlock
-from ...pci.regs import PCI_CAP_ID_VNDR, PCI_CLASS_OTHERS
-from .device import VIRTIO_F_VERSION_1, VirtioDevice
-from .queue import VIRTIO_F_INDIRECT_DESC, Virtqueue, VirtqueueError
+from ...pci.pci_regs import PCI_CAP_ID_VNDR, PCI_CLASS_OTHERS
+from ...register_block import Register, RegisterBlock
+from .common_config import VIRTIO_MSI_NO_VECTOR, VirtioPciCommonConfig
+from .device import VirtioDevice
+from .queue import Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,8 @@ VIRTIO_PCI_CAP_NOTIFY_CFG = 2
 VIRTIO_PCI_CAP_ISR_CFG = 3
 VIRTIO_PCI_CAP_DEVICE_CFG = 4
 VIRTIO_PCI_CAP_PCI_CFG = 5
-VIRTIO_MSI_NO_VECTOR = 0xFFFF
 VIRTIO_PCI_ISR_QUEUE = 0x1  # 4.1.4.5: bit 0, queue interrupt
 VIRTIO_PCI_ISR_CONFIG = 0x2  # bit 1, device configuration change
-
-# include/uapi/linux/virtio_config.h (2.1 Device Status Field)
-VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
-VIRTIO_CONFIG_S_DRIVER = 2
-VIRTIO_CONFIG_S_DRIVER_OK = 4
-VIRTIO_CONFIG_S_FEATURES_OK = 8
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
-VIRTIO_CONFIG_S_FAILED = 0x80
 
 VIRTIO_PCI_VENDOR_ID = 0x1AF4
 VIRTIO_PCI_MODERN_DEVICE_ID_BASE = 0x1040  # 4.1.2: 0x1040 + device type
@@ -105,28 +97,6 @@ virtio_pci_notify_cap = struct.Struct("<BBBBBB2xIII")
 virtio_pci_cfg_cap = struct.Struct("<BBBBBB2xII4s")
 PCI_CFG_BAR, PCI_CFG_OFFSET, PCI_CFG_LENGTH, PCI_CFG_DATA = 4, 8, 12, 16  # offsets in the cap
 
-# struct virtio_pci_common_cfg (4.1.4.3), with the two 1.2 fields at the end.
-VIRTIO_PCI_COMMON_CFG: tuple[Register, ...] = (
-    Register(0x00, 4, "device_feature_select"),
-    Register(0x04, 4, "device_feature", writable=False),
-    Register(0x08, 4, "driver_feature_select"),
-    Register(0x0C, 4, "driver_feature"),
-    Register(0x10, 2, "config_msix_vector"),  # Linux: msix_config
-    Register(0x12, 2, "num_queues", writable=False),
-    Register(0x14, 1, "device_status"),
-    Register(0x15, 1, "config_generation", writable=False),
-    Register(0x16, 2, "queue_select"),
-    Register(0x18, 2, "queue_size"),
-    Register(0x1A, 2, "queue_msix_vector"),
-    Register(0x1C, 2, "queue_enable"),
-    Register(0x1E, 2, "queue_notify_off", writable=False),
-    Register(0x20, 8, "queue_desc"),
-    Register(0x28, 8, "queue_driver"),
-    Register(0x30, 8, "queue_device"),
-    Register(0x38, 2, "queue_notify_data", writable=False),  # VIRTIO_F_NOTIF_CONFIG_DATA: not offered
-    Register(0x3A, 2, "queue_reset", writable=False),  # VIRTIO_F_RING_RESET: not offered
-)
-
 VIRTIO_BAR = 0
 COMMON_CFG_OFFSET = 0x0000
 ISR_CFG_OFFSET = 0x1000
@@ -142,69 +112,47 @@ MAX_QUEUES = (MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) // 16 - 1  # one MSI-X vector
 NOTIFY_WRITE_SIZE = 2  # Linux vp_notify: iowrite16(queue index)
 
 
-@dataclass
-class _QueueRegs:
-    """The per-queue registers behind queue_select, with their reset values (4.1.4.3.1)."""
+class _Locked:
+    """A register block accessed under the transport's register lock."""
 
-    max_size: int
-    size: int = 0
-    msix_vector: int = VIRTIO_MSI_NO_VECTOR
-    enable: int = 0
-    desc: int = 0
-    driver: int = 0
-    device: int = 0
-
-    def __post_init__(self) -> None:
-        self.size = self.max_size
-
-
-class _Common:
-    """struct virtio_pci_common_cfg, accessed under the transport lock."""
-
-    def __init__(self, t: VirtioPciDevice) -> None:
-        self._t = t
+    def __init__(self, lock: threading.RLock, block: RegisterBlock) -> None:
+        self._lock = lock
+        self._block = block
 
     def read(self, offset: int, size: int) -> int:
-        with self._t._lock:
-            return self._t.common.read(offset, size)
+        with self._lock:
+            return self._block.read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        with self._t._lock:
-            self._t.common.write(offset, size, value)
-
-
-class _Isr:
-    def __init__(self, t: VirtioPciDevice) -> None:
-        self._t = t
-
-    def read(self, offset: int, size: int) -> int:
-        return self._t._read_isr() if offset == 0 else 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
+        with self._lock:
+            self._block.write(offset, size, value)
 
 
 class _DeviceCfg:
-    def __init__(self, t: VirtioPciDevice) -> None:
-        self._t = t
+    """The device-specific configuration (4.1.4.6), forwarded to the device."""
+
+    def __init__(self, device: VirtioDevice) -> None:
+        self._device = device
 
     def read(self, offset: int, size: int) -> int:
-        return self._t.device.read_config(offset, size)
+        return self._device.read_config(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._t.device.write_config(offset, size, value)
+        self._device.write_config(offset, size, value)
 
 
 class _Notify:
-    def __init__(self, t: VirtioPciDevice) -> None:
-        self._t = t
+    """Queue notifications (4.1.4.4) that no ioeventfd caught."""
+
+    def __init__(self, notify: Callable[[int], None]) -> None:
+        self._notify = notify
 
     def read(self, offset: int, size: int) -> int:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset % NOTIFY_OFF_MULTIPLIER == 0:
-            self._t._notify_from_python(offset // NOTIFY_OFF_MULTIPLIER)
+            self._notify(offset // NOTIFY_OFF_MULTIPLIER)
 
 
 class VirtioPciDevice(PciDevice):
@@ -238,9 +186,7 @@ class VirtioPciDevice(PciDevice):
         self.num_queues = nq
         self._lock = threading.RLock()  # the registers; never held by signal_used/needs_reset
         self._irq_lock = threading.Lock()  # ISR read-to-clear against the signalling threads
-        self._device_error = False  # DEVICE_NEEDS_RESET, set from any thread
-        self._config_generation = 0
-        self.common = RegisterBlock(VIRTIO_PCI_COMMON_CFG, self)
+        self._isr = 0
         self.msix = MsixTable(
             nq + 1,
             interrupts,
@@ -249,14 +195,18 @@ class VirtioPciDevice(PciDevice):
             pba_bar=VIRTIO_BAR,
             pba_offset=MSIX_PBA_OFFSET,
         )
+        self.common_cfg = VirtioPciCommonConfig(
+            device, self.msix.nvectors, on_driver_ok=self._activate, on_reset=self.reset, name=self.name
+        )
         self.notify_length = max(nq * NOTIFY_OFF_MULTIPLIER, NOTIFY_WRITE_SIZE)
+        isr = RegisterBlock((Register(0, 1, "isr_status", self._read_isr),))  # read-to-clear (4.1.4.5)
         self.router = BarRouter(
             VIRTIO_BAR_SIZE,
             (
-                SubRegion(COMMON_CFG_OFFSET, PAGE, _Common(self), "common"),
-                SubRegion(ISR_CFG_OFFSET, PAGE, _Isr(self), "isr"),
-                SubRegion(DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, _DeviceCfg(self), "device"),
-                SubRegion(NOTIFY_CFG_OFFSET, PAGE, _Notify(self), "notify"),
+                SubRegion(COMMON_CFG_OFFSET, PAGE, _Locked(self._lock, self.common_cfg.registers), "common"),
+                SubRegion(ISR_CFG_OFFSET, PAGE, isr, "isr"),
+                SubRegion(DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, _DeviceCfg(device), "device"),
+                SubRegion(NOTIFY_CFG_OFFSET, PAGE, _Notify(self._notify_from_python), "notify"),
                 SubRegion(MSIX_TABLE_OFFSET, self.msix.table_size, self.msix.table, "msix-table"),
                 SubRegion(MSIX_PBA_OFFSET, self.msix.pba_size, self.msix.pba, "msix-pba"),
             ),
@@ -268,14 +218,13 @@ class VirtioPciDevice(PciDevice):
         self._notify_fds: list[int] = []
         self.queues: list[Virtqueue] = []
         self.activations = 0
-        self._reset_registers()
 
     # -- capabilities (4.1.4) ---------------------------------------------------------------
 
     def _add_virtio_caps(self) -> None:
         cfg = self.config
         for cfg_type, offset, length in (
-            (VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, self.common.size),
+            (VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, self.common_cfg.registers.size),
             (VIRTIO_PCI_CAP_ISR_CFG, ISR_CFG_OFFSET, 1),
             (VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE),
         ):
@@ -346,184 +295,18 @@ class VirtioPciDevice(PciDevice):
     # -- state ------------------------------------------------------------------------------
 
     @property
-    def offered_features(self) -> int:
-        return (self.device.device_features | VIRTIO_F_VERSION_1) & ((1 << 64) - 1)
-
-    @property
-    def status(self) -> int:
-        """device_status as the driver reads it."""
-        return self._status | (VIRTIO_CONFIG_S_NEEDS_RESET if self._device_error else 0)
-
-    @property
     def driver_features(self) -> int:
-        return self._driver_features
+        return self.common_cfg.driver_features
 
-    def _reset_registers(self) -> None:
-        self._device_feature_select = 0
-        self._driver_feature_select = 0
-        self._driver_features = 0
-        self._config_msix_vector = VIRTIO_MSI_NO_VECTOR
-        self._status = 0
-        self._queue_select = 0
-        self._queues = [_QueueRegs(m) for m in self.device.queue_max_sizes]
-        self._isr = 0
-        self._device_error = False
-
-    def _selected(self) -> _QueueRegs | None:
-        return self._queues[self._queue_select] if self._queue_select < self.num_queues else None
-
-    def _live(self) -> bool:
-        return bool(self._status & VIRTIO_CONFIG_S_DRIVER_OK)
-
-    def _valid_vector(self, value: int) -> int:
-        return value if value < self.msix.nvectors else VIRTIO_MSI_NO_VECTOR
-
-    # -- struct virtio_pci_common_cfg accessors (RegisterBlock) -----------------------------------
-
-    def _get_device_feature_select(self) -> int:
-        return self._device_feature_select
-
-    def _set_device_feature_select(self, value: int) -> None:
-        self._device_feature_select = value
-
-    def _get_device_feature(self) -> int:
-        sel = self._device_feature_select
-        return (self.offered_features >> (32 * sel)) & 0xFFFF_FFFF if sel < 2 else 0
-
-    def _get_driver_feature_select(self) -> int:
-        return self._driver_feature_select
-
-    def _set_driver_feature_select(self, value: int) -> None:
-        self._driver_feature_select = value
-
-    def _get_driver_feature(self) -> int:
-        sel = self._driver_feature_select
-        return (self._driver_features >> (32 * sel)) & 0xFFFF_FFFF if sel < 2 else 0
-
-    def _set_driver_feature(self, value: int) -> None:
-        sel = self._driver_feature_select
-        if sel >= 2 or self._status & VIRTIO_CONFIG_S_FEATURES_OK:
-            return  # no such feature word, or features already fixed (3.1.1)
-        shift = 32 * sel
-        self._driver_features = self._driver_features & ~(0xFFFF_FFFF << shift) | value << shift
-
-    def _get_config_msix_vector(self) -> int:
-        return self._config_msix_vector
-
-    def _set_config_msix_vector(self, value: int) -> None:
-        self._config_msix_vector = self._valid_vector(value)
-
-    def _get_num_queues(self) -> int:
-        return self.num_queues
-
-    def _get_device_status(self) -> int:
-        return self.status
-
-    def _set_device_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-        else:
-            self._update_status(value)
-
-    def _get_config_generation(self) -> int:
-        return self._config_generation & 0xFF
-
-    def _get_queue_select(self) -> int:
-        return self._queue_select
-
-    def _set_queue_select(self, value: int) -> None:
-        self._queue_select = value
-
-    def _get_queue_size(self) -> int:
-        q = self._selected()
-        return 0 if q is None else q.size
-
-    def _set_queue_size(self, value: int) -> None:
-        q = self._selected()
-        if q is not None and not self._live():
-            q.size = value  # validated at DRIVER_OK: a bad size fails the activation
-
-    def _get_queue_msix_vector(self) -> int:
-        q = self._selected()
-        return VIRTIO_MSI_NO_VECTOR if q is None else q.msix_vector
-
-    def _set_queue_msix_vector(self, value: int) -> None:
-        q = self._selected()
-        if q is not None:
-            q.msix_vector = self._valid_vector(value)
-
-    def _get_queue_enable(self) -> int:
-        q = self._selected()
-        return 0 if q is None else q.enable
-
-    def _set_queue_enable(self, value: int) -> None:
-        q = self._selected()
-        if q is not None and value == 1 and not self._live():
-            q.enable = 1  # 0 is not writable without VIRTIO_F_RING_RESET (4.1.4.3.2)
-
-    def _get_queue_notify_off(self) -> int:
-        return self._queue_select if self._queue_select < self.num_queues else 0
-
-    def _get_queue_desc(self) -> int:
-        q = self._selected()
-        return 0 if q is None else q.desc
-
-    def _set_queue_desc(self, value: int) -> None:
-        q = self._selected()
-        if q is not None and not self._live():
-            q.desc = value  # alignment and placement are checked at DRIVER_OK
-
-    def _get_queue_driver(self) -> int:
-        q = self._selected()
-        return 0 if q is None else q.driver
-
-    def _set_queue_driver(self, value: int) -> None:
-        q = self._selected()
-        if q is not None and not self._live():
-            q.driver = value
-
-    def _get_queue_device(self) -> int:
-        q = self._selected()
-        return 0 if q is None else q.device
-
-    def _set_queue_device(self, value: int) -> None:
-        q = self._selected()
-        if q is not None and not self._live():
-            q.device = value
-
-    def _get_queue_notify_data(self) -> int:
-        return 0
-
-    def _get_queue_reset(self) -> int:
-        return 0
-
-    # -- status machine (2.1, 3.1.1) -------------------------------------------------------------
-
-    def _update_status(self, value: int) -> None:
-        old = self._status
-        new = old | (value & ~VIRTIO_CONFIG_S_NEEDS_RESET & 0xFF)  # bits are only ever added
-        if new & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
-            feats = self._driver_features
-            if feats & ~self.offered_features or not feats & VIRTIO_F_VERSION_1:
-                log.info("%s: driver features %#x refused (offered %#x)", self.name, feats, self.offered_features)
-                new &= ~VIRTIO_CONFIG_S_FEATURES_OK
-        if new & VIRTIO_CONFIG_S_DRIVER_OK and not old & VIRTIO_CONFIG_S_DRIVER_OK:
-            if not new & VIRTIO_CONFIG_S_FEATURES_OK:
-                new &= ~VIRTIO_CONFIG_S_DRIVER_OK
-            else:
-                self._status = new
-                self._activate()
-                return
-        self._status = new
+    # -- DRIVER_OK and reset (3.1.1, 2.4) ---------------------------------------------------------
 
     def _activate(self) -> None:
-        enabled = [i for i, q in enumerate(self._queues) if q.enable]
-        count = enabled[-1] + 1 if enabled else 0
+        """DRIVER_OK was set (register lock held): start the device on the driver's queues."""
         try:
-            queues = [self._build_queue(i) for i in range(count)]
+            queues = self.common_cfg.virtqueues(self.mem)
         except VirtqueueError as exc:
             log.warning("%s: cannot activate: %s", self.name, exc)
-            self._set_needs_reset()
+            self.needs_reset()
             return
         fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in queues]
         self.queues, self._notify_fds = queues, fds
@@ -535,18 +318,9 @@ class VirtioPciDevice(PciDevice):
             self.device.activate(self.mem, queues, fds, self.signal_used, self.needs_reset)
         except (VirtqueueError, GuestMemoryError) as exc:
             log.warning("%s: activation failed: %s", self.name, exc)
-            self._set_needs_reset()
+            self.needs_reset()
             return
         self.activations += 1
-
-    def _build_queue(self, i: int) -> Virtqueue:
-        q = self._queues[i]
-        if not q.enable:
-            raise VirtqueueError(f"queue {i} is disabled but a later queue is enabled")
-        if not 1 <= q.size <= q.max_size or q.size & (q.size - 1):
-            raise VirtqueueError(f"queue {i}: size {q.size} is not a power of 2 in 1..{q.max_size}")
-        indirect = bool(self._driver_features & VIRTIO_F_INDIRECT_DESC)
-        return Virtqueue(self.mem, q.size, q.desc, q.driver, q.device, indirect_desc=indirect)
 
     def reset(self) -> None:
         """Device reset (device_status := 0, 4.1.4.3.1): back to the power-on state."""
@@ -558,7 +332,9 @@ class VirtioPciDevice(PciDevice):
             self.mapping_changed()  # the bridge detaches the ioeventfds before they close
             for fd in fds:
                 os.close(fd)
-            self._reset_registers()
+            with self._irq_lock:
+                self._isr = 0
+            self.common_cfg.reset()
 
     # -- interrupts and notifications ------------------------------------------------------------
 
@@ -572,7 +348,7 @@ class VirtioPciDevice(PciDevice):
 
     def signal_used(self, queue: int) -> None:
         """The device put buffers in queue `queue`'s used ring: interrupt the driver (4.1.5.2)."""
-        queues = self._queues
+        queues = self.common_cfg.queue_registers
         if not 0 <= queue < len(queues):
             return
         with self._irq_lock:
@@ -584,21 +360,18 @@ class VirtioPciDevice(PciDevice):
     def _signal_config(self) -> None:
         with self._irq_lock:
             self._isr |= VIRTIO_PCI_ISR_CONFIG
-        vector = self._config_msix_vector
+        vector = self.common_cfg.config_msix_vector
         if vector != VIRTIO_MSI_NO_VECTOR:
             self.msix.notify(vector)
 
-    def _set_needs_reset(self) -> None:
-        self._device_error = True
-        self._signal_config()
-
     def needs_reset(self) -> None:
         """The device hit a driver error: DEVICE_NEEDS_RESET + configuration interrupt (2.1.2)."""
-        self._set_needs_reset()
+        self.common_cfg.needs_reset = True
+        self._signal_config()
 
     def config_changed(self) -> None:
         """The device changed its configuration: bump config_generation and interrupt (4.1.5.3)."""
-        self._config_generation += 1  # single writer: the device
+        self.common_cfg.config_generation += 1  # single writer: the device
         self._signal_config()
 
     def _notify_from_python(self, queue: int) -> None:

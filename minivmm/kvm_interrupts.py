@@ -1,4 +1,4 @@
-"""The in-kernel interrupt controllers seen through `minivmm.interrupts`' protocols.
+"""`minivmm.interrupts`' protocols implemented on KVM's in-kernel interrupt controllers.
 
 KVM's irqchip (two 8259 PICs and an IOAPIC) takes ISA lines with KVM_IRQ_LINE. MSI
 messages are GSI routes (KVM_SET_GSI_ROUTING, which replaces the whole table, so the
@@ -11,19 +11,16 @@ from __future__ import annotations
 import os
 import threading
 
-from . import kvm
+from . import kvm, layout
+from .allocator import IdAllocator
 from .kvm import GsiRoute, Vm
-
-IOAPIC_PINS = 24
-PIC_PINS = 16
-FIRST_MSI_GSI = IOAPIC_PINS
 
 
 def default_irqchip_routes() -> list[GsiRoute]:
     """KVM's default table: GSI n -> IOAPIC pin n, and GSI 0-15 also to the PICs (pin n % 8).
     GSI 2 is the PIC cascade, so it goes to the IOAPIC only."""
-    routes = [GsiRoute(gsi, kvm.KVM_IRQ_ROUTING_IRQCHIP, kvm.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(IOAPIC_PINS)]
-    for gsi in range(PIC_PINS):
+    routes = [GsiRoute(gsi, kvm.KVM_IRQ_ROUTING_IRQCHIP, kvm.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(layout.IOAPIC_NUM_PINS)]
+    for gsi in range(layout.PIC_NUM_PINS):
         if gsi != 2:
             chip = kvm.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else kvm.KVM_IRQCHIP_PIC_SLAVE
             routes.append(GsiRoute(gsi, kvm.KVM_IRQ_ROUTING_IRQCHIP, chip, gsi % 8))
@@ -105,27 +102,28 @@ class KvmMsiRoute:
 class KvmInterrupts:
     """`InterruptController` and `IoEventRegistry` over a VM with an in-kernel irqchip."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, gsis: IdAllocator) -> None:
         self.vm = vm
+        self.gsis = gsis
         self._lock = threading.Lock()
         self._msi: dict[int, KvmMsiRoute] = {}
-        self._next_gsi = FIRST_MSI_GSI
 
     # InterruptController
     def irq_line(self, pin: int) -> IsaLine:
         return IsaLine(self.vm, pin)
 
     def msi_route(self) -> KvmMsiRoute:
+        gsi = self.gsis.allocate()
+        route = KvmMsiRoute(self, gsi)
         with self._lock:
-            gsi = self._next_gsi
-            self._next_gsi += 1
-            route = KvmMsiRoute(self, gsi)
             self._msi[gsi] = route
         return route
 
     def release(self, route: KvmMsiRoute) -> None:
         with self._lock:
-            self._msi.pop(route.gsi, None)
+            if self._msi.pop(route.gsi, None) is None:
+                return
+        self.gsis.free(route.gsi)
         self.update_routes()
 
     def update_routes(self) -> None:

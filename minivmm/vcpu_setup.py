@@ -1,16 +1,17 @@
-"""Initial vCPU state: registers and segments from a boot entry, CPUID, MSRs, FPU and LAPIC.
+"""Setting up a KVM vCPU: CPUID, MSRs, FPU and LAPIC, and the boot entry state.
 
-The boot loaders describe the entry state without KVM types (`minivmm.boot.BootEntry`);
-this module copies it into `kvm_sregs`/`kvm_regs` and sets what Linux expects firmware to
-have set (Intel SDM vol. 3, "Processor Initialization"; Documentation/virt/kvm/api.rst).
+The boot loaders describe the entry state without KVM types (`minivmm.boot.entry.BootEntry`);
+`apply_entry` copies it into `kvm_sregs`/`kvm_regs`, and the `setup_*` functions set what
+Linux expects firmware to have set (Intel SDM vol. 3, "Processor Initialization";
+Documentation/virt/kvm/api.rst).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from typing import Any, Iterable
+from typing import Iterable, Protocol
 
+from .boot.entry import BootEntry, DescriptorTable, Segment
 from .kvm import Vcpu, ffi
 
 # MSR indices (arch/x86/include/asm/msr-index.h)
@@ -56,8 +57,6 @@ APIC_LVT1 = 0x360
 APIC_MODE_EXTINT = 0x7
 APIC_MODE_NMI = 0x4
 
-CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
-
 
 def setup_cpuid(vcpu: Vcpu, supported: Iterable[dict[str, int]], index: int) -> None:
     """CPUID = what KVM supports, with this vCPU's APIC id and the hypervisor bit set.
@@ -99,19 +98,62 @@ def setup_lapic(vcpu: Vcpu) -> None:
     vcpu.set_lapic(lapic)
 
 
-def apply_entry(vcpu: Vcpu, entry: Any) -> None:
-    """Copy a `BootEntry` (segments, control registers, descriptor tables, registers) into the vCPU."""
+class KvmSegment(Protocol):
+    """The fields of a cffi `struct kvm_segment` (kvm.py), as `Segment` has them."""
+
+    base: int
+    limit: int
+    selector: int
+    type: int
+    present: int
+    dpl: int
+    db: int
+    s: int
+    l: int  # noqa: E741  (the kernel's name)
+    g: int
+    avl: int
+    unusable: int
+
+
+class KvmDtable(Protocol):
+    """The fields of a cffi `struct kvm_dtable`."""
+
+    base: int
+    limit: int
+
+
+def _set_segment(dst: KvmSegment, seg: Segment) -> None:
+    """Copy a `Segment` into a cffi `struct kvm_segment` (the same fields; padding stays 0)."""
+    dst.base, dst.limit, dst.selector = seg.base, seg.limit, seg.selector
+    dst.type, dst.present, dst.dpl, dst.db = seg.type, seg.present, seg.dpl, seg.db
+    dst.s, dst.l, dst.g, dst.avl, dst.unusable = seg.s, seg.l, seg.g, seg.avl, seg.unusable
+
+
+def _set_dtable(dst: KvmDtable, table: DescriptorTable) -> None:
+    """Copy a `DescriptorTable` into a cffi `struct kvm_dtable`."""
+    dst.base, dst.limit = table.base, table.limit
+
+
+def apply_entry(vcpu: Vcpu, entry: BootEntry) -> None:
+    """Copy a `BootEntry` into the vCPU: segments, descriptor tables and control registers
+    (KVM_SET_SREGS), then the general registers (KVM_SET_REGS; the others keep their reset values)."""
     sregs = vcpu.get_sregs()
-    for name, seg in entry.segments.items():
-        dst = getattr(sregs, name)
-        for f in dataclasses.fields(seg):
-            setattr(dst, f.name, getattr(seg, f.name))
-    for name in CONTROL_REGISTERS:
-        setattr(sregs, name, getattr(entry, name))
-    sregs.gdt.base, sregs.gdt.limit = entry.gdt_base, entry.gdt_limit
-    sregs.idt.base, sregs.idt.limit = entry.idt_base, entry.idt_limit
+    for dst, seg in (
+        (sregs.cs, entry.cs),
+        (sregs.ds, entry.ds),
+        (sregs.es, entry.es),
+        (sregs.fs, entry.fs),
+        (sregs.gs, entry.gs),
+        (sregs.ss, entry.ss),
+        (sregs.tr, entry.tr),
+        (sregs.ldt, entry.ldt),
+    ):
+        _set_segment(dst, seg)
+    _set_dtable(sregs.gdt, entry.gdt)
+    _set_dtable(sregs.idt, entry.idt)
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = entry.cr0, entry.cr3, entry.cr4, entry.efer
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
-    for name, value in entry.regs.items():
-        setattr(regs, name, value)
+    r = entry.regs
+    regs.rip, regs.rsp, regs.rbx, regs.rsi, regs.rflags = r.rip, r.rsp, r.rbx, r.rsi, r.rflags
     vcpu.set_regs(regs)

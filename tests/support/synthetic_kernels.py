@@ -1,4 +1,4 @@
-"""Tiny hand-built kernels in both boot formats, for tests and KVM smoke runs.
+"""Tiny hand-built kernels in both boot formats, for the tests (test support, not product).
 
 `make_elf` writes an ELF64 executable (System V gABI, "ELF Header" and "Program Header")
 with PT_LOAD and PT_NOTE segments; `make_bzimage` a file with a valid setup header
@@ -11,17 +11,19 @@ in milliseconds without a real kernel.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
-from .. import layout
-from .acpi import S5_SLP_TYP, SLP_EN, SLP_TYP_SHIFT
-from .bzimage import (
+from minivmm import layout
+from minivmm.boot.acpi import S5_SLP_TYP
+from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
+from minivmm.boot.bzimage import (
     HDRS_MAGIC,
     LOADED_HIGH,
     SETUP_HEADER_OFFSET,
     XLF_KERNEL_64,
     SetupHeader,
 )
-from .pvh import XEN_ELFNOTE_PHYS32_ENTRY
+from minivmm.boot.pvh import XEN_ELFNOTE_PHYS32_ENTRY
 
 ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 ELF64_PHDR = struct.Struct("<IIQQQQQQ")
@@ -40,8 +42,8 @@ def elf_note(name: bytes, ntype: int, desc: bytes) -> bytes:
 
 
 def make_elf(
-    segments: list[tuple[int, bytes, int]],
-    notes: list[tuple[bytes, int, bytes]] = (),  # type: ignore[assignment]
+    segments: Sequence[tuple[int, bytes, int]],
+    notes: Sequence[tuple[bytes, int, bytes]] = (),
     *,
     entry: int = 0,
     elfclass: int = 2,
