@@ -236,11 +236,13 @@ def test_one_client_at_a_time_and_a_client_leaving_mid_command_changes_nothing(s
     first.sendall(b'{"execute": "qmp_capabilities"}{"execute": "query-st')  # leaves mid-command
     first.close()
     second.settimeout(5)
-    assert "QMP" in json.loads(second.makefile().readline())  # served once the first left
+    reader = second.makefile()
+    assert "QMP" in json.loads(reader.readline())  # served once the first left
     second.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status", "id": 1}\n')
-    lines = second.makefile().readline(), second.makefile().readline()
+    lines = reader.readline(), reader.readline()
     second.close()
     assert json.loads(lines[0]) == {"return": {}}
+    assert json.loads(lines[1]) == {"return": {"status": "prelaunch", "running": False, "singlestep": False}, "id": 1}
 
 
 def test_socket_is_owner_only_and_never_replaces_a_file(tmp_path, machine) -> None:

@@ -283,7 +283,10 @@ class QmpServer:
         self._session = session
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while not self._closing:
-            data = conn.recv(4096)
+            try:
+                data = conn.recv(4096)
+            except ConnectionError:
+                return  # the client left (a reset is as good as an EOF)
             if not data:
                 return
             session.feed(decoder.decode(data))
