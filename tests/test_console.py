@@ -446,3 +446,33 @@ def test_console_and_uart_end_to_end(loop: EventLoop) -> None:
     finally:
         for fd in (r, w, out_r, out_w):
             os.close(fd)
+
+
+def test_ctrl_a_c_switches_between_the_guest_and_the_monitor(loop: EventLoop) -> None:
+    """In monitor mode typed lines go to the monitor (echoed, editable), not to the guest;
+    Ctrl-A c again returns to the guest."""
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    lines: list[str] = []
+
+    def monitor(line: str) -> str:
+        lines.append(line)
+        return f"ran {line}\n"
+
+    port = FakePort()
+    console = Console(loop, on_quit=lambda: None, stdin_fd=r, stdout_fd=out_w, monitor=monitor)
+    console.attach(port)
+    try:
+        with console:
+            os.write(w, b"ab\x01c")
+            wait_for(lambda: console.monitor_mode)
+            os.write(w, b"info statux\x7fs\r")
+            wait_for(lambda: lines == ["info status"])
+            os.write(w, b"\x01cdef")
+            wait_for(lambda: port.received == b"abdef")
+            shown = read_available(out_r)
+            assert b"(minivmm) info statux\b \bs\r\nran info status\r\n(minivmm) " in shown
+            assert not console.monitor_mode
+    finally:
+        for fd in (r, w, out_r, out_w):
+            os.close(fd)

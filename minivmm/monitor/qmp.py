@@ -83,12 +83,16 @@ def listen_unix(path: str) -> socket.socket:
 def value_end(text: str) -> int | None:
     """Where the first JSON value of `text` (no leading whitespace) ends, or None while it
     may still be incomplete. An object or array ends at its matching bracket (outside
-    strings); anything else ends at the next whitespace or bracket."""
+    strings); anything else ends at the next whitespace or bracket. A value may not span a
+    line: an object still open at a newline ends there (and fails to parse), so a client
+    that sent garbage gets an error and its next line is read afresh."""
     if not text:
         return None
     if text[0] in "{[":
         depth, in_string, escaped = 0, False, False
         for i, ch in enumerate(text):
+            if ch == "\n":
+                return i + 1
             if in_string:
                 if escaped:
                     escaped = False
@@ -279,7 +283,10 @@ class QmpServer:
         self._session = session
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while not self._closing:
-            data = conn.recv(4096)
+            try:
+                data = conn.recv(4096)
+            except ConnectionError:
+                return  # the client left (a reset is as good as an EOF)
             if not data:
                 return
             session.feed(decoder.decode(data))
