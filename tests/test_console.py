@@ -465,11 +465,11 @@ def test_ctrl_a_c_switches_between_the_guest_and_the_monitor(loop: EventLoop) ->
     try:
         with console:
             os.write(w, b"ab\x01c")
-            wait_for(lambda: console.monitor_mode)
+            wait_until(lambda: console.monitor_mode)
             os.write(w, b"info statux\x7fs\r")
-            wait_for(lambda: lines == ["info status"])
+            wait_until(lambda: lines == ["info status"])
             os.write(w, b"\x01cdef")
-            wait_for(lambda: port.received == b"abdef")
+            wait_until(lambda: port.received == b"abdef")
             shown = read_available(out_r)
             assert b"(minivmm) info statux\b \bs\r\nran info status\r\n(minivmm) " in shown
             assert not console.monitor_mode
