@@ -38,6 +38,7 @@ def test_rsdp(built):
 
 def test_every_table_checksums_to_zero_and_lies_in_acpi_area(built):
     mem, t = built
+    assert set(t.tables) == {"RSDP", "XSDT", "FACP", "APIC", "DSDT"}
     for sig, (addr, length) in t.tables.items():
         assert layout.ACPI.base <= addr and addr + length <= layout.ACPI.end
         if sig != "RSDP":

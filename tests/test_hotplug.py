@@ -45,8 +45,7 @@ def snapshot(m: Machine) -> dict:
         "regions": [(r.gpa, r.size, r.name) for r in m.mem.regions],
         "pci": dict(m.pci.devices),
         "mmio_bus": m.mmio.ranges,
-        "devices": list(m.pmem_devices),
-        "backings": list(m.pmem_backings),
+        "plugged": list(m.pmem_plugged),
         "pciu": m.pci_hotplug.added,
         "ged": m.ged.pending,
         "flushers": sorted(t.name for t in threading.enumerate() if t.name.endswith("-flush")),
@@ -67,7 +66,7 @@ def test_hotplug_places_maps_plugs_and_raises_the_ged_event(machine: Machine, tm
     assert (tmp_path / "hot0").read_bytes()[100:116] == b"through the slot"
     assert machine.pci_hotplug.added == 1 << slot
     assert machine.ged.pending == GED_EVENT_PCI_HOTPLUG
-    assert machine.pmem_devices[-1] is dev and machine.pmem_backings[-1] is b
+    assert machine.pmem_plugged[-1] == (dev, b)
 
 
 def test_the_dsdt_evt_on_the_machine_bus_notifies_the_new_slot(machine: Machine, tmp_path: Path) -> None:
