@@ -110,7 +110,7 @@ def test_qmp_hot_add_the_guest_uses_unplug_refused_powerdown(tmp_path: Path) -> 
             try:
                 await client.execute(command, args)
             except ExecuteError as exc:
-                checks[command] = (exc.error_class, exc.error_desc)
+                checks[command] = (exc.error_class, exc.error.error.desc)
         checks["devices"] = await client.execute("query-memory-devices")
         checks["pci-after"] = len((await client.execute("query-pci"))[0]["devices"])
         await asyncio.to_thread(vmm.wait_console, f"hotplug token={token}")
