@@ -22,6 +22,9 @@ figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its
         shell (50 cycles), the guest time of `sleep 1` and the guest's uptime at the last line.
         A selftest step that fails (e.g. the pipe one, see guest/README.md) is counted, not
         fatal; fork-exec and the last line must be there.
+  hotplug  QMP object-add + device_add of a 256 MiB image while the guest waits for
+        /dev/pmem1 (minivmm.script=hotplug): from device_add's reply to the guest's line saying
+        the device appeared.
   pmem  a fresh, host-formatted (mkfs.ext4 -b 4096) 256 MiB sparse image as --pmem, steps
         hello,mounts,pmem-mount,flush-bench:200,umount: what flush-bench prints (mean/min/max
         of a guest 4 KiB write + fdatasync) and the host-side pmem counters of --stats-json.
@@ -36,15 +39,18 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -54,7 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the runner the boot tests use (it puts REPO on the path)
 
-from support.runner import RunResult, run_minivmm, tail  # noqa: E402
+from support.runner import Minivmm, RunResult, run_minivmm, start_minivmm, tail  # noqa: E402
 
 from minivmm import layout  # noqa: E402
 from minivmm.stats import ExitRecord, MachineStats, PmemDeviceStats  # noqa: E402
@@ -252,10 +258,14 @@ class Section:
     script: str | None = None  # boot /init with minivmm.script=SCRIPT instead of the test init (steps unused)
     hello_marker: str = HELLO_MARKER  # the init's first line ("hello_s")
     last_marker: str | None = None  # the init's last line of interest ("last_line_s")
+    # Talks to the running VMM (e.g. over QMP) while the runner streams its output; returns
+    # figures of its own. Raises BootFailed.
+    interact: Callable[[Minivmm, Path], dict] | None = None
+    extra_cmdline: str = ""
 
     def cmdline(self) -> str:
         if self.script:
-            return f"{SCRIPT_CMDLINE} minivmm.script={self.script}"
+            return f"{SCRIPT_CMDLINE} minivmm.script={self.script}{self.extra_cmdline}"
         return f"{BASE_CMDLINE} minivmm.steps={self.steps} minivmm.end={self.end}"
 
     def markers(self) -> list[str]:
@@ -396,6 +406,59 @@ COMMON_METRICS = (
     Metric("peak_rss_mib", "VMM peak RSS (ru_maxrss)", "MiB"),
 )
 
+HOTPLUG_SIZE = 256 << 20
+HOTPLUG_WAITING = "minivmm: hotplug waiting for /dev/pmem1"
+HOTPLUG_APPEARED = "minivmm: hotplug /dev/pmem1 appeared"
+HOTPLUG_TOKEN = "bench"
+
+
+def setup_hotplug(workdir: Path) -> list[str]:
+    """A cold-plugged pmem0, the image to hot-add (ext4 with a token file), a QMP socket."""
+    content = workdir / "hot.d"
+    content.mkdir()
+    (content / "token").write_text(f"{HOTPLUG_TOKEN}\n")
+    image = workdir / "hot.img"
+    with open(image, "wb") as f:
+        f.truncate(HOTPLUG_SIZE)
+    proc = subprocess.run([mkfs_ext4(), *MKFS_EXT4_ARGS, "-d", str(content), str(image)], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BootFailed(f"mkfs.ext4 failed (status {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return [*setup_pmem(workdir), "--qmp", str(workdir / "qmp.sock")]
+
+
+def wait_console(vmm: Minivmm, text: str, timeout: float) -> float:
+    """Poll the streamed console for `text`; the runner's clock when it was first seen."""
+    deadline = time.monotonic() + timeout
+    while text not in vmm.out.text:
+        if vmm.proc.poll() is not None or time.monotonic() > deadline:
+            raise BootFailed(f"the guest never printed {text!r}")
+        time.sleep(0.01)
+    return vmm.elapsed()
+
+
+def interact_hotplug(vmm: Minivmm, workdir: Path) -> dict:
+    """QMP object-add + device_add of a 256 MiB image once the guest waits for /dev/pmem1;
+    the time from device_add's reply to the guest's line saying the device appeared (the
+    guest checks once a second), then system_powerdown."""
+    from qemu.qmp import QMPClient
+
+    async def drive() -> dict:
+        wait_console(vmm, HOTPLUG_WAITING, DEFAULT_TIMEOUT)
+        client = QMPClient("bench")
+        await client.connect(str(workdir / "qmp.sock"))
+        await client.execute("object-add", {"qom-type": "memory-backend-file", "id": "hot", "share": True,
+                                            "mem-path": str(workdir / "hot.img"), "size": HOTPLUG_SIZE})  # fmt: skip
+        await client.execute("device_add", {"driver": "virtio-pmem-pci", "id": "nvhot", "memdev": "hot"})
+        added = vmm.elapsed()
+        seen = await asyncio.to_thread(wait_console, vmm, HOTPLUG_APPEARED, DEFAULT_TIMEOUT)
+        await asyncio.to_thread(wait_console, vmm, "minivmm: hotplug answer written", DEFAULT_TIMEOUT)
+        await client.execute("system_powerdown")
+        await client.disconnect()
+        return {"hotplug_to_dev_s": seen - added}
+
+    return asyncio.run(drive())
+
+
 SECTIONS: dict[str, Section] = {
     s.name: s
     for s in (
@@ -471,6 +534,18 @@ SECTIONS: dict[str, Section] = {
             ),
             setup=setup_dax,
         ),
+        Section(
+            "hotplug",
+            "virtio-pmem hot-add over QMP: a 256 MiB image, object-add + device_add while the guest waits",
+            "",
+            lambda stdout, stats: {},
+            (Metric("hotplug_to_dev_s", "device_add reply to the guest seeing /dev/pmem1 (polled once a second)", "s", "{:.1f}"),),
+            setup=setup_hotplug,
+            script="hotplug",
+            extra_cmdline=" minivmm.hotplug=pmem1",
+            hello_marker="minivmm: init started",
+            interact=interact_hotplug,
+        ),
     )
 }
 
@@ -478,9 +553,28 @@ SECTIONS: dict[str, Section] = {
 # -- one boot -------------------------------------------------------------------------------
 
 
-def boot_vmm(args: list[str], workdir: Path, timeout: float, echo: bool, markers: list[str]) -> RunResult:
-    """One `python -m minivmm run ARGS --stats-json ...` through the runner; outputs in workdir."""
-    return run_minivmm(args, workdir, timeout=timeout, echo=echo, markers=markers)
+def boot_vmm(
+    args: list[str], workdir: Path, timeout: float, echo: bool, markers: list[str], interact: Callable[[Minivmm, Path], dict] | None = None
+) -> tuple[RunResult, dict]:
+    """One `python -m minivmm run ARGS --stats-json ...` through the runner; outputs in workdir.
+    With `interact`, it runs while the runner streams the output (on a thread); its figures
+    come back beside the run's. A failed interaction kills the VMM."""
+    if interact is None:
+        return run_minivmm(args, workdir, timeout=timeout, echo=echo, markers=markers), {}
+    vmm = start_minivmm(args, workdir, echo=echo, markers=markers)
+    done: list[RunResult] = []
+    waiter = threading.Thread(target=lambda: done.append(vmm.wait(timeout)), daemon=True)
+    waiter.start()
+    try:
+        extra = interact(vmm, workdir)
+    except BaseException:
+        vmm.signal(signal.SIGKILL)
+        raise
+    finally:
+        waiter.join(timeout)
+    if not done:
+        raise BootFailed("the VMM did not end")
+    return done[0], extra
 
 
 def figures(section: Section, boot: RunResult) -> dict:
@@ -658,8 +752,9 @@ def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict
             try:
                 extra = section.setup(Path(tmp)) if section.setup else []
                 run["args"] = extra
-                boot = boot_vmm([*extra, "--cmdline", section.cmdline()], Path(tmp), timeout, echo, section.markers())
-                run["figures"] = figures(section, boot)
+                boot, own = boot_vmm([*extra, "--cmdline", section.cmdline()], Path(tmp), timeout, echo, section.markers(),
+                                     section.interact)  # fmt: skip
+                run["figures"] = {**figures(section, boot), **own}
                 run["ok"] = True
             except (BootFailed, OSError) as exc:
                 run["error"] = str(exc) if isinstance(exc, BootFailed) else f"{type(exc).__name__}: {exc}"

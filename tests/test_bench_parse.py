@@ -337,7 +337,8 @@ def test_sections_registry():
     for name, section in bench.SECTIONS.items():
         assert section.name == name
         if section.script:
-            assert section.cmdline().endswith(f" minivmm.script={section.script}") and "rdinit=" not in section.cmdline()
+            assert section.cmdline().endswith(f" minivmm.script={section.script}{section.extra_cmdline}")
+            assert "rdinit=" not in section.cmdline()
         else:
             assert "minivmm.steps=" in section.cmdline() and "rdinit=/sbin/minivmm-test" in section.cmdline()
 
@@ -357,14 +358,16 @@ def test_setup_pmem_formats_a_sparse_4k_ext4_image(tmp_path):
 
 def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
     """The whole flow without KVM: a working boot section, a failing pmem section."""
-    def fake_boot_vmm(args, workdir, timeout, echo, markers):
+    def fake_boot_vmm(args, workdir, timeout, echo, markers, interact=None):
+        if interact is not None:  # the hotplug section: the interaction's own figure
+            return _boot(stdout="minivmm: init started\n", marker=markers[0]), {"hotplug_to_dev_s": 7.5}
         if len(markers) == 2:  # the userspace section: /init + selftest
             boot = _boot(stdout=SELFTEST_STDOUT, hello_at=80.0, marker=markers[0])
             boot.marks[markers[1]] = 148.0
-            return boot
+            return boot, {}
         if "--pmem" in args:
-            return _boot(stdout=CONSOLE + "minivmm-test: pmem-mount FAILED: /dev/pmem0: No such file or directory\n", status=0)
-        return _boot()
+            return _boot(stdout=CONSOLE + "minivmm-test: pmem-mount FAILED: /dev/pmem0: No such file or directory\n", status=0), {}
+        return _boot(), {}
 
     monkeypatch.setattr(bench, "boot_vmm", fake_boot_vmm)
     out = tmp_path / "b.json"
@@ -379,6 +382,7 @@ def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
     assert "[userspace] busybox /init" in text and "/init script selftest" in text
     userspace = report["sections"]["userspace"]["summary"]
     assert userspace["last_line_s"]["median"] == 148.0 and userspace["fork_exec_ms_per_cycle"]["median"] == pytest.approx(519.8)
+    assert report["sections"]["hotplug"]["summary"]["hotplug_to_dev_s"]["median"] == 7.5
     assert report["host"]["kvm"]
 
 
