@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pmem",
         action="append",
         default=[],
-        metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on]",
-        help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...)",
+        metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on][,prealloc=on]",
+        help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...); "
+        "prealloc=on allocates the whole file at start, so a full disk is a start-up error",
     )
     run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")

@@ -83,6 +83,7 @@ class Machine:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self.pmem_backings: list[PmemBacking] = []
+        self.pmem_failures: dict[str, str] = {}  # device id -> why its pages could not be backed
         try:
             self._assemble()
         except BaseException:
@@ -104,10 +105,14 @@ class Machine:
 
     def _assemble(self) -> None:
         cfg, own = self.config, self.owned
-        # Backing files are checked (and created or extended) before KVM is touched, all or none.
+        # Backing files are checked (and created or extended) before KVM is touched, all or none;
+        # the whole layout is checked before any file is.
+        warnings = pmemfile.check_plan(cfg.pmem, cfg.mem_size)
         self.pmem_backings = pmemfile.open_all(cfg.pmem)
         for backing in self.pmem_backings:
             own.callback(backing.close)
+        for warning in warnings + pmemfile.sparse_warnings(self.pmem_backings):
+            print(f"minivmm: warning: {warning}", file=sys.stderr)
         ram = [(gpa, self._reserve_ram(size)) for gpa, size in layout.ram_ranges(cfg.mem_size)]
         self.kvm = Kvm()
         own.callback(self.kvm.close)
@@ -181,13 +186,19 @@ class Machine:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
         describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
         window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
-        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id))
+        region = self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id, file=backing.path))
         device = VirtioPmem.from_backing(backing, start=window.base)
+        region.on_fault = lambda reason: self._pmem_failed(backing.id, reason)
         transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
         self.pci.add_device(transport)
         self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
         self.pmem_devices.append(device)
         return device
+
+    def _pmem_failed(self, ident: str, reason: str) -> None:
+        """A guest access to the device's pages could not be backed (`exit_handler`): its data
+        may be lost, so no later FLUSH may report success (issue 9, item 2)."""
+        self.pmem_failures.setdefault(ident, reason)
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:
