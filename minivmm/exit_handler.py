@@ -165,18 +165,16 @@ def unbacked(region: Region, gpa: int, size: int, access: str = "access") -> Sto
 
 def _memory_fault(exit: MemoryFaultExit, parts: ExitParts) -> Stop:
     """`KVM_RUN` failed with EFAULT (hardware KVM's form of an unbackable page)."""
-    region = parts.mem.region_at(exit.gpa) if exit.gpa is not None else None
-    if region is not None:
-        assert exit.gpa is not None
+    if exit.gpa is not None and (region := parts.mem.region_at(exit.gpa)) is not None:
         return unbacked(region, exit.gpa, exit.size)
     # No page named: every file-backed region is suspect, and none may report a flush as done.
-    suspects = [r for r in parts.mem.regions if r.file is not None]
-    causes = [f"{r.name} (file {r.file}): {pmemfile.unbacked_cause(r.file, r.file_offset, r.size)}" for r in suspects if r.file]
+    suspects = [(r, r.file) for r in parts.mem.regions if r.file is not None]
+    causes = [f"{r.name} (file {file}): {pmemfile.unbacked_cause(file, r.file_offset, r.size)}" for r, file in suspects]
     where = f" at {exit.gpa:#x}" if exit.gpa is not None else ""
     reason = f"KVM_RUN failed with EFAULT{where}: a guest page could not be backed by the host; " + (
         "; ".join(causes) if causes else "no backing file; host out of memory?"
     )
-    for r in suspects:
+    for r, _ in suspects:
         if r.on_fault is not None:
             r.on_fault(reason)
     return Stop(1, reason)

@@ -188,16 +188,17 @@ class Machine:
         window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
         region = self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id, file=backing.path))
         device = VirtioPmem.from_backing(backing, start=window.base)
-        region.on_fault = lambda reason: self._pmem_failed(backing.id, reason)
+        region.on_fault = lambda reason: self._pmem_failed(device, backing.id, reason)
         transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
         self.pci.add_device(transport)
         self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
         self.pmem_devices.append(device)
         return device
 
-    def _pmem_failed(self, ident: str, reason: str) -> None:
+    def _pmem_failed(self, device: VirtioPmem, ident: str, reason: str) -> None:
         """A guest access to the device's pages could not be backed (`exit_handler`): its data
-        may be lost, so no later FLUSH may report success (issue 9, item 2)."""
+        may be lost, so no later FLUSH may report success (issue 9, item 2). Recorded here;
+        the device's sticky flush failure (issue 9, item 1) is to be set from here too."""
         self.pmem_failures.setdefault(ident, reason)
 
     def _on_sleep(self, slp_typ: int) -> None:

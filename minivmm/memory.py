@@ -69,8 +69,8 @@ class GuestMemory:
             for other in self._regions:
                 if region.gpa < other.end and other.gpa < region.end:
                     raise ValueError(f"region {region.name} overlaps {other.name}")
-            self._regions.append(region)
-            self._regions.sort(key=lambda r: r.gpa)
+            # A new list, swapped in whole: readers (the exit path) iterate without the lock.
+            self._regions = sorted([*self._regions, region], key=lambda r: r.gpa)
         return region
 
     def find(self, gpa: int, length: int = 1) -> Region:

@@ -167,3 +167,64 @@ def test_real_guest_writes_past_a_truncated_file(tmp_path) -> None:
     offset = check_stopped(result, r"the file was truncated by someone \(it is 2M long now\)")
     if offset is not None:
         assert offset == 2 * MiB
+
+
+# -- the whole product: `minivmm run --pmem` on a full filesystem --------------------------------
+def fill_pmem_kernel(mem_size: int, pages: int) -> bytes:
+    """A synthetic bzImage whose 64-bit code maps the first pmem region (2 MiB pages, through
+    a page directory of its own hung off the boot PDPT) and stores a byte into each of its
+    first `pages` 4 KiB pages; should it get through, it powers off (status 0)."""
+    from support.synthetic_kernels import make_bzimage, smoke_code
+    from tinyguest import Asm
+
+    from minivmm import layout
+
+    base = layout.pmem_base(layout.ram_top(mem_size))
+    pd = 0x40_0000  # free RAM past the kernel at 1 MiB
+    a = Asm(64)
+    for i in range(-(-pages * 4096 // (2 << 20))):
+        a.mov_acc_imm(8, (base + i * (2 << 20)) | 0x83).store_acc(pd + 8 * i, 8)  # present, RW, 2 MiB
+    a.mov_acc_imm(8, pd | 0x3).store_acc(layout.PDPT_ADDR + 8 * (base >> 30), 8)  # present, RW
+    a.emit(0x48, 0xBF, base.to_bytes(8, "little"))  # mov rdi, base
+    a.emit(0xB9, pages.to_bytes(4, "little"))  # mov ecx, pages
+    a.mov_acc_imm(1, 0x5A)
+    a.emit(0x88, 0x07)  # loop: mov [rdi], al
+    a.emit(0x48, 0x81, 0xC7, (0x1000).to_bytes(4, "little"))  # add rdi, 0x1000
+    a.emit(0xFF, 0xC9)  # dec ecx
+    a.emit(0x75, (-13) & 0xFF)  # jnz loop
+    assert base >> 30 < 512 and base % (1 << 30) == 0
+    return make_bzimage(bytes(0x200) + bytes(a) + smoke_code(b"minivmm: wrote every page\n"))
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare(1) and root for a private tmpfs")
+def test_minivmm_run_stops_when_the_pmem_filesystem_fills(tmp_path) -> None:
+    """A 64 MiB sparse --pmem file on an 8 MiB tmpfs: a warning at start, then the guest's
+    writes past 8 MiB stop the run with status 1 and one line naming the file and offset,
+    instead of being dropped while the run ends with status 0."""
+    kernel = tmp_path / "fill-kernel"
+    kernel.write_bytes(fill_pmem_kernel(256 * MiB, pages=(10 * MiB) // 4096))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = f'mount -t tmpfs -o size=8m tmpfs "$1" && exec "{sys.executable}" -m minivmm run --kernel "$2" --pmem "$1/p.img,size=64M"'
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(mnt), str(kernel)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    lines = proc.stderr.splitlines()
+    diag = f"status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 1, diag
+    assert "wrote every page" not in proc.stdout, diag
+    warnings = [line for line in lines if line.startswith("minivmm: warning:")]
+    assert warnings == [
+        f"minivmm: warning: --pmem {mnt}/p.img: 64M of the file is not allocated but its filesystem has only 8M free; "
+        "guest writes may fail (prealloc=on allocates it up front)"
+    ], diag
+    path = re.escape(f"{mnt}/p.img")
+    stop = re.compile(
+        rf"minivmm: pmem0: a guest 1-byte write at 0x[0-9a-f]+ could not be backed by the host: file {path} offset 0x800000: "
+        r"its filesystem is full \(0 free\) and the file is sparse; prealloc=on allocates it up front"
+        rf"|minivmm: KVM_RUN failed with EFAULT.*pmem0 \(file {path}\): its filesystem is full.*"
+    )
+    assert stop.fullmatch(lines[-1]), diag
+    assert not any(line.startswith("Traceback") for line in lines), diag
