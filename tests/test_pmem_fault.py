@@ -228,3 +228,22 @@ def test_minivmm_run_stops_when_the_pmem_filesystem_fills(tmp_path) -> None:
     )
     assert stop.fullmatch(lines[-1]), diag
     assert not any(line.startswith("Traceback") for line in lines), diag
+
+
+def test_machine_pmem_region_names_its_file_and_records_a_fault(tmp_path) -> None:
+    """The machine gives each pmem region its backing file (for the line) and a fault hook
+    that marks the device failed (`Machine.pmem_failures`), so a later flush can refuse."""
+    from minivmm.machine import Machine, MachineConfig
+    from minivmm.pmemfile import PmemSpec
+
+    path = tmp_path / "p.img"
+    config = MachineConfig(kernel=tmp_path / "unused", pmem=[PmemSpec(str(path), size=4 * MiB)])
+    with Machine(config) as machine:
+        region = next(r for r in machine.mem.regions if r.name == "pmem0")
+        assert (region.file, region.file_offset, region.size) == (str(path), 0, 4 * MiB)
+        parts = ExitParts(None, machine.mem, machine.pio, machine.mmio, machine.fallbacks, diagnostics=io.StringIO())  # type: ignore[arg-type]
+        os.truncate(path, 2 * MiB)
+        stop = handle_exit(MmioExit(region.gpa + 3 * MiB, 4, True, memoryview(bytearray(4))), parts)
+        assert stop is not None and stop.status == 1
+        assert machine.pmem_failures == {"pmem0": stop.reason}
+        assert "the file was truncated by someone (it is 2M long now)" in stop.reason
