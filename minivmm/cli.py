@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pmem",
         action="append",
         default=[],
-        metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on]",
-        help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...)",
+        metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on][,prealloc=on]",
+        help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...); "
+        "prealloc=on allocates the whole file at start, so a full disk is a start-up error",
     )
     run.add_argument("--qmp", "-qmp", metavar="PATH", help="serve QMP on a UNIX socket (also QEMU's unix:PATH,server=on,wait=off)")
     run.add_argument(

@@ -1,6 +1,7 @@
 """What the VMM does with each exit from `KVM_RUN`: a function of (exit, machine parts).
 
-`handle_exit(exit, parts)` dispatches a port or MMIO access to the buses, treats an emulation
+`handle_exit(exit, parts)` dispatches a port or MMIO access to the buses, stops the run on a
+guest access the host could not back (`unbacked`), treats an emulation
 failure the software KVM leaves to userspace (`fallback.py`), and turns every exit that ends
 the run into a `Stop`. It never runs the vCPU itself, so a test can hand it a synthetic exit
 (`vcpu_exit.*`) at a stopped vCPU on any host, hardware KVM included.
@@ -13,12 +14,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from . import kvm
+from . import kvm, pmemfile
 from .bus import Bus
 from .errors import GuestMemoryError
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
-from .memory import GuestMemory
+from .memory import GuestMemory, Region
 from .stats import ExitRecord
 from .vcpu_exit import (
     FailEntryExit,
@@ -26,6 +27,7 @@ from .vcpu_exit import (
     InternalErrorExit,
     InterruptedExit,
     IoExit,
+    MemoryFaultExit,
     MmioExit,
     ShutdownExit,
     SystemEventExit,
@@ -88,7 +90,9 @@ def handle_exit(exit: VcpuExit, parts: ExitParts) -> Stop | None:
     if isinstance(exit, IoExit):
         _io(exit, parts)
     elif isinstance(exit, MmioExit):
-        _mmio(exit, parts)
+        return _mmio(exit, parts)
+    elif isinstance(exit, MemoryFaultExit):
+        return _memory_fault(exit, parts)
     elif isinstance(exit, InterruptedExit):
         pass  # a kick: the caller decides whether to stop or to run on
     elif isinstance(exit, InternalErrorExit):
@@ -121,8 +125,15 @@ def _io(exit: IoExit, parts: ExitParts) -> None:
         parts.record(ExitRecord("io", "out" if exit.is_out else "in", port, size, value, rng.name if rng else "unclaimed"))
 
 
-def _mmio(exit: MmioExit, parts: ExitParts) -> None:
+def _mmio(exit: MmioExit, parts: ExitParts) -> Stop | None:
     addr, size = exit.addr, exit.size
+    region = parts.mem.region_at(addr)
+    if region is not None and region.readonly and exit.is_write:
+        # A store into a read-only slot (KVM_MEM_READONLY) exits by design: it goes nowhere.
+        parts.record(ExitRecord("mmio", "write", addr, size, int.from_bytes(exit.data, "little"), f"{region.name} (read-only)"))
+        return None
+    if region is not None:  # KVM could not back this page of a memory slot (kvm_pvm's form)
+        return unbacked(region, addr, size, "write" if exit.is_write else "read")
     if exit.is_write:
         value = int.from_bytes(exit.data, "little")
         rng = parts.mmio.write(addr, size, value)
@@ -130,6 +141,40 @@ def _mmio(exit: MmioExit, parts: ExitParts) -> None:
         value, rng = parts.mmio.read(addr, size)
         exit.data[:] = value.to_bytes(size, "little")
     parts.record(ExitRecord("mmio", "write" if exit.is_write else "read", addr, size, value, rng.name if rng else "unclaimed"))
+    return None
+
+
+# -- guest accesses the host could not back ------------------------------------------------------
+def unbacked(region: Region, gpa: int, size: int, access: str = "access") -> Stop:
+    """Stop the run (status 1, one line) on a guest access to `region` that KVM could not map
+    to host memory: dropping it would lose a write silently. The region's owner is told first
+    (`Region.on_fault`), so a later flush of its data cannot report success."""
+    offset = region.file_offset + gpa - region.gpa
+    if region.file is None:
+        cause = "guest RAM the host could not allocate (host out of memory?)"
+    else:
+        cause = f"file {region.file} offset {offset:#x}: {pmemfile.unbacked_cause(region.file, offset, max(size, 1))}"
+    reason = f"{region.name}: a guest {size}-byte {access} at {gpa:#x} could not be backed by the host: {cause}"
+    if region.on_fault is not None:
+        region.on_fault(reason)
+    return Stop(1, reason)
+
+
+def _memory_fault(exit: MemoryFaultExit, parts: ExitParts) -> Stop:
+    """`KVM_RUN` failed with EFAULT (hardware KVM's form of an unbackable page)."""
+    if exit.gpa is not None and (region := parts.mem.region_at(exit.gpa)) is not None:
+        return unbacked(region, exit.gpa, exit.size)
+    # No page named: every file-backed region is suspect, and none may report a flush as done.
+    suspects = [(r, r.file) for r in parts.mem.regions if r.file is not None]
+    causes = [f"{r.name} (file {file}): {pmemfile.unbacked_cause(file, r.file_offset, r.size)}" for r, file in suspects]
+    where = f" at {exit.gpa:#x}" if exit.gpa is not None else ""
+    reason = f"KVM_RUN failed with EFAULT{where}: a guest page could not be backed by the host; " + (
+        "; ".join(causes) if causes else "no backing file; host out of memory?"
+    )
+    for r, _ in suspects:
+        if r.on_fault is not None:
+            r.on_fault(reason)
+    return Stop(1, reason)
 
 
 def _internal_error(exit: InternalErrorExit, parts: ExitParts) -> Stop | None:

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 import cffi
@@ -23,6 +24,7 @@ from .vcpu_exit import (
     InternalErrorExit,
     InterruptedExit,
     IoExit,
+    MemoryFaultExit,
     MmioExit,
     ShutdownExit,
     SystemEventExit,
@@ -137,6 +139,7 @@ ffi.cdef(
     """
 )
 _libc = ffi.dlopen(None)
+_EXIT_UNION_OFFSET = ffi.offsetof("struct kvm_run", "hw")  # where every exit's data starts
 
 KVMIO = 0xAE
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
@@ -239,6 +242,10 @@ KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_MEMORY_FAULT = 39
+# kvm_run's memory_fault member (linux/kvm.h since 6.8, newer than the headers the ABI test
+# compiles against): three __u64 at the start of the exit union: flags, gpa, size.
+KVM_RUN_MEMORY_FAULT = struct.Struct("<QQQ")
 EXIT_NAMES = {
     v: k[len("KVM_EXIT_") :].lower() for k, v in dict(globals()).items() if k.startswith("KVM_EXIT_")
 }
@@ -440,7 +447,20 @@ class Vcpu:
             _ioctl(self.fd, KVM_RUN)
         except InterruptedError:
             return InterruptedExit()
+        except OSError as exc:
+            if exc.errno != errno.EFAULT:
+                raise
+            return self.memory_fault()
         return self._decode(self.kvm_run.exit_reason)
+
+    def memory_fault(self) -> MemoryFaultExit:
+        """Decode a `KVM_RUN` that failed with EFAULT: KVM could not back a guest page. Only
+        when KVM set exit_reason to KVM_EXIT_MEMORY_FAULT does `kvm_run` say which one (api.rst
+        5); otherwise exit_reason is stale and the page is unknown."""
+        if self.kvm_run.exit_reason == KVM_EXIT_MEMORY_FAULT:
+            flags, gpa, size = KVM_RUN_MEMORY_FAULT.unpack_from(self.run_map, _EXIT_UNION_OFFSET)
+            return MemoryFaultExit(gpa, size, flags)
+        return MemoryFaultExit()
 
     def _decode(self, reason: int) -> VcpuExit:
         u = self.kvm_run

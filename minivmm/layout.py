@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .ranges import AddressRange
+from .units import format_size
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -250,6 +251,52 @@ def pmem_window(mem_size: int, phys_addr_bits: int = DEFAULT_PHYS_ADDR_BITS) -> 
     """Where pmem regions go: from `pmem_base` up to the guest physical address limit."""
     base = pmem_base(ram_top(mem_size))
     return AddressRange(base, max(0, (1 << phys_addr_bits) - base))
+
+
+# --- checks of a whole pmem layout, before any file is touched -----------------------------------
+
+# Linux keeps a 64-byte `struct page` (x86-64) for every 4 KiB page of a pmem device it maps as
+# ZONE_DEVICE memory, in guest RAM unless the namespace stores that memmap on the device itself
+# (Documentation/driver-api/nvdimm/nvdimm.rst, "PFN"/"DAX" namespaces; virtio-pmem has no such
+# namespace metadata, so it is always RAM).
+STRUCT_PAGE_SIZE = 64
+MEMMAP_REFUSE_SHARE = 0.5  # page structures above this share of guest RAM leave too little for the guest
+MEMMAP_WARN_SHARE = 0.25
+
+
+def pmem_memmap_size(pmem_sizes: list[int]) -> int:
+    """Guest RAM Linux spends on page structures for pmem devices of these sizes."""
+    return sum(size // PAGE_SIZE for size in pmem_sizes) * STRUCT_PAGE_SIZE
+
+
+def check_pmem_layout(mem_size: int, pmem_sizes: list[int], phys_addr_bits: int = DEFAULT_PHYS_ADDR_BITS) -> list[str]:
+    """Refuse (UserError) pmem regions that do not fit the pmem window (each is placed
+    `PMEM_ALIGN` aligned after the previous one, as `allocator.AddressAllocator` does), or whose
+    page structures take more than `MEMMAP_REFUSE_SHARE` of guest RAM. Returns warnings (one
+    line each): page structures above `MEMMAP_WARN_SHARE` of guest RAM."""
+    window = pmem_window(mem_size, phys_addr_bits)
+    needed = sum(align_up(size, PMEM_ALIGN) for size in pmem_sizes)
+    if needed > window.size:
+        raise UserError(
+            f"--pmem: {len(pmem_sizes)} device(s) need {format_size(needed)} of guest physical addresses, "
+            f"but the pmem window below the {phys_addr_bits}-bit limit holds {format_size(window.size)}"
+        )
+    memmap = pmem_memmap_size(pmem_sizes)
+    share = memmap / mem_size
+    if share <= MEMMAP_WARN_SHARE:
+        return []
+    total = format_size(sum(pmem_sizes))
+    needs = f"the guest needs {_mib(memmap)} of RAM for the page structures of {total} of pmem (64 bytes per 4 KiB page)"
+    if share > MEMMAP_REFUSE_SHARE:
+        at_least = align_up(int(memmap / MEMMAP_REFUSE_SHARE), MiB)
+        raise UserError(f"--pmem: {needs}, more than half of --mem {_mib(mem_size)}; give --mem {_mib(at_least)} or more")
+    return [f"--pmem: {needs}, {share:.0%} of --mem {_mib(mem_size)}"]
+
+
+def _mib(n: int) -> str:
+    return f"{-(-n // MiB)} MiB"
+
+
 
 
 def e820_map(mem_size: int) -> list[E820Entry]:

@@ -92,6 +92,7 @@ class Machine:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self.pmem_backings: list[PmemBacking] = []
+        self.pmem_failures: dict[str, str] = {}  # device id -> why its pages could not be backed
         try:
             self._assemble()
         except BaseException:
@@ -113,10 +114,14 @@ class Machine:
 
     def _assemble(self) -> None:
         cfg, own = self.config, self.owned
-        # Backing files are checked (and created or extended) before KVM is touched, all or none.
+        # Backing files are checked (and created or extended) before KVM is touched, all or none;
+        # the whole layout is checked before any file is.
+        warnings = pmemfile.check_plan(cfg.pmem, cfg.mem_size)
         self.pmem_backings = pmemfile.open_all(cfg.pmem)
         for backing in self.pmem_backings:
             own.callback(backing.close)
+        for warning in warnings + pmemfile.sparse_warnings(self.pmem_backings):
+            print(f"minivmm: warning: {warning}", file=sys.stderr)
         ram = [(gpa, self._reserve_ram(size)) for gpa, size in layout.ram_ranges(cfg.mem_size)]
         self.kvm = Kvm()
         own.callback(self.kvm.close)
@@ -212,11 +217,13 @@ class Machine:
         with ExitStack() as undo:
             window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
             undo.callback(self.resources.pmem.free, window)
-            region = Region(window.base, backing.size, backing.mapping, name=backing.id, readonly=backing.readonly)
+            region = Region(window.base, backing.size, backing.mapping, name=backing.id, readonly=backing.readonly,
+                            file=backing.path)
             undo.callback(region.view.release)
             region.slot = self.resources.memory_slots.allocate()
             undo.callback(self.resources.memory_slots.free, region.slot)
             device = VirtioPmem.from_backing(backing, start=window.base)
+            region.on_fault = lambda reason: self._pmem_failed(device, backing.id, reason)
             transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
             undo.callback(transport.close)
             pci_slot = self.pci.add_device(transport)
@@ -263,6 +270,12 @@ class Machine:
         Safe from any thread; returns at once. A guest without a button driver, or that
         ignores the key, keeps running: the caller decides how long to wait."""
         self.ged.notify(GED_EVENT_POWER_BUTTON)
+
+    def _pmem_failed(self, device: VirtioPmem, ident: str, reason: str) -> None:
+        """A guest access to the device's pages could not be backed (`exit_handler`): its data
+        may be lost, so no later FLUSH may report success (issue 9, item 2). Recorded here;
+        the device's sticky flush failure (issue 9, item 1) is to be set from here too."""
+        self.pmem_failures.setdefault(ident, reason)
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:

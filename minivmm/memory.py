@@ -11,6 +11,7 @@ import mmap
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import GuestMemoryError
 
@@ -25,6 +26,11 @@ class Region:
     name: str = "ram"
     readonly: bool = False
     slot: int = -1  # KVM slot number, set by the machine when registered
+    file: str | None = None  # the backing file mapped from `file_offset` (None: anonymous RAM)
+    file_offset: int = 0
+    # Called with a one-line reason when a guest access to the region could not be backed by
+    # the host (its data may be lost: the owner must fail later flushes).
+    on_fault: Callable[[str], None] | None = field(default=None, repr=False)
     view: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -35,6 +41,9 @@ class Region:
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+    def contains(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.end
 
 
 class GuestMemory:
@@ -60,8 +69,8 @@ class GuestMemory:
             for other in self._regions:
                 if region.gpa < other.end and other.gpa < region.end:
                     raise ValueError(f"region {region.name} overlaps {other.name}")
-            self._regions.append(region)
-            self._regions.sort(key=lambda r: r.gpa)
+            # A new list, swapped in whole: readers (the exit path) iterate without the lock.
+            self._regions = sorted([*self._regions, region], key=lambda r: r.gpa)
         return region
 
     def find(self, gpa: int, length: int = 1) -> Region:
@@ -72,6 +81,13 @@ class GuestMemory:
             if r.gpa <= gpa and gpa + length <= r.end:
                 return r
         raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} outside guest memory")
+
+    def region_at(self, gpa: int) -> Region | None:
+        """The region holding byte `gpa`, or None (no exception: for the exit path)."""
+        for r in self._regions:
+            if r.contains(gpa):
+                return r
+        return None
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of [gpa, gpa+length); it must not cross a region boundary."""

@@ -1,6 +1,6 @@
 """``--pmem`` backing files: option parsing, validation, creation and mapping.
 
-``--pmem PATH[,size=SIZE][,id=ID][,discard-writes=on|off]`` names a host file that becomes a
+``--pmem PATH[,size=SIZE][,id=ID][,discard-writes=on|off][,prealloc=on|off]`` names a host file that becomes a
 virtio-pmem device (virtio 1.2 section 5.19): the guest maps its bytes directly, and a guest
 flush request becomes ``fdatasync`` of the file.
 
@@ -13,9 +13,13 @@ Rules (every violation is a one-line `UserError`, and leaves every named file un
   shorter one is extended sparsely only when ``size`` is given (not with discard-writes=on);
 * the path must be a regular file (or missing, in an existing directory) openable read/write;
 * two ``--pmem`` options may not name the same file (same st_dev/st_ino) or the same id;
-* a file in use by another minivmm (``flock``) is refused.
+* a file in use by another minivmm (``flock``) is refused;
+* ``prealloc=on`` allocates every block of the file up front (``posix_fallocate``), so a full
+  disk is a start-up error instead of a guest write the host cannot back later.
 
-`open_all` validates every spec before it creates or extends anything, and undoes what it
+`check_plan` runs every check that needs no file (``--mem``, the device count against the PCI
+slots, the guest-physical map, the guest RAM the page structures take) before `open_all`
+touches any. `open_all` validates every spec before it creates or extends anything, and undoes what it
 did (removes created files, truncates extended ones back to their old length and restores
 their times) if a later step fails.
 
@@ -34,6 +38,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from . import layout
 from .errors import UserError
 from .units import format_size, parse_size
 
@@ -53,6 +58,7 @@ class PmemSpec:
     readonly: bool = False  # a read-only mapping and KVM memory slot: guest writes go nowhere
     memdev: str | None = None  # the memory-backend object's id (--object / object-add); None: same as id
     plug: bool = True  # False: an --object no --device uses (opened, not plugged)
+    prealloc: bool = False
 
     @property
     def file_option(self) -> str | None:
@@ -92,13 +98,13 @@ class PmemBacking:
 
 
 def parse_pmem_option(text: str) -> PmemSpec:
-    """Parse ``PATH[,size=SIZE][,id=ID][,discard-writes=on|off]`` (a path cannot hold a comma)."""
+    """Parse ``PATH[,size=SIZE][,id=ID][,discard-writes=on|off][,prealloc=on|off]`` (a path cannot hold a comma)."""
     path, *options = text.split(",")
     if not path:
         raise UserError(f"--pmem {text!r}: empty path")
     size: int | None = None
     ident: str | None = None
-    discard = False
+    discard = prealloc = False
     seen: set[str] = set()
     for opt in options:
         key, eq, value = opt.partition("=")
@@ -118,14 +124,51 @@ def parse_pmem_option(text: str) -> PmemSpec:
             if value not in _BOOL:
                 raise UserError(f"--pmem {text!r}: discard-writes must be on or off, not {value!r}")
             discard = _BOOL[value]
+        elif key == "prealloc":
+            if value not in _BOOL:
+                raise UserError(f"--pmem {text!r}: prealloc must be on or off, not {value!r}")
+            prealloc = _BOOL[value]
         else:
-            raise UserError(f"--pmem {text!r}: unknown option {key!r} (known: size, id, discard-writes)")
-    return PmemSpec(path, size, ident, discard)
+            raise UserError(f"--pmem {text!r}: unknown option {key!r} (known: size, id, discard-writes, prealloc)")
+    if discard and prealloc:
+        raise UserError(f"--pmem {text!r}: prealloc=on with discard-writes=on (the file is never written)")
+    return PmemSpec(path, size, ident, discard, prealloc=prealloc)
 
 
 def _check_size(size: int, what: str) -> None:
     if size <= 0 or size % PMEM_SIZE_ALIGN:
         raise UserError(f"{what}: size {format_size(size)} is not a positive multiple of 2M")
+
+
+def check_plan(specs: list[PmemSpec], mem_size: int) -> list[str]:
+    """Every check of the whole run's layout that needs no file created, extended or locked:
+    ``--mem``, the ids, the device count against PCI bus 0's slots, every size, the
+    guest-physical map and the guest RAM for page structures (`layout.check_pmem_layout`).
+    Call it before `open_all`; returns one-line warnings, raises `UserError`."""
+    from .pci.host import PCI_SLOTS  # slot 0 holds the host bridge
+
+    layout.check_mem_size(mem_size)
+    ids = _assign_ids(specs)
+    if len(specs) > PCI_SLOTS - 1:  # the same words as the PCI host's own refusal
+        raise UserError(f"{ids[PCI_SLOTS - 1]}: PCI bus 0 is full (at most {PCI_SLOTS - 1} devices)")
+    for spec in specs:
+        if spec.size is not None:
+            _check_size(spec.size, f"--pmem {spec.path}")
+    sizes = [size for size in map(_planned_size, specs) if size is not None]
+    return layout.check_pmem_layout(mem_size, sizes)
+
+
+def _planned_size(spec: PmemSpec) -> int | None:
+    """The size the device will have, if known without opening the file (an existing file's
+    length when size= is not given); None leaves the verdict to `open_all`."""
+    if spec.size is not None:
+        return spec.size
+    try:
+        st = os.stat(spec.path)
+    except OSError:
+        return None
+    usable = stat.S_ISREG(st.st_mode) and st.st_size > 0 and st.st_size % PMEM_SIZE_ALIGN == 0
+    return st.st_size if usable else None
 
 
 @dataclass
@@ -290,6 +333,19 @@ def _create_or_extend(plan: _Plan) -> None:
             os.ftruncate(plan.fd, plan.size)
     except OSError as exc:
         raise UserError(f"--pmem {path}: cannot create or extend to {format_size(plan.size)}: {exc.strerror}") from None
+    if plan.spec.prealloc:
+        _preallocate(plan)
+
+
+def _preallocate(plan: _Plan) -> None:
+    """Allocate every block of the file (posix_fallocate never changes data, nor the length
+    here: the file is already `plan.size` long), so no guest write can find the disk full."""
+    try:
+        os.posix_fallocate(plan.fd, 0, plan.size)
+    except OSError as exc:
+        free = _free_bytes(plan.spec.path)
+        where = f" ({format_size(free)} free on its filesystem)" if free is not None else ""
+        raise UserError(f"--pmem {plan.spec.path}: prealloc=on cannot allocate {format_size(plan.size)}{where}: {exc.strerror}") from None
 
 
 def _map(plan: _Plan) -> PmemBacking:
@@ -326,3 +382,46 @@ def _undo_by_path(path: str, created: bool, extended_from: os.stat_result | None
             os.utime(path, ns=(extended_from.st_atime_ns, extended_from.st_mtime_ns))
     except OSError:
         pass
+
+
+# -- host space for sparse files ------------------------------------------------------------------
+def _free_bytes(path: str) -> int | None:
+    """Bytes an unprivileged writer may still allocate on `path`'s filesystem (statvfs)."""
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return None
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def sparse_warnings(backings: list[PmemBacking]) -> list[str]:
+    """One line per writable backing file whose unallocated part exceeds the free space of its
+    filesystem: guest writes to its holes may find the disk full (see `unbacked_cause`)."""
+    warnings = []
+    for backing in backings:
+        if backing.discard_writes:
+            continue
+        st = os.fstat(backing.fd)
+        holes = max(0, backing.size - st.st_blocks * 512)
+        free = _free_bytes(backing.path)
+        if free is not None and holes > free:
+            warnings.append(
+                f"--pmem {backing.path}: {format_size(holes)} of the file is not allocated but its filesystem has only "
+                f"{format_size(free)} free; guest writes may fail (prealloc=on allocates it up front)"
+            )
+    return warnings
+
+
+def unbacked_cause(path: str, offset: int, length: int) -> str:
+    """The likely reason the host could not back bytes [offset, offset+length) of a mapped
+    backing file (a guest access that KVM could not map)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"the file cannot be examined ({exc.strerror}); was it removed?"
+    if st.st_size < offset + length:
+        return f"the file was truncated by someone (it is {format_size(st.st_size)} long now)"
+    free = _free_bytes(path)
+    if free is not None and free < PMEM_SIZE_ALIGN:
+        return f"its filesystem is full ({format_size(free)} free) and the file is sparse; prealloc=on allocates it up front"
+    return "the host could not allocate the page (filesystem quota, or host memory)"

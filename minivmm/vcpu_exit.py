@@ -93,6 +93,19 @@ class FailEntryExit:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryFaultExit:
+    """`KVM_RUN` failed with EFAULT: KVM could not map a guest page to host memory (a sparse
+    backing file on a full filesystem, a truncated file, host memory exhausted). With
+    KVM_EXIT_MEMORY_FAULT (api.rst 5, "KVM_EXIT_MEMORY_FAULT") KVM names the guest-physical
+    range [`gpa`, `gpa` + `size`); a plain EFAULT names nothing (`gpa` is None)."""
+
+    kind: ClassVar[str] = "memory_fault"
+    gpa: int | None = None
+    size: int = 0
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownExit:
     """Any other exit reason (minivmm does not ask for the others; it ends the run)."""
 
@@ -105,5 +118,14 @@ class UnknownExit:
 
 
 VcpuExit = Union[
-    IoExit, MmioExit, InternalErrorExit, ShutdownExit, HltExit, SystemEventExit, InterruptedExit, FailEntryExit, UnknownExit
+    IoExit,
+    MmioExit,
+    InternalErrorExit,
+    ShutdownExit,
+    HltExit,
+    SystemEventExit,
+    InterruptedExit,
+    FailEntryExit,
+    MemoryFaultExit,
+    UnknownExit,
 ]

@@ -337,3 +337,55 @@ def test_more_pmem_devices_than_pci_slots_is_one_line_and_leaves_no_file(guest, 
     run = cli("run", "--kernel", guest.vmlinux, *args, workdir=tmp_path)
     assert_user_error(run, r"pmem31: PCI bus 0 is full \(at most 31 devices\)")
     assert not any(p.exists() for p in paths)
+
+
+# ---------------------------------------------------------------- --pmem: the whole plan before any file
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--mem", "1M"], r"memory size 1 MiB is too small"),  # the issue's example
+        (["--mem", "0"], r"memory size 0 MiB is too small"),
+        (["--mem", "99999999999999999999G"], r"memory size .* does not fit below the 39-bit"),
+        (["--mem", "16M"], r"the guest needs 33 MiB of RAM for the page structures of 2056M of pmem .*; give --mem 65 MiB or more$"),
+    ],
+    ids=["mem-1M", "mem-0", "mem-huge", "memmap"],
+)
+def test_pmem_plan_refused_before_any_file(extra, pattern, pmem_file, guest, tmp_path):
+    """A refused run creates no file and extends none, whatever check refuses it."""
+    new = tmp_path / "new.img"
+    before = _snapshot(pmem_file)
+    run = cli(
+        "run", "--kernel", guest.vmlinux, *extra,
+        "--pmem", f"{pmem_file},size=8M", "--pmem", f"{new},size={'2G' if extra[1] == '16M' else '2M'}",
+        workdir=tmp_path,
+    )  # fmt: skip
+    assert_user_error(run, pattern)
+    assert _snapshot(pmem_file) == before  # not extended to 8 MiB
+    assert not new.exists()
+
+
+@pytest.mark.parametrize(
+    "size, pattern",
+    [
+        ("0", r"size 0 is not a positive multiple of 2M"),
+        ("-1", r"bad size '-1'"),
+        ("99999999999999999999G", r"--pmem: 2 device\(s\) need \d+[MGT] of guest physical addresses, but the pmem window .* holds \d+[GMT]$"),
+        ("1T", r"--pmem: 2 device\(s\) need \d+[MGT] of guest physical addresses, but the pmem window .* holds \d+[GMT]$"),
+    ],
+)
+def test_pmem_size_range_checked_before_any_file(size, pattern, pmem_file, guest, tmp_path):
+    new = tmp_path / "new.img"
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{pmem_file},size=8M", "--pmem", f"{new},size={size}", workdir=tmp_path)
+    assert_user_error(run, pattern)
+    assert _snapshot(pmem_file) == before
+    assert not new.exists()
+
+
+def test_pmem_prealloc_with_discard_writes(pmem_file, guest, tmp_path):
+    before = _snapshot(pmem_file)
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{pmem_file},discard-writes=on,prealloc=on", workdir=tmp_path)
+    assert_user_error(run, r"prealloc=on with discard-writes=on")
+    assert _snapshot(pmem_file) == before

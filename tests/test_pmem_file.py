@@ -6,13 +6,15 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from minivmm.errors import UserError
-from minivmm.pmemfile import PmemSpec, open_all, open_backing, parse_pmem_option
+from minivmm import layout
+from minivmm.pmemfile import PmemSpec, check_plan, open_all, open_backing, parse_pmem_option, sparse_warnings
 
 MiB = 1 << 20
 
@@ -28,6 +30,8 @@ MiB = 1 << 20
         ("x,id=data0,size=2M", PmemSpec("x", size=2 * MiB, id="data0")),
         ("x,discard-writes=on", PmemSpec("x", discard_writes=True)),
         ("x,discard-writes=off,size=256M,id=a.b-c_d", PmemSpec("x", 256 * MiB, "a.b-c_d", False)),
+        ("x,size=2M,prealloc=on", PmemSpec("x", size=2 * MiB, prealloc=True)),
+        ("x,prealloc=off", PmemSpec("x")),
     ],
 )
 def test_parse(text: str, spec: PmemSpec) -> None:
@@ -55,6 +59,11 @@ def test_parse(text: str, spec: PmemSpec) -> None:
         "x,id=a b",
         "x,id=-lead",
         "x,id=a,id=b",
+        "x,size=0",
+        "x,size=-1",
+        "x,size=-2M",
+        "x,prealloc=maybe",
+        "x,prealloc=on,discard-writes=on",
     ],
 )
 def test_parse_errors(text: str) -> None:
@@ -357,3 +366,165 @@ def test_no_fd_leak_on_errors(tmp_path: Path) -> None:
         with pytest.raises(UserError):
             open_backing(PmemSpec(str(p), size=2 * MiB))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ---------------------------------------------------------------- the whole plan, before any file
+
+
+GiB = 1 << 30
+DEFAULT_MEM = 256 * MiB
+
+
+def expect_plan_refused(tmp_path: Path, specs: list[PmemSpec], mem: int, pattern: str) -> None:
+    """check_plan refuses (one line matching `pattern`) and the machine's order — plan first,
+    files after — leaves the directory as it was."""
+    paths = [Path(s.path) for s in specs] or [tmp_path / "none"]
+    msg = expect_user_error(paths, lambda: check_plan(specs, mem))
+    assert re.search(pattern, msg), msg
+
+
+@pytest.mark.parametrize(
+    "mem, pattern",
+    [
+        (0, r"memory size 0 MiB is too small"),
+        (1 * MiB, r"too small"),
+        (16 * MiB + 1, r"not a multiple of 4 KiB"),
+        (99999999999999999999 * GiB, r"does not fit below the 39-bit"),
+    ],
+)
+def test_plan_checks_mem_first(tmp_path: Path, mem: int, pattern: str) -> None:
+    new = tmp_path / "new.img"
+    expect_plan_refused(tmp_path, [PmemSpec(str(new), size=2 * MiB)], mem, pattern)
+
+
+@pytest.mark.parametrize("size", [99999999999999999999 * GiB, 1 << 40, 512 * GiB])
+def test_plan_checks_the_pmem_window(tmp_path: Path, size: int) -> None:
+    """Sizes however large: the guest-physical map is checked before the file is created."""
+    new = tmp_path / "new.img"
+    expect_plan_refused(tmp_path, [PmemSpec(str(new), size=size)], DEFAULT_MEM, r"--pmem: 1 device\(s\) need \d+[MGT] of guest physical addresses, but the pmem window below the 39-bit limit holds 492G$")
+
+
+def test_plan_checks_the_window_for_the_sum_of_regions(tmp_path: Path) -> None:
+    """Each region fits alone; together (128 MiB aligned each) they do not."""
+    window = layout.pmem_window(DEFAULT_MEM)
+    half = layout.align_down(window.size // 2, layout.PMEM_ALIGN)
+    specs = [PmemSpec(str(tmp_path / f"{i}.img"), size=half + 2 * MiB) for i in range(2)]
+    assert check_plan(specs[:1], 64 * GiB) == []  # alone: fits, no warning
+    expect_plan_refused(tmp_path, specs, 64 * GiB, r"2 device\(s\) need")
+
+
+def test_plan_checks_pci_slots(tmp_path: Path) -> None:
+    specs = [PmemSpec(str(tmp_path / f"{i}.img"), size=2 * MiB) for i in range(32)]
+    assert check_plan(specs[:31], DEFAULT_MEM) == []
+    expect_plan_refused(tmp_path, specs, DEFAULT_MEM, r"^pmem31: PCI bus 0 is full \(at most 31 devices\)$")
+
+
+def test_plan_checks_ids(tmp_path: Path) -> None:
+    specs = [PmemSpec(str(tmp_path / "a.img"), size=2 * MiB, id="d"), PmemSpec(str(tmp_path / "b.img"), size=2 * MiB, id="d")]
+    expect_plan_refused(tmp_path, specs, DEFAULT_MEM, r"id 'd' given to more than one device")
+
+
+def test_plan_refuses_page_structures_beyond_half_of_ram(tmp_path: Path) -> None:
+    """16 GiB of pmem needs 256 MiB of struct page (64 bytes per 4 KiB page): all of a 256 MiB
+    guest. The message says how much RAM the layout needs."""
+    new = tmp_path / "big.img"
+    expect_plan_refused(
+        tmp_path, [PmemSpec(str(new), size=16 * GiB)], DEFAULT_MEM,
+        r"^--pmem: the guest needs 256 MiB of RAM for the page structures of 16G of pmem .*more than half of --mem 256 MiB; give --mem 512 MiB or more$",
+    )  # fmt: skip
+    assert check_plan([PmemSpec(str(new), size=16 * GiB)], 512 * MiB) != []  # exactly half: allowed, with a warning
+
+
+def test_plan_counts_an_existing_file_without_size(tmp_path: Path) -> None:
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(16 * GiB)  # sparse (too large for expect_user_error's byte snapshot)
+    before = os.stat(big)
+    with pytest.raises(UserError, match=r"needs 256 MiB of RAM"):
+        check_plan([PmemSpec(str(big))], DEFAULT_MEM)
+    after = os.stat(big)
+    assert (after.st_size, after.st_mtime_ns, after.st_blocks) == (before.st_size, before.st_mtime_ns, before.st_blocks)
+
+
+def test_plan_warns_above_a_quarter_of_ram(tmp_path: Path) -> None:
+    spec = PmemSpec(str(tmp_path / "a.img"), size=6 * GiB)  # 96 MiB of struct page
+    assert check_plan([spec], DEFAULT_MEM) == [
+        "--pmem: the guest needs 96 MiB of RAM for the page structures of 6G of pmem (64 bytes per 4 KiB page), 38% of --mem 256 MiB"
+    ]
+    assert check_plan([PmemSpec(spec.path, size=4 * GiB)], DEFAULT_MEM) == []  # 25%: quiet
+    assert not Path(spec.path).exists()
+
+
+# ---------------------------------------------------------------- prealloc and free space
+
+
+def test_prealloc_allocates_every_block(tmp_path: Path) -> None:
+    p = tmp_path / "pre.img"
+    b = open_backing(PmemSpec(str(p), size=8 * MiB, prealloc=True))
+    try:
+        st = os.stat(p)
+        assert st.st_size == 8 * MiB and st.st_blocks * 512 >= 8 * MiB
+        assert sparse_warnings([b]) == []
+    finally:
+        b.close()
+
+
+IN_SMALL_TMPFS = """
+import json, os, sys
+from minivmm.errors import UserError
+from minivmm.pmemfile import open_all, parse_pmem_option, sparse_warnings
+d = sys.argv[1]
+old = os.path.join(d, "old.img")
+with open(old, "wb") as f:
+    f.write(b"Z" * (2 << 20))
+os.utime(old, ns=(10**18, 10**18))
+error, warnings = None, []
+try:
+    backings = open_all([parse_pmem_option(arg.format(d=d)) for arg in sys.argv[2:]])
+    warnings = sparse_warnings(backings)
+except UserError as exc:
+    error = str(exc)
+st = os.stat(old)
+print(json.dumps({"error": error, "warnings": warnings, "sizes": {n: os.stat(os.path.join(d, n)).st_size for n in sorted(os.listdir(d))},
+                  "old_intact": open(old, "rb").read() == b"Z" * (2 << 20) and st.st_mtime_ns == 10**18}))
+"""
+
+
+def in_small_tmpfs(tmp_path: Path, *pmem: str) -> dict:
+    """Open `pmem` options ({d} is the directory) on an 8 MiB tmpfs of a private mount namespace."""
+    import json
+    import shutil
+    import sys
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a private tmpfs")
+    root = Path(__file__).resolve().parents[1]
+    script = f'mount -t tmpfs -o size=8m tmpfs "$1" && exec "{sys.executable}" -c "$0" "$@"'
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, IN_SMALL_TMPFS, str(tmp_path), *pmem],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(root)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_prealloc_on_a_full_disk_is_refused_and_removes_the_new_file(tmp_path: Path) -> None:
+    r = in_small_tmpfs(tmp_path, "{d}/new.img,size=16M,prealloc=on")
+    assert r["error"] is not None and "\n" not in r["error"]
+    assert r["error"].endswith("new.img: prealloc=on cannot allocate 16M (6M free on its filesystem): No space left on device"), r
+    assert r["sizes"] == {"old.img": 2 * MiB} and r["old_intact"], r
+
+
+def test_prealloc_on_a_full_disk_leaves_an_existing_file_as_it_was(tmp_path: Path) -> None:
+    r = in_small_tmpfs(tmp_path, "{d}/old.img,size=16M,prealloc=on")
+    assert r["error"] is not None and "old.img: prealloc=on cannot allocate 16M" in r["error"], r
+    assert r["sizes"] == {"old.img": 2 * MiB} and r["old_intact"], r
+
+
+def test_sparse_file_larger_than_the_free_space_warns(tmp_path: Path) -> None:
+    r = in_small_tmpfs(tmp_path, "{d}/new.img,size=64M", "{d}/old.img")
+    assert r["error"] is None, r
+    assert len(r["warnings"]) == 1, r  # old.img is fully allocated: no warning for it
+    assert r["warnings"][0].endswith(
+        "new.img: 64M of the file is not allocated but its filesystem has only 6M free; guest writes may fail (prealloc=on allocates it up front)"
+    ), r
