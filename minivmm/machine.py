@@ -313,6 +313,7 @@ class Machine:
                 f"service mean {st['service_time_mean'] * 1e3:.3f} ms max {st['service_time_max'] * 1e3:.3f} ms, "
                 f"fsync mean {st['fsync_time_mean'] * 1e3:.3f} ms, "
                 f"without fsync mean {st['overhead_time_mean'] * 1e3:.3f} ms"
+                + (f", FLUSHES FAILING (errno {st['flush_failed_errno']})" if st["flush_failed_errno"] else "")
             )
         for bus in (self.pio, self.mmio):
             lines += [f"{bus.name} unclaimed {op}s: {n}" for op, n in bus.unclaimed.items()]
