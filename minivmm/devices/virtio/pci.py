@@ -35,9 +35,11 @@ interrupt instead. Each active queue gets an eventfd, declared as an ioeventfd (
 at its notify address) that the host bridge attaches; a notify write that still reaches
 Python signals the same eventfd.
 
-Reset (writing 0 to device_status, 2.4): device.reset(), queues and eventfds torn down
-(ioeventfds detached first), ISR cleared and the common configuration back to its reset
-values. The MSI-X table itself is PCI function state that a virtio reset does not touch (only
+Reset (writing 0 to device_status, 2.4) never blocks the vCPU: the write detaches the
+ioeventfds and calls device.begin_reset(), then returns. device_status reads non-zero until
+device.reset_done() (checked on each read); only then are the queues and eventfds torn down,
+the ISR cleared and the common configuration put back to its reset values, so no completion,
+interrupt or guest-memory write follows a read of 0. The MSI-X table itself is PCI function state that a virtio reset does not touch (only
 a PCI-level reset would); Linux keeps its MSI-X vectors across a virtio reset.
 
 Locking: one lock guards the transport's registers. The host bridge may call `ioeventfds()`
@@ -196,7 +198,12 @@ class VirtioPciDevice(PciDevice):
             pba_offset=MSIX_PBA_OFFSET,
         )
         self.common_cfg = VirtioPciCommonConfig(
-            device, self.msix.nvectors, on_driver_ok=self._activate, on_reset=self.reset, name=self.name
+            device,
+            self.msix.nvectors,
+            on_driver_ok=self._activate,
+            on_reset=self._begin_reset,
+            reset_done=self._reset_done,
+            name=self.name,
         )
         self.notify_length = max(nq * NOTIFY_OFF_MULTIPLIER, NOTIFY_WRITE_SIZE)
         isr = RegisterBlock((Register(0, 1, "isr_status", self._read_isr),))  # read-to-clear (4.1.4.5)
@@ -322,18 +329,34 @@ class VirtioPciDevice(PciDevice):
             return
         self.activations += 1
 
+    def _begin_reset(self) -> None:
+        """device_status := 0 (register lock held, on a vCPU thread): stop without waiting."""
+        self._ioeventfds = ()
+        self.mapping_changed()  # guest notifies stop reaching the device's eventfds
+        self.device.begin_reset()
+
+    def _reset_done(self) -> bool:
+        """Register lock held: if the device has stopped, release what it used; True then."""
+        if not self.device.reset_done():
+            return False
+        self._release_queues()
+        return True
+
+    def _release_queues(self) -> None:
+        fds, self._notify_fds = self._notify_fds, []
+        self._ioeventfds = ()
+        self.queues = []
+        self.mapping_changed()  # the bridge detaches the ioeventfds before they close
+        for fd in fds:
+            os.close(fd)
+        with self._irq_lock:
+            self._isr = 0
+
     def reset(self) -> None:
-        """Device reset (device_status := 0, 4.1.4.3.1): back to the power-on state."""
+        """Device reset, waiting for the device to stop (4.1.4.3.1): back to the power-on state."""
         with self._lock:
             self.device.reset()
-            fds, self._notify_fds = self._notify_fds, []
-            self._ioeventfds = ()
-            self.queues = []
-            self.mapping_changed()  # the bridge detaches the ioeventfds before they close
-            for fd in fds:
-                os.close(fd)
-            with self._irq_lock:
-                self._isr = 0
+            self._release_queues()
             self.common_cfg.reset()
 
     # -- interrupts and notifications ------------------------------------------------------------

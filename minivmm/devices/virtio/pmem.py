@@ -22,8 +22,12 @@ stop pipe. When the eventfd fires the thread:
 
 Requests made available while step 3 runs wait for the next batch, so an acknowledged request
 was always covered by an fsync that began after the request was popped, hence after it
-arrived. `reset` writes the stop pipe and joins the thread (a running fsync completes first),
-so once `reset` returns the device no longer touches guest memory.
+arrived.
+
+Reset (2.4) never waits on the vCPU thread: `begin_reset` writes the stop pipe and returns;
+the thread finishes the batch it is in (a running fsync completes first) and exits.
+`reset_done` is true once it has exited, so from then on the device no longer touches guest
+memory nor interrupts; the transport reports device_status 0 only then. `reset` waits.
 
 Sticky flush failure. When ``fdatasync`` fails, Linux has already marked the pages that could
 not be written back clean: a later ``fdatasync`` succeeds although that data is lost (the
@@ -111,6 +115,7 @@ class VirtioPmem:
         self._stats = PmemStats()
         self._stats_lock = threading.Lock()
         self._flusher: _Flusher | None = None
+        self._stopping: list[_Flusher] = []  # asked to stop, maybe still finishing a batch
         self.errors: list[BaseException] = []  # unexpected exceptions in the flusher thread
 
     @classmethod
@@ -149,11 +154,24 @@ class VirtioPmem:
         self._flusher = _Flusher(self, queues[0], notify_fds[0], signal_used, needs_reset)
         self._flusher.start()
 
-    def reset(self) -> None:
-        """Stop and join the flusher thread and forget the queue; `activate` works again after."""
+    def begin_reset(self) -> None:
+        """Ask the flusher thread to stop and forget the queue; returns at once."""
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
-            flusher.stop()
+            flusher.request_stop()
+            self._stopping.append(flusher)
+
+    def reset_done(self) -> bool:
+        """True once every flusher asked to stop has exited (it writes nothing after that)."""
+        self._stopping = [f for f in self._stopping if not f.reap()]
+        return not self._stopping
+
+    def reset(self) -> None:
+        """Stop and join the flusher thread and forget the queue; `activate` works again after."""
+        self.begin_reset()
+        for flusher in self._stopping:
+            flusher.join()
+        self._stopping = []
 
     @property
     def active(self) -> bool:
@@ -288,15 +306,27 @@ class _Flusher:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        """Ask the thread to exit and wait for it (an fsync in progress completes first)."""
+    def request_stop(self) -> None:
+        """Ask the thread to exit; it finishes its current batch (and fsync) first."""
         self.stopping.set()
         os.write(self.stop_w, b"x")
+
+    def reap(self) -> bool:
+        """True (and the stop pipe closed) if the thread has exited; never blocks."""
+        if self.thread.is_alive():
+            return False
+        self.join()
+        return True
+
+    def join(self) -> None:
+        """Wait for the thread to exit, then close the stop pipe."""
         if self.thread is threading.current_thread():
             return  # reset from a callback on this thread: it exits when the callback returns
         self.thread.join()
-        os.close(self.stop_r)
-        os.close(self.stop_w)
+        if self.stop_r >= 0:
+            os.close(self.stop_r)
+            os.close(self.stop_w)
+            self.stop_r = self.stop_w = -1
 
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
