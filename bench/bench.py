@@ -7,10 +7,12 @@ Usage:
     make bench                                    # the same, with the project's venv
 
 Each section boots the default guest with its own kernel command line (and files), once per
-run, as a subprocess of `python -m minivmm run ... --stats`, timed from just before the spawn:
+run, as a subprocess of `python -m minivmm run ... --stats-json FILE` started by the runner the
+boot tests use (tests/support/runner.py), timed from just before the spawn. The VMM's own
+figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its console:
 
-  boot  default guest, steps hello,mounts,getpid: time to the first KVM_RUN (the VMM's own
-        `startup:` line), time to the init's first line (`minivmm-test: hello`, timestamped as
+  boot  default guest, steps hello,mounts,getpid: time to the first KVM_RUN (the VMM's
+        `startup_s`), time to the init's first line (`minivmm-test: hello`, timestamped as
         it arrives on the pipe), boot-to-poweroff wall time, exits by kind and by device, the
         share of the VMM's wall time spent outside KVM_RUN, the VMM's peak RSS (wait4
         ru_maxrss), and the guest's getpid() cost.
@@ -22,7 +24,7 @@ run, as a subprocess of `python -m minivmm run ... --stats`, timed from just bef
         fatal; fork-exec and the last line must be there.
   pmem  a fresh, host-formatted (mkfs.ext4 -b 4096) 256 MiB sparse image as --pmem, steps
         hello,mounts,pmem-mount,flush-bench:200,umount: what flush-bench prints (mean/min/max
-        of a guest 4 KiB write + fdatasync) and the host-side `pmem ...` line of --stats.
+        of a guest 4 KiB write + fdatasync) and the host-side pmem counters of --stats-json.
 
 A section is a row of SECTIONS: a name, a command line, optional set-up (extra VMM
 arguments, files in a per-boot temporary directory) and a parser for its own figures. Later
@@ -38,20 +40,24 @@ import json
 import os
 import platform
 import re
-import selectors
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the runner the boot tests use (it puts REPO on the path)
+
+from support.runner import RunResult, run_minivmm, tail  # noqa: E402
+
+from minivmm import layout  # noqa: E402
+from minivmm.stats import ExitRecord, MachineStats, PmemDeviceStats  # noqa: E402
 BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test"
 HELLO_MARKER = "minivmm-test: hello"
 SCRIPT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"  # /init with minivmm.script=NAME
@@ -68,93 +74,10 @@ class BootFailed(Exception):
     """A boot (or its set-up) did not produce the figures it should have."""
 
 
-# -- parsers (pure functions of captured text; tests/test_bench_parse.py feeds them samples) -----
+# -- parsers (pure functions of a run's console and statistics; tests/test_bench_parse.py) -----
 
-_STARTUP_RE = re.compile(r"^startup: first KVM_RUN (?P<s>[-\d.]+) s after process start\s*$")
-_VCPU_RE = re.compile(
-    r"^vcpu(?P<index>\d+): (?P<exits>\d+) exits; in KVM_RUN (?P<in_run>[\d.]+) s, "
-    r"outside (?P<outside>[\d.]+) s, wall (?P<wall>[\d.]+) s\s*$"
-)
-_KIND_RE = re.compile(r"^\s+exits (?P<name>\S+): (?P<n>\d+)\s*$")
-_DEVICE_RE = re.compile(r"^\s+device (?P<name>.+?): (?P<n>\d+)\s*$")
-_FALLBACK_RE = re.compile(r"^emulation fallback (?P<name>.+?): (?P<n>\d+)\s*$")
-_UNCLAIMED_RE = re.compile(r"^(?P<bus>\S+) unclaimed (?P<op>\S+?)s: (?P<n>\d+)\s*$")
-_PMEM_RE = re.compile(
-    r"^pmem (?P<id>\S+) \((?P<path>.*)\): (?P<flush_requests>\d+) flush requests, "
-    r"(?P<host_fsyncs>\d+) host fsyncs, service mean (?P<service_mean_ms>[\d.]+) ms "
-    r"max (?P<service_max_ms>[\d.]+) ms, fsync mean (?P<fsync_mean_ms>[\d.]+) ms"
-    r", without fsync mean (?P<overhead_mean_ms>[\d.]+) ms\s*$"
-)
-_STOP_RE = re.compile(r"^minivmm: (?P<reason>.*?)\s*$")
 _GUEST_RE = re.compile(r"minivmm-test: (?P<rest>.*?)\s*$")
 _KV_RE = re.compile(r"(\w+)=(\S+)")
-
-
-def parse_stats(text: str) -> dict:
-    """Parse the VMM's stderr (the `--stats` report and the final `minivmm: <reason>` line).
-
-    Returns {"startup_s", "vcpus": [{index, exits, in_run_s, outside_s, wall_s, by_kind,
-    by_device}], "exits_by_kind", "exits_by_device" (summed over vCPUs), "fallbacks",
-    "unclaimed", "pmem": [{id, path, flush_requests, ...}], "stop_reason"}; a missing item is
-    None or empty.
-    """
-    out: dict = {
-        "startup_s": None,
-        "vcpus": [],
-        "exits_by_kind": {},
-        "exits_by_device": {},
-        "fallbacks": {},
-        "unclaimed": {},
-        "pmem": [],
-        "stop_reason": None,
-    }
-    vcpu: dict | None = None
-    for raw in text.splitlines():
-        line = raw.rstrip("\r")
-        if m := _STARTUP_RE.match(line):
-            out["startup_s"] = float(m["s"])
-        elif m := _VCPU_RE.match(line):
-            vcpu = {
-                "index": int(m["index"]),
-                "exits": int(m["exits"]),
-                "in_run_s": float(m["in_run"]),
-                "outside_s": float(m["outside"]),
-                "wall_s": float(m["wall"]),
-                "by_kind": {},
-                "by_device": {},
-            }
-            out["vcpus"].append(vcpu)
-        elif vcpu is not None and (m := _KIND_RE.match(line)):
-            vcpu["by_kind"][m["name"]] = int(m["n"])
-            out["exits_by_kind"][m["name"]] = out["exits_by_kind"].get(m["name"], 0) + int(m["n"])
-        elif vcpu is not None and (m := _DEVICE_RE.match(line)):
-            vcpu["by_device"][m["name"]] = int(m["n"])
-            out["exits_by_device"][m["name"]] = out["exits_by_device"].get(m["name"], 0) + int(m["n"])
-        elif m := _FALLBACK_RE.match(line):
-            out["fallbacks"][m["name"]] = int(m["n"])
-            vcpu = None
-        elif m := _UNCLAIMED_RE.match(line):
-            out["unclaimed"][f"{m['bus']} {m['op']}"] = int(m["n"])
-            vcpu = None
-        elif m := _PMEM_RE.match(line):
-            d = m.groupdict()
-            out["pmem"].append(
-                {
-                    "id": d["id"],
-                    "path": d["path"],
-                    **{k: int(d[k]) for k in ("flush_requests", "host_fsyncs")},
-                    **{k: float(d[k]) for k in ("service_mean_ms", "service_max_ms", "fsync_mean_ms")},
-                    "overhead_mean_ms": float(d["overhead_mean_ms"]),
-                }
-            )
-            vcpu = None
-        elif m := _STOP_RE.match(line):
-            out["stop_reason"] = m["reason"]  # the last one is why the run ended
-            vcpu = None
-        elif not line.startswith((" ", "\t")):
-            vcpu = None
-    out["text"] = text  # the raw report, for sections that read --trace lines
-    return out
 
 
 def guest_lines(text: str) -> list[str]:
@@ -211,7 +134,7 @@ def _guest_step(lines: list[str], step: str) -> str | None:
     return None
 
 
-def parse_boot_section(stdout: str, stats: dict) -> dict:
+def parse_boot_section(stdout: str, stats: MachineStats) -> dict:
     """Figures of the `boot` section: the guest's getpid() cost."""
     line = _guest_step(guest_lines(stdout), "getpid")
     if line is None:
@@ -222,9 +145,9 @@ def parse_boot_section(stdout: str, stats: dict) -> dict:
     return {"getpid_n": f["n"], "getpid_ns_per_call": f["ns_per_call"]}
 
 
-def parse_pmem_section(stdout: str, stats: dict) -> dict:
+def parse_pmem_section(stdout: str, stats: MachineStats) -> dict:
     """Figures of the `pmem` section: the guest's flush-bench line (4 KiB pwrite + fdatasync:
-    mean, min, max), whether the mount used DAX, and the host's pmem line of --stats."""
+    mean, min, max), whether the mount used DAX, and the host's pmem counters."""
     lines = guest_lines(stdout)
     out: dict = {}
     mount = _guest_step(lines, "pmem-mount")
@@ -247,16 +170,14 @@ def parse_pmem_section(stdout: str, stats: dict) -> dict:
         flush_p50_ms=f["p50_ns"] / 1e6,
         flush_p99_ms=f["p99_ns"] / 1e6,
     )
-    if not stats["pmem"]:
-        raise BootFailed("no `pmem ...` line in the --stats report")
-    host = stats["pmem"][0]
+    host = first_pmem(stats).to_dict()
     out.update(
         pmem_flush_requests=host["flush_requests"],
         pmem_host_fsyncs=host["host_fsyncs"],
-        pmem_service_mean_ms=host["service_mean_ms"],
-        pmem_service_max_ms=host["service_max_ms"],
-        pmem_fsync_mean_ms=host["fsync_mean_ms"],
-        pmem_overhead_mean_ms=host["overhead_mean_ms"],
+        pmem_service_mean_ms=host["service_time_mean_ms"],
+        pmem_service_max_ms=host["service_time_max_ms"],
+        pmem_fsync_mean_ms=host["fsync_time_mean_ms"],
+        pmem_overhead_mean_ms=host["time_without_fsync_mean_ms"],
     )
     return out
 
@@ -277,7 +198,7 @@ def minivmm_messages(text: str) -> list[str]:
     return found
 
 
-def parse_selftest_section(stdout: str, stats: dict) -> dict:
+def parse_selftest_section(stdout: str, stats: MachineStats) -> dict:
     """Figures of the `userspace` section from guest/scripts/selftest.sh's lines (the first copy
     of each): fork+exec+wait ms per cycle, `sleep 1` in guest seconds, uptime at `done`, and how
     many steps failed (counted, not fatal, except fork-exec and the `done` line)."""
@@ -308,52 +229,6 @@ def parse_selftest_section(stdout: str, stats: dict) -> dict:
     return out
 
 
-# -- watching a stream as it arrives --------------------------------------------------------
-
-
-class StreamWatcher:
-    """Collects a child's output chunk by chunk and notes when markers first arrive.
-
-    `feed(data, t)` appends bytes received at time t; `first_seen[marker]` is the arrival time
-    of the chunk that completed the marker's first occurrence (lines may arrive in pieces).
-    `lines` are (t, text) pairs of complete lines, t being when their end arrived.
-    """
-
-    def __init__(self, markers: Iterable[str] = ()) -> None:
-        self.markers = list(markers)
-        self.first_seen: dict[str, float] = {}
-        self.lines: list[tuple[float, str]] = []
-        self._partial = ""
-        self._chunks: list[str] = []
-
-    def feed(self, data: bytes, t: float) -> None:
-        text = data.decode("utf-8", "replace")
-        self._chunks.append(text)
-        buf = self._partial + text
-        *complete, self._partial = buf.split("\n")
-        for line in complete:
-            self.lines.append((t, line.rstrip("\r")))
-        for marker in self.markers:
-            if marker in self.first_seen:
-                continue
-            # Search the complete lines and the unfinished one, not the whole history.
-            if any(marker in line for line in complete) or marker in self._partial:
-                self.first_seen[marker] = t
-
-    def close(self, t: float) -> None:
-        if self._partial:
-            self.lines.append((t, self._partial.rstrip("\r")))
-            self._partial = ""
-
-    @property
-    def text(self) -> str:
-        return "".join(self._chunks)
-
-
-def tail(lines: list[str], n: int = TAIL_LINES) -> str:
-    return "\n".join(lines[-n:])
-
-
 # -- sections -------------------------------------------------------------------------------
 
 
@@ -370,7 +245,7 @@ class Section:
     name: str
     title: str
     steps: str
-    parse: Callable[[str, dict], dict]  # (stdout, parse_stats(stderr)) -> figures; raises BootFailed
+    parse: Callable[[str, MachineStats], dict]  # (console, statistics) -> figures; raises BootFailed
     metrics: tuple[Metric, ...] = ()  # the section's own rows of the table
     setup: Callable[[Path], list[str]] | None = None  # (temp dir) -> extra `minivmm run` arguments
     end: str = "poweroff"
@@ -383,11 +258,9 @@ class Section:
             return f"{SCRIPT_CMDLINE} minivmm.script={self.script}"
         return f"{BASE_CMDLINE} minivmm.steps={self.steps} minivmm.end={self.end}"
 
-    def markers(self) -> dict:
-        """run_vmm's marker arguments, when they differ from the test init's."""
-        if self.hello_marker == HELLO_MARKER and self.last_marker is None:
-            return {}
-        return {"hello_marker": self.hello_marker, "last_marker": self.last_marker}
+    def markers(self) -> list[str]:
+        """The console lines whose arrival times are figures: the first one, and the last if any."""
+        return [self.hello_marker, *([self.last_marker] if self.last_marker else [])]
 
     def describe(self) -> str:
         return f"/init script {self.script}" if self.script else f"steps {self.steps} -> {self.end}"
@@ -421,54 +294,52 @@ def setup_pmem(workdir: Path) -> list[str]:
     return ["--pmem", str(image)]
 
 
-def parse_flush_threads_section(stdout: str, stats: dict) -> dict:
+def first_pmem(stats: MachineStats) -> PmemDeviceStats:
+    """The first virtio-pmem device's statistics (the sections use one device)."""
+    if not stats.pmem:
+        raise BootFailed("no pmem device in the --stats-json statistics")
+    return stats.pmem[0]
+
+
+def parse_flush_threads_section(stdout: str, stats: MachineStats) -> dict:
     """Figures of the `flushN` sections: guest fdatasyncs from T threads at once, and how many
     flush requests and host fdatasyncs they became (group commit merges concurrent ones)."""
     line = _guest_step(guest_lines(stdout), "flush-threads")
     if line is None or "FAILED" in line:
         raise BootFailed(f"flush-threads step: {line or 'printed nothing'}")
     f = _int_fields(line, "threads", "n", "wall_ns")
-    if not stats["pmem"]:
-        raise BootFailed("no `pmem ...` line in the --stats report")
-    host = stats["pmem"][0]
+    host = first_pmem(stats).counters
     guest_flushes = f["threads"] * f["n"]
     return {
         "guest_fdatasyncs": guest_flushes,
-        "flush_requests_per_guest_flush": host["flush_requests"] / guest_flushes,
-        "host_fsyncs_per_guest_flush": host["host_fsyncs"] / guest_flushes,
-        "host_fsyncs_per_flush_request": host["host_fsyncs"] / host["flush_requests"],
+        "flush_requests_per_guest_flush": host.flush_requests / guest_flushes,
+        "host_fsyncs_per_guest_flush": host.host_fsyncs / guest_flushes,
+        "host_fsyncs_per_flush_request": host.host_fsyncs / host.flush_requests,
         "flush_threads_ops_per_s": guest_flushes / (f["wall_ns"] / 1e9),
     }
 
 
-_TRACE_RE = re.compile(r"\[vcpu\d+\] (?P<kind>\S+) (?P<op>\S+) (?:port|addr)=(?P<addr>\S+) size=\d+ value=(?P<value>\S+) -> (?P<dev>\S+)")
-
-
-def exits_between(trace: str, begin: str, end: str) -> tuple[int, dict[str, int]]:
-    """(all exits, {device: exits} for devices other than the serial console) after the guest finished printing
-    `begin` and before it printed the first character of `end`, from `--trace` lines: the
-    console text is rebuilt from the writes to COM1's THR, which places every exit."""
+def exits_between(log: list[ExitRecord], begin: str, end: str) -> tuple[int, dict[str, int]]:
+    """(all exits, {device: exits} for devices other than the serial console) after the guest
+    finished printing `begin` and before it printed the first character of `end`, from a traced
+    run's exit log (--trace puts it in --stats-json): the console text is rebuilt from the writes
+    to COM1's THR, which places every exit."""
     text: list[str] = []
-    devices: list[str] = []  # every exit's device, in order
     thr_exit: list[int] = []  # for each console character, the index of its THR write exit
-    for line in trace.splitlines():
-        m = _TRACE_RE.search(line)  # search: console bytes may precede it on a merged stream
-        if not m:
-            continue
-        devices.append(m["dev"])
-        if m["kind"] == "io" and m["op"] == "out" and int(m["addr"], 16) == 0x3F8:
-            text.append(chr(int(m["value"], 16)))
-            thr_exit.append(len(devices) - 1)
+    for i, r in enumerate(log):
+        if r.kind == "io" and r.op == "out" and r.addr == layout.COM1_PORT:
+            text.append(chr(r.value))
+            thr_exit.append(i)
     console = "".join(text)
     start = console.rfind(begin)
     stop = console.find(end, start + len(begin)) if start >= 0 else -1
     if start < 0 or stop < 0:
-        raise BootFailed(f"the trace has no {begin!r} ... {end!r} in the console output")
-    inside = devices[thr_exit[start + len(begin) - 1] + 1 : thr_exit[stop]]
-    return len(inside), dict(Counter(dev for dev in inside if dev != "serial"))
+        raise BootFailed(f"the exit log has no {begin!r} ... {end!r} in the console output")
+    inside = log[thr_exit[start + len(begin) - 1] + 1 : thr_exit[stop]]
+    return len(inside), dict(Counter(r.device for r in inside if r.device != "serial"))
 
 
-def parse_dax_section(stdout: str, stats: dict) -> dict:
+def parse_dax_section(stdout: str, stats: MachineStats) -> dict:
     """Figures of the `dax` section: exits while the guest rewrites a DAX mapping."""
     lines = guest_lines(stdout)
     mount = _guest_step(lines, "pmem-mount")
@@ -484,7 +355,10 @@ def parse_dax_section(stdout: str, stats: dict) -> dict:
             raise BootFailed(rest)
     if first is None or end is None:
         raise BootFailed("the dax-mmap step did not finish")
-    total, others = exits_between(stats["text"], "minivmm-test: dax-mmap begin\r\n", "minivmm-test: dax-mmap end")
+    log = stats.vcpus[0].exit_log if stats.vcpus else None
+    if log is None:
+        raise BootFailed("no exit log in --stats-json (the dax section runs with --trace)")
+    total, others = exits_between(log, "minivmm-test: dax-mmap begin\r\n", "minivmm-test: dax-mmap end")
     return {
         "dax_mib": end["mib"],
         "dax_first_touch_s": first["ns"] / 1e9,
@@ -604,131 +478,61 @@ SECTIONS: dict[str, Section] = {
 # -- one boot -------------------------------------------------------------------------------
 
 
-@dataclass
-class Boot:
-    """What one boot produced: raw output and timings, then the figures."""
-
-    status: int | None = None
-    timed_out: bool = False
-    spawn_to_exit: float | None = None
-    hello_at: float | None = None
-    last_at: float | None = None
-    rusage_maxrss_kib: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    combined: list[str] = field(default_factory=list)  # both streams, in arrival order
+def boot_vmm(args: list[str], workdir: Path, timeout: float, echo: bool, markers: list[str]) -> RunResult:
+    """One `python -m minivmm run ARGS --stats-json ...` through the runner; outputs in workdir."""
+    return run_minivmm(args, workdir, timeout=timeout, echo=echo, markers=markers)
 
 
-def run_vmm(args: list[str], timeout: float, echo: bool = False, hello_marker: str = HELLO_MARKER, last_marker: str | None = None) -> Boot:
-    """Spawn `python -m minivmm run ARGS`, stream its stdout/stderr, wait4() it."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cmd = [sys.executable, "-m", "minivmm", "run", *args]
-    out, err = StreamWatcher([hello_marker, *([last_marker] if last_marker else [])]), StreamWatcher()
-    boot = Boot()
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, out)
-    sel.register(proc.stderr, selectors.EVENT_READ, err)
-    deadline = t0 + timeout
-    killed_at: float | None = None
-
-    def enforce_timeout() -> None:
-        nonlocal killed_at
-        now = time.monotonic()
-        if now > deadline and killed_at is None:
-            boot.timed_out = True
-            proc.send_signal(signal.SIGTERM)  # the VMM stops cleanly and still prints --stats
-            killed_at = now
-        elif killed_at is not None and now > killed_at + 15:
-            proc.kill()
-            killed_at = float("inf")
-
-    try:
-        while sel.get_map():
-            enforce_timeout()
-            for key, _ in sel.select(timeout=1.0):
-                data = os.read(key.fileobj.fileno(), 65536)
-                t = time.monotonic() - t0
-                watcher: StreamWatcher = key.data
-                if not data:
-                    sel.unregister(key.fileobj)
-                    watcher.close(t)
-                    continue
-                before = len(watcher.lines)
-                watcher.feed(data, t)
-                boot.combined += [line for _, line in watcher.lines[before:]]
-                if echo:
-                    stream = sys.stdout if watcher is out else sys.stderr
-                    stream.buffer.write(data)
-                    stream.flush()
-        while True:  # both pipes closed; the process may still be tearing down
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            enforce_timeout()
-            time.sleep(0.01)
-        boot.spawn_to_exit = time.monotonic() - t0
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
-    proc.returncode = boot.status = os.waitstatus_to_exitcode(status)
-    boot.rusage_maxrss_kib = rusage.ru_maxrss  # KiB on Linux
-    boot.hello_at = out.first_seen.get(hello_marker)
-    boot.last_at = out.first_seen.get(last_marker) if last_marker else None
-    boot.stdout, boot.stderr = out.text, err.text
-    return boot
-
-
-def figures(section: Section, boot: Boot) -> dict:
+def figures(section: Section, boot: RunResult) -> dict:
     """The figures of a finished boot; raises BootFailed (with the reason) if it did not work."""
-    stats = parse_stats(boot.stderr)
+    stats = boot.stats
     guest = parse_guest(boot.stdout)
     fig: dict = {
-        "status": boot.status,
-        "stop_reason": stats["stop_reason"],
-        "wall_s": boot.spawn_to_exit,
-        "hello_s": boot.hello_at,
-        "last_line_s": boot.last_at,
-        "startup_s": stats["startup_s"],
-        "peak_rss_mib": boot.rusage_maxrss_kib / 1024 if boot.rusage_maxrss_kib is not None else None,
+        **figures_partial(section, boot),
+        "peak_rss_mib": boot.peak_rss_kib / 1024 if boot.peak_rss_kib is not None else None,
         "steps_ok": guest["steps_ok"],
         "steps_failed": guest["steps_failed"],
-        "exits_by_kind": stats["exits_by_kind"],
-        "exits_by_device": stats["exits_by_device"],
-        "fallbacks": stats["fallbacks"],
-        "unclaimed": stats["unclaimed"],
     }
-    if stats["vcpus"]:
-        v = stats["vcpus"]
-        fig["exits_total"] = sum(c["exits"] for c in v)
-        fig["in_run_s"] = sum(c["in_run_s"] for c in v)
-        fig["outside_s"] = sum(c["outside_s"] for c in v)
-        fig["vmm_wall_s"] = v[0]["wall_s"]
+    if stats is not None and stats.vcpus:
+        fig.update(
+            exits_by_kind=dict(stats.exits_by_kind().most_common()),
+            exits_by_device=dict(stats.exits_by_device().most_common()),
+            fallbacks=dict(stats.fallbacks),
+            unclaimed={f"{bus} {op}": n for bus, ops in stats.unclaimed.items() for op, n in ops.items()},
+            exits_total=sum(v.exits for v in stats.vcpus),
+            in_run_s=sum(v.time_in_run for v in stats.vcpus),
+            outside_s=sum(v.time_outside for v in stats.vcpus),
+            vmm_wall_s=stats.wall_time,
+        )
         fig["outside_pct"] = 100 * fig["outside_s"] / fig["vmm_wall_s"] if fig["vmm_wall_s"] else None
     if boot.timed_out:
-        raise BootFailed("timed out (no poweroff); stopped with SIGTERM")
+        raise BootFailed("timed out (no poweroff); " + "; ".join(boot.notes))
     if boot.status != 0:
-        raise BootFailed(f"minivmm exited with status {boot.status}: {stats['stop_reason'] or 'no reason printed'}")
-    if boot.hello_at is None:
+        raise BootFailed(f"minivmm exited with status {boot.status}: {boot.stop_reason or 'no reason given'}")
+    if fig["hello_s"] is None:
         raise BootFailed(f"the init never printed {section.hello_marker!r}")
-    if section.last_marker and boot.last_at is None:
+    if section.last_marker and fig["last_line_s"] is None:
         raise BootFailed(f"the init never printed {section.last_marker!r}")
-    if stats["startup_s"] is None or not stats["vcpus"]:
-        raise BootFailed("no --stats report on stderr (startup: / vcpu0: lines)")
+    if stats is None or stats.startup is None or not stats.vcpus:
+        raise BootFailed("no --stats-json statistics of a run that started a vCPU")
     if not section.script and (guest["failures"] or guest["steps_failed"]):
         raise BootFailed("a guest step failed: " + ("; ".join(guest["failures"]) or f"done failed={guest['steps_failed']}"))
     if not section.script and guest["steps_failed"] is None:
         raise BootFailed("the init never printed its `done ok=N failed=M` line")
     fig.update(section.parse(boot.stdout, stats))
     return fig
+
+
+def figures_partial(section: Section, boot: RunResult) -> dict:
+    """The timings any boot gives, a failed one too (for the JSON)."""
+    return {
+        "status": boot.status,
+        "stop_reason": boot.stop_reason,
+        "wall_s": boot.wall,
+        "hello_s": boot.marks.get(section.hello_marker),
+        "last_line_s": boot.marks.get(section.last_marker) if section.last_marker else None,
+        "startup_s": boot.stats.startup if boot.stats else None,
+    }
 
 
 # -- summary and table ----------------------------------------------------------------------
@@ -854,14 +658,14 @@ def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict
             try:
                 extra = section.setup(Path(tmp)) if section.setup else []
                 run["args"] = extra
-                boot = run_vmm([*extra, "--cmdline", section.cmdline(), "--stats"], timeout, echo, **section.markers())
+                boot = boot_vmm([*extra, "--cmdline", section.cmdline()], Path(tmp), timeout, echo, section.markers())
                 run["figures"] = figures(section, boot)
                 run["ok"] = True
             except (BootFailed, OSError) as exc:
                 run["error"] = str(exc) if isinstance(exc, BootFailed) else f"{type(exc).__name__}: {exc}"
                 if boot is not None:
-                    run["tail"] = tail(boot.combined or (boot.stdout + boot.stderr).splitlines())
-                    run["figures"] = figures_partial(boot)
+                    run["tail"] = tail("\n".join(boot.combined) or boot.stdout + boot.stderr)
+                    run["figures"] = figures_partial(section, boot)
         result["runs"].append(run)
         if run["ok"]:
             f = run["figures"]
@@ -883,19 +687,6 @@ def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict
             break
     result["summary"] = summarize_runs(result["runs"])
     return result
-
-
-def figures_partial(boot: Boot) -> dict:
-    """Whatever timings a failed boot still gave (for the JSON)."""
-    stats = parse_stats(boot.stderr)
-    return {
-        "status": boot.status,
-        "wall_s": boot.spawn_to_exit,
-        "hello_s": boot.hello_at,
-        "last_line_s": boot.last_at,
-        "startup_s": stats["startup_s"],
-        "stop_reason": stats["stop_reason"],
-    }
 
 
 def print_section(section: Section, result: dict) -> None:

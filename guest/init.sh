@@ -31,6 +31,26 @@ power_off() {
 	exec "${1:-poweroff}" -f
 }
 
+# The ACPI power button (minivmm's GED notifies \_SB.PWRB, PNP0C0C; Linux's button driver
+# reports KEY_POWER on an input device named "Power Button"): a background reader waits for
+# its first event (one struct input_event: 24 bytes on x86-64), then flushes and powers off,
+# whatever the foreground is doing.
+watch_power_button() {
+	local input name
+	for input in /sys/class/input/event*; do
+		read -r name <"$input/device/name" 2>/dev/null || continue
+		[ "$name" = "Power Button" ] || continue
+		(
+			dd if="/dev/input/${input##*/}" of=/dev/null bs=24 count=1 2>/dev/null || exit 0
+			log "power button pressed"
+			power_off
+		) &
+		log "power button: /dev/input/${input##*/}"
+		return 0
+	done
+	log "no power button"
+}
+
 # busybox poweroff/reboot/halt signal PID 1 (SIGUSR2/SIGTERM/SIGUSR1) rather than calling
 # reboot(2): as PID 1 this script must act on those signals itself.
 trap 'power_off poweroff' USR1 USR2
@@ -60,6 +80,7 @@ if ! stty </dev/console >/dev/null 2>&1; then
 fi
 cmdline=$(cat /proc/cmdline)
 log "cmdline: $cmdline"
+watch_power_button
 
 script=
 nomount=

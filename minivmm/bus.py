@@ -44,8 +44,9 @@ class Bus:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._ranges: list[BusDeviceRange] = []  # sorted by base
-        self._bases: list[int] = []
+        # (bases, ranges), sorted by base, replaced whole under the lock: a lookup on a vCPU
+        # thread reads one snapshot without locking, however a hot-add changes the map.
+        self._map: tuple[tuple[int, ...], tuple[BusDeviceRange, ...]] = ((), ())
         self._lock = threading.Lock()
         self.unclaimed = Counter[str]()  # "read"/"write" -> count
         self.hits = Counter[str]()  # range name -> count
@@ -55,33 +56,34 @@ class Bus:
             raise BusError(f"{self.name}: bad range {base:#x}+{size:#x}")
         rng = BusDeviceRange(base, size, device, name or type(device).__name__)
         with self._lock:
-            i = bisect.bisect_left(self._bases, base)
-            for other in self._ranges[max(0, i - 1) : i + 1]:
+            bases, ranges = self._map
+            i = bisect.bisect_left(bases, base)
+            for other in ranges[max(0, i - 1) : i + 1]:
                 if rng.base < other.end and other.base < rng.end:
                     raise BusError(
                         f"{self.name}: {rng.name} {base:#x}+{size:#x} overlaps {other.name} {other.base:#x}+{other.size:#x}"
                     )
-            self._ranges.insert(i, rng)
-            self._bases.insert(i, base)
+            self._map = (bases[:i] + (base,) + bases[i:], ranges[:i] + (rng,) + ranges[i:])
         return rng
 
     def unregister(self, rng: BusDeviceRange) -> None:
         with self._lock:
-            i = self._ranges.index(rng)
-            del self._ranges[i]
-            del self._bases[i]
+            bases, ranges = self._map
+            i = ranges.index(rng)
+            self._map = (bases[:i] + bases[i + 1 :], ranges[:i] + ranges[i + 1 :])
 
     def lookup(self, addr: int) -> BusDeviceRange | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, ranges = self._map
+        i = bisect.bisect_right(bases, addr) - 1
         if i >= 0:
-            rng = self._ranges[i]
+            rng = ranges[i]
             if addr < rng.end:
                 return rng
         return None
 
     @property
     def ranges(self) -> tuple[BusDeviceRange, ...]:
-        return tuple(self._ranges)
+        return self._map[1]
 
     def read(self, addr: int, size: int) -> tuple[int, BusDeviceRange | None]:
         """Dispatch a read; returns (value, range) — all-ones and None when unclaimed."""

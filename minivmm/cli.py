@@ -49,8 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on]",
         help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...)",
     )
+    run.add_argument("--qmp", "-qmp", metavar="PATH", help="serve QMP on a UNIX socket (also QEMU's unix:PATH,server=on,wait=off)")
+    run.add_argument(
+        "--object", "-object", action="append", default=[], metavar="memory-backend-file,id=ID,mem-path=PATH[,size=SIZE][,share=on]",
+        help="a memory backend, as QEMU's -object (repeatable)",
+    )
+    run.add_argument(
+        "--device", "-device", action="append", default=[], metavar="virtio-pmem-pci,memdev=ID[,id=ID]",
+        help="a virtio-pmem-pci device on a --object backend, as QEMU's -device (repeatable)",
+    )
     run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
+    run.add_argument(
+        "--stats-json",
+        type=Path,
+        metavar="FILE",
+        help="write the same statistics as JSON to FILE at exit (with --trace: every exit too)",
+    )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
     guest = sub.add_parser(
         "guest",
@@ -76,6 +91,8 @@ def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine, MachineConfig
+    from .monitor.objects import specs_from_command_line
+    from .monitor.qmp import parse_qmp_path
     from .pmemfile import parse_pmem_option
 
     kernel, initrd = _default_guest(args)
@@ -84,6 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {path}: no such file")
     if args.watchdog is not None and args.watchdog <= 0:
         raise UserError("--watchdog must be a positive number of seconds")
+    if args.stats_json is not None:
+        _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -92,14 +111,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         trace=args.trace,
         watchdog=args.watchdog,
-        pmem=[parse_pmem_option(text) for text in args.pmem],
+        pmem=[parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device),
+        qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
     )
     with Machine(config) as machine:
-        stop = machine.run()
-        if args.stats:
-            print(machine.stats_report(), file=sys.stderr)
+        try:
+            stop = machine.run()
+        finally:
+            stats = machine.statistics()  # also when the run failed (the JSON then has no stop)
+            if args.stats:
+                print(stats.render_text(), file=sys.stderr)
+            if args.stats_json is not None:
+                _write_stats_json(args.stats_json, stats.to_json())
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
+
+
+def _write_stats_json(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--stats-json {path}: {exc.strerror}") from None
 
 
 def cmd_guest(args: argparse.Namespace) -> int:

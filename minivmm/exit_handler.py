@@ -19,6 +19,7 @@ from .errors import GuestMemoryError
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
+from .stats import ExitRecord
 from .vcpu_exit import (
     FailEntryExit,
     HltExit,
@@ -38,26 +39,15 @@ RECENT_EXITS = 16
 
 @dataclass(frozen=True)
 class Stop:
-    """Why the run ended and with which exit status."""
+    """Why the run ended and with which exit status.
+
+    `cause` is QEMU's ShutdownCause name (qapi/run-state.json), reported in the QMP
+    SHUTDOWN event: "guest-shutdown", "guest-reset", "guest-panic", "host-qmp-quit",
+    "host-qmp-system-reset", "host-signal", "host-ui", "host-error"."""
 
     status: int
     reason: str
-
-
-@dataclass(frozen=True)
-class ExitRecord:
-    """One exit, kept raw (formatting every exit would slow the hot path)."""
-
-    kind: str
-    op: str
-    addr: int
-    size: int
-    value: int
-    device: str
-
-    def __str__(self) -> str:
-        where = f"port={self.addr:#06x}" if self.kind == "io" else f"addr={self.addr:#x}"
-        return f"{self.kind} {self.op} {where} size={self.size} value={self.value:#x} -> {self.device}"
+    cause: str = field(default="host-error", compare=False)
 
 
 @dataclass
@@ -73,6 +63,7 @@ class ExitParts:
     by_device: Counter[str] = field(default_factory=Counter)
     recent: deque[ExitRecord] = field(default_factory=lambda: deque(maxlen=RECENT_EXITS))
     trace: TextIO | None = None
+    log: list[ExitRecord] | None = None  # every exit, when the run is traced (for --stats-json)
     diagnostics: TextIO = field(default_factory=lambda: sys.stderr)  # where the state dump of a failing vCPU goes
 
     def record(self, record: ExitRecord) -> None:
@@ -83,6 +74,8 @@ class ExitParts:
     def remember(self, record: ExitRecord) -> None:
         """Keep an exit among the recent ones (for `describe`) and trace it."""
         self.recent.append(record)
+        if self.log is not None:
+            self.log.append(record)
         if self.trace is not None:
             print(f"[vcpu{self.vcpu.index}] {record}", file=self.trace, flush=True)
 
@@ -102,10 +95,10 @@ def handle_exit(exit: VcpuExit, parts: ExitParts) -> Stop | None:
         return _internal_error(exit, parts)
     elif isinstance(exit, SystemEventExit):
         if exit.type == kvm.KVM_SYSTEM_EVENT_CRASH:
-            return Stop(1, "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
-        return Stop(0, f"guest system event {exit.type}")
+            return Stop(1, "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)", "guest-panic")
+        return Stop(0, f"guest system event {exit.type}", "guest-shutdown")
     elif isinstance(exit, HltExit):
-        return Stop(0, "guest halted with interrupts off (KVM_EXIT_HLT)")
+        return Stop(0, "guest halted with interrupts off (KVM_EXIT_HLT)", "guest-shutdown")
     elif isinstance(exit, ShutdownExit):
         return _fail(parts, f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at {_where(parts)}")
     elif isinstance(exit, FailEntryExit):
@@ -149,7 +142,7 @@ def _internal_error(exit: InternalErrorExit, parts: ExitParts) -> Stop | None:
 
 def _fail(parts: ExitParts, reason: str) -> Stop:
     print(describe(parts), file=parts.diagnostics, flush=True)
-    return Stop(1, reason)
+    return Stop(1, reason, "guest-reset" if reason.startswith("guest triple-faulted") else "host-error")
 
 
 def _where(parts: ExitParts) -> str:

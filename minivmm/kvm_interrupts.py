@@ -68,9 +68,27 @@ class KvmMsiRoute:
         self._attach(not masked)
 
     def _attach(self, attach: bool) -> None:
-        if attach != self.attached:
-            self.chip.vm.irqfd(self._eventfd, self.gsi, deassign=not attach)
-            self.attached = attach
+        if attach == self.attached:
+            return
+        if not attach:
+            self.chip.vm.irqfd(self._eventfd, self.gsi, deassign=True)
+            self.attached = False
+            return
+        # KVM_IRQFD injects a count already in the eventfd when it is assigned, but leaves the
+        # count there, so a later re-mask would report the delivered signal as pending again.
+        # Take the held count out first and signal once after assigning: KVM's wake-up then
+        # delivers it and consumes it.
+        held = self._take_count()
+        self.chip.vm.irqfd(self._eventfd, self.gsi)
+        self.attached = True
+        if held:
+            os.eventfd_write(self._eventfd, 1)
+
+    def _take_count(self) -> int:
+        try:
+            return os.eventfd_read(self._eventfd)
+        except BlockingIOError:
+            return 0
 
     def pending(self) -> bool:
         """Whether a signal arrived while masked (reads and restores the eventfd counter)."""
@@ -85,10 +103,7 @@ class KvmMsiRoute:
 
     def clear_pending(self) -> None:
         if not self.attached:
-            try:
-                os.eventfd_read(self._eventfd)
-            except BlockingIOError:
-                pass
+            self._take_count()
 
     def trigger(self) -> None:
         os.eventfd_write(self._eventfd, 1)

@@ -40,6 +40,8 @@ Platform I/O ports (all owned by the machine's devices):
 0x0505         pvpanic (ACPI "QEMU0001"); reads report capabilities
 0x0600         ACPI sleep control register (FADT SLEEP_CONTROL_REG)
 0x0601         ACPI sleep status register (FADT SLEEP_STATUS_REG)
+0x0608-0x60B   Generic Event Device (ACPI0013) event register; its interrupt is GSI 5
+0x060C-0x60F   PCI hotplug controller: slots-added bitmap (read by the DSDT's PSCN)
 0x0CF8-0xCFF   PCI configuration mechanism #1 (address 0xCF8, data 0xCFC)
 =============  ===========================================================
 
@@ -142,6 +144,14 @@ COM1_IRQ = 4
 PVPANIC_PORT = 0x505
 ACPI_SLEEP_CONTROL_PORT = 0x600
 ACPI_SLEEP_STATUS_PORT = 0x601
+# The Generic Event Device (ACPI 6.5 5.6.9): one 32-bit event register, and its interrupt, a
+# free ISA pin (no legacy device uses 5), level triggered and active high as its _CRS says.
+GED_PORT = 0x608
+GED_PORT_COUNT = 4
+GED_GSI = 5
+# The PCI hotplug controller: one 32-bit "slots added" register (README "Hotplug").
+PCI_HOTPLUG_PORT = 0x60C
+PCI_HOTPLUG_PORT_COUNT = 4
 PCI_CONFIG_ADDRESS_PORT = 0xCF8
 PCI_CONFIG_DATA_PORT = 0xCFC
 PCI_CONFIG_PORT_COUNT = 8  # 0xCF8-0xCFF

@@ -15,15 +15,18 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
 from .boot import build_acpi, load_kernel
 from .boot.acpi import S5_SLP_TYP
 from .bus import Bus
+from .devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GenericEventDevice
 from .devices.acpi_pm import AcpiSleepRegisters
 from .devices.console import Console
 from .devices.i8042 import I8042
+from .devices.pci_hotplug import PciHotplugController
 from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
@@ -34,10 +37,13 @@ from .fallback import EmulationFallbacks
 from .kvm_interrupts import KvmInterrupts
 from .kvm import Kvm
 from .memory import GuestMemory, Region
+from .monitor.monitor import Monitor
+from .monitor.qmp import QmpServer, listen_unix
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
+from .stats import MachineStats, PmemDeviceStats
 from .vcpu import VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
@@ -64,6 +70,7 @@ class MachineConfig:
     trace: bool = False
     watchdog: float | None = None
     pmem: list[PmemSpec] = field(default_factory=list)
+    qmp: str | None = None  # QMP socket path
     stdin_fd: int = 0
     stdout_fd: int = 1
 
@@ -79,6 +86,8 @@ class Machine:
         self.config = config
         self.owned = ExitStack()
         self.loops: list[VcpuLoop] = []
+        self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+        self._paused = False
         self._stop: Stop | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -131,6 +140,11 @@ class Machine:
         self.fallbacks = EmulationFallbacks()
         self._add_platform_devices()
         self._add_pci_devices()
+        self.monitor = Monitor(self)
+        self.qmp: QmpServer | None = None
+        if cfg.qmp is not None:
+            self.qmp = QmpServer(listen_unix(cfg.qmp), self.monitor, cfg.qmp)
+            own.callback(self.qmp.close)
 
     # -- memory ---------------------------------------------------------------------------
     def _reserve_ram(self, size: int) -> mmap.mmap:
@@ -153,45 +167,145 @@ class Machine:
     def _add_platform_devices(self) -> None:
         self.console = Console(
             self.events,
-            on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)")),
+            on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)", "host-ui")),
             stdin_fd=self.config.stdin_fd,
             stdout_fd=self.config.stdout_fd,
+            monitor=lambda line: self.monitor.hmp.execute(line),
         )
         self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), output=self.console.write)
         self.console.attach(self.serial)
         self.pio.register(layout.COM1_PORT, layout.COM1_PORT_COUNT, self.serial, "serial")
-        self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)")))
+        self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)", "guest-reset")))
         self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
         self.pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042")
         self.acpi_pm = AcpiSleepRegisters(on_sleep=self._on_sleep)
         self.pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm, "acpi-sleep")
-        self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)")))
+        self.pvpanic = PvPanic(on_panic=lambda: self.request_stop(Stop(1, "guest kernel panicked (pvpanic)", "guest-panic")))
         self.pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
+        self.ged = GenericEventDevice(self.interrupts.irq_line(layout.GED_GSI))
+        self.pio.register(layout.GED_PORT, layout.GED_PORT_COUNT, self.ged, "acpi-ged")
         # Linux's io_delay writes to the POST port; claim it so those don't count as unclaimed.
         self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
 
     def _add_pci_devices(self) -> None:
         self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64, intx=self.interrupts)
         self.pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, self.pci.conf1, "pci-conf1")
-        self.pmem_devices: list[VirtioPmem] = []
-        for backing in self.pmem_backings:
-            self.add_pmem(backing)
+        self.pci_hotplug = PciHotplugController()
+        self.pio.register(layout.PCI_HOTPLUG_PORT, layout.PCI_HOTPLUG_PORT_COUNT, self.pci_hotplug, "pci-hotplug")
+        self._hotplug_lock = threading.Lock()  # one hot-add at a time
+        self.pmem_plugged: list[tuple[VirtioPmem, PmemBacking]] = []  # in plug order
+        for spec, backing in zip(self.config.pmem, self.pmem_backings):
+            if spec.plug:
+                self.add_pmem(backing)
 
     def add_pmem(self, backing: PmemBacking) -> VirtioPmem:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
-        describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
-        window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
-        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id))
-        device = VirtioPmem.from_backing(backing, start=window.base)
-        transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
-        self.pci.add_device(transport)
+        describing it (virtio 1.2 §5.19: the device config holds that start and size).
+
+        Raises UserError when the pmem window has no room, no KVM memory slot is free, PCI
+        bus 0 is full or KVM refuses the slot; then nothing is left allocated, mapped or plugged."""
+        return self._plug_pmem(backing)[0]
+
+    def _plug_pmem(self, backing: PmemBacking, *, own_backing: bool = False) -> tuple[VirtioPmem, int]:
+        """`add_pmem`, returning the device and its PCI slot; with `own_backing` the machine
+        closes `backing` at the end (after the device and its memory are gone)."""
+        with ExitStack() as undo:
+            window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
+            undo.callback(self.resources.pmem.free, window)
+            region = Region(window.base, backing.size, backing.mapping, name=backing.id, readonly=backing.readonly)
+            undo.callback(region.view.release)
+            region.slot = self.resources.memory_slots.allocate()
+            undo.callback(self.resources.memory_slots.free, region.slot)
+            device = VirtioPmem.from_backing(backing, start=window.base)
+            transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
+            undo.callback(transport.close)
+            pci_slot = self.pci.add_device(transport)
+            undo.callback(self.pci.remove_device, pci_slot)
+            try:
+                self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+            except OSError as exc:
+                raise UserError(f"{backing.id}: KVM refused the memory slot for {backing.path}: {exc.strerror}") from None
+            undo.callback(self.vm.set_user_memory_region, region.slot, region.gpa, 0, 0)  # size 0 deletes the slot
+            self.mem.add_region(region)
+            undo.pop_all()  # plugged: from here on the machine owns it all
+        if own_backing:
+            self.owned.callback(backing.close)
+        self.owned.callback(region.view.release)  # before its mapping closes (LIFO)
         self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
-        self.pmem_devices.append(device)
+        self.pmem_plugged.append((device, backing))
+        return device, pci_slot
+
+    def hotplug_pmem(self, backing: PmemBacking) -> VirtioPmem:
+        """Plug a virtio-pmem-pci device for `backing` into the running guest (README "Hotplug").
+
+        Placed by the same rules as a cold-plugged one (`add_pmem`): a 128 MiB aligned range of
+        the pmem window, a new KVM memory slot (KVM_SET_USER_MEMORY_REGION works while vCPUs
+        run), the lowest free slot of PCI bus 0. Then the PCI hotplug controller records the
+        slot and the GED raises its interrupt: the guest's _EVT notifies that slot's ACPI
+        object and acpiphp scans it, so /dev/pmemN appears with nothing done in the guest.
+
+        Safe from any thread while the vCPUs run; one hot-add at a time. On success the
+        machine owns `backing` (it is closed with the machine, never unplugged). Raises
+        UserError (no room in the pmem window, no free KVM memory slot, PCI bus 0 full, KVM
+        refused the slot):
+        then nothing changed, and `backing` is still the caller's to close."""
+        with self._hotplug_lock:
+            device, pci_slot = self._plug_pmem(backing, own_backing=True)
+            self.pci_hotplug.slot_added(pci_slot)
+            self.ged.notify(GED_EVENT_PCI_HOTPLUG)
         return device
+
+    def power_button(self) -> None:
+        """Press the ACPI power button: the GED's _EVT sends Notify (\\_SB.PWRB, 0x80) and
+        Linux's button driver reports KEY_POWER on its "Power Button" input device. The default
+        guest's /init then flushes and powers off (ACPI S5), which ends the run with status 0.
+
+        Safe from any thread; returns at once. A guest without a button driver, or that
+        ignores the key, keeps running: the caller decides how long to wait."""
+        self.ged.notify(GED_EVENT_POWER_BUTTON)
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:
-            self.request_stop(Stop(0, "guest powered off (ACPI S5)"))
+            self.request_stop(Stop(0, "guest powered off (ACPI S5)", "guest-shutdown"))
+
+    # -- run state and events (the monitor's view) -----------------------------------------
+    @property
+    def run_state(self) -> str:
+        """QEMU's RunState name (qapi/run-state.json): prelaunch, running, paused or shutdown."""
+        if self._stop is not None:
+            return "shutdown"
+        if not self.loops or self.loops[0].thread is None:
+            return "prelaunch"
+        return "paused" if self._paused else "running"
+
+    def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
+        """`listener(name, data)` hears every QMP event the machine emits (any thread)."""
+        self._listeners.append(listener)
+
+    def emit(self, event: str, data: dict[str, object] | None = None) -> None:
+        for listener in list(self._listeners):
+            listener(event, data or {})
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop every vCPU outside KVM_RUN (QMP `stop`); device threads keep serving."""
+        if self._paused:
+            return
+        self._paused = True
+        for loop in self.loops:
+            loop.pause()
+        for loop in self.loops:
+            if loop.thread is not None and loop.thread.is_alive():
+                loop.paused.wait(timeout)
+        self.emit("STOP")
+
+    def resume(self) -> None:
+        """Let every vCPU run again (QMP `cont`)."""
+        if not self._paused:
+            return
+        self._paused = False
+        for loop in self.loops:
+            loop.resume()
+        self.emit("RESUME")
 
     # -- stop -----------------------------------------------------------------------------
     def request_stop(self, stop: Stop) -> None:
@@ -239,6 +353,8 @@ class Machine:
             print(f"minivmm: {self.host.notice}", file=sys.stderr)
         old_handlers = self._install_signal_handlers()
         self.events.start()
+        if self.qmp is not None:
+            self.qmp.start()
         try:
             with self.console:  # raw terminal while the guest runs; restored whatever happens
                 for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
@@ -255,13 +371,15 @@ class Machine:
             self.events.stop()
             self._restore_signal_handlers(old_handlers)
         assert self._stop is not None
+        self.emit("SHUTDOWN", {"guest": self._stop.cause.startswith("guest-"), "reason": self._stop.cause})
         return self._stop
 
     def _wait(self) -> None:
         last_progress = time.monotonic()
         last_exits = -1
         while not self._stopped.wait(0.5):
-            if self.config.watchdog is None:
+            if self.config.watchdog is None or self._paused:
+                last_exits = -1  # a paused guest makes no progress on purpose
                 continue
             exits = sum(sum(loop.stats.by_kind.values()) for loop in self.loops)
             now = time.monotonic()
@@ -278,7 +396,7 @@ class Machine:
             return {}
 
         def on_term(signum: int, frame: object) -> None:
-            self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}"))
+            self.request_stop(Stop(0, f"stopped by {signal.Signals(signum).name}", "host-signal"))
 
         def on_usr1(signum: int, frame: object) -> None:
             for loop in self.loops:
@@ -293,28 +411,15 @@ class Machine:
             signal.signal(sig, handler)
 
     # -- statistics -------------------------------------------------------------------------
-    def stats_report(self) -> str:
-        lines = []
-        wall = time.monotonic() - self.started_at
-        first = min((loop.stats.first_run for loop in self.loops if loop.stats.first_run), default=None)
-        if first is not None:
-            lines.append(f"startup: first KVM_RUN {first - process_start_monotonic():.3f} s after process start")
-        for loop in self.loops:
-            s = loop.stats
-            total = sum(s.by_kind.values())
-            lines.append(f"vcpu{loop.vcpu.index}: {total} exits; in KVM_RUN {s.time_in_run:.3f} s, outside {s.time_outside:.3f} s, wall {wall:.3f} s")
-            lines += [f"  exits {kind}: {n}" for kind, n in s.by_kind.most_common()]
-            lines += [f"  device {name}: {n}" for name, n in s.by_device.most_common()]
-        lines += [f"emulation fallback {name}: {n}" for name, n in self.fallbacks.counts.items()]
-        for dev, backing in zip(self.pmem_devices, self.pmem_backings):
-            st = dev.stats()
-            lines.append(
-                f"pmem {backing.id} ({backing.path}): {st['flush_requests']} flush requests, {st['host_fsyncs']} host fsyncs, "
-                f"service mean {st['service_time_mean'] * 1e3:.3f} ms max {st['service_time_max'] * 1e3:.3f} ms, "
-                f"fsync mean {st['fsync_time_mean'] * 1e3:.3f} ms, "
-                f"without fsync mean {st['overhead_time_mean'] * 1e3:.3f} ms"
-                + (f", FLUSHES FAILING (errno {st['flush_failed_errno']})" if st["flush_failed_errno"] else "")
-            )
-        for bus in (self.pio, self.mmio):
-            lines += [f"{bus.name} unclaimed {op}s: {n}" for op, n in bus.unclaimed.items()]
-        return "\n".join(lines)
+    def statistics(self) -> MachineStats:
+        """A snapshot of the run's statistics (exits, times, fallbacks, unclaimed accesses, pmem)."""
+        return MachineStats(
+            vcpus=[loop.stats.copy() for loop in self.loops],
+            wall_time=time.monotonic() - self.started_at,
+            process_start=process_start_monotonic(),
+            fallbacks=dict(self.fallbacks.counts),
+            unclaimed={bus.name: dict(bus.unclaimed) for bus in (self.pio, self.mmio)},
+            pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in self.pmem_plugged],
+            stop_status=None if self._stop is None else self._stop.status,
+            stop_reason=None if self._stop is None else self._stop.reason,
+        )

@@ -50,6 +50,15 @@ class PmemSpec:
     size: int | None = None
     id: str | None = None
     discard_writes: bool = False
+    readonly: bool = False  # a read-only mapping and KVM memory slot: guest writes go nowhere
+    memdev: str | None = None  # the memory-backend object's id (--object / object-add); None: same as id
+    plug: bool = True  # False: an --object no --device uses (opened, not plugged)
+
+    @property
+    def file_option(self) -> str | None:
+        """The option that opens the file read-only (the file is then never created or
+        extended): "discard-writes=on" or "readonly=on", else None."""
+        return "readonly=on" if self.readonly else "discard-writes=on" if self.discard_writes else None
 
 
 @dataclass
@@ -63,6 +72,7 @@ class PmemBacking:
     discard_writes: bool
     id: str
     created: bool = False  # the file did not exist before this run
+    readonly: bool = False  # mapped PROT_READ, given to KVM as a read-only slot
     extended_from: os.stat_result | None = field(default=None, repr=False)  # stat before this run extended it
 
     def rollback(self) -> None:
@@ -202,11 +212,11 @@ def _inspect(spec: PmemSpec, ident: str) -> _Plan:
         raise UserError(f"--pmem {path}: is a directory")
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"--pmem {path}: not a regular file")
-    flags = (os.O_RDONLY if spec.discard_writes else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    flags = (os.O_RDONLY if spec.file_option else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        mode = "read" if spec.discard_writes else "read/write"
+        mode = "read" if spec.file_option else "read/write"
         raise UserError(f"--pmem {path}: cannot open {mode}: {exc.strerror}") from None
     plan = _Plan(spec, ident, 0, fd)
     try:
@@ -231,10 +241,10 @@ def _check_existing(plan: _Plan) -> _Plan:
         raise UserError(
             f"--pmem {path}: file is {format_size(st.st_size)}, longer than size={format_size(spec.size)}; refusing to shrink"
         )
-    elif st.st_size < spec.size and spec.discard_writes:
+    elif st.st_size < spec.size and spec.file_option:
         raise UserError(
             f"--pmem {path}: file is {format_size(st.st_size)}, shorter than size={format_size(spec.size)}, "
-            "and discard-writes=on never extends it"
+            f"and {spec.file_option} never extends it"
         )
     else:
         plan.size = spec.size
@@ -246,7 +256,7 @@ def _lock(plan: _Plan) -> None:
     if plan.fd < 0:
         return
     try:
-        fcntl.flock(plan.fd, (fcntl.LOCK_SH if plan.spec.discard_writes else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        fcntl.flock(plan.fd, (fcntl.LOCK_SH if plan.spec.file_option else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise UserError(f"--pmem {plan.spec.path}: in use by another process") from None
@@ -257,8 +267,8 @@ def _inspect_missing(spec: PmemSpec, ident: str) -> _Plan:
     path = spec.path
     if spec.size is None:
         raise UserError(f"--pmem {path}: file does not exist; give size= to create it")
-    if spec.discard_writes:
-        raise UserError(f"--pmem {path}: file does not exist (discard-writes=on never creates one)")
+    if spec.file_option:
+        raise UserError(f"--pmem {path}: file does not exist ({spec.file_option} never creates one)")
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         raise UserError(f"--pmem {path}: directory {parent} does not exist")
@@ -283,17 +293,19 @@ def _create_or_extend(plan: _Plan) -> None:
 
 
 def _map(plan: _Plan) -> PmemBacking:
-    path, discard = plan.spec.path, plan.spec.discard_writes
+    spec = plan.spec
+    path, discard = spec.path, spec.discard_writes
     try:
         mapping = mmap.mmap(
             plan.fd,
             plan.size,
             mmap.MAP_PRIVATE if discard else mmap.MAP_SHARED,
-            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.PROT_READ if spec.readonly else mmap.PROT_READ | mmap.PROT_WRITE,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"--pmem {path}: cannot map {format_size(plan.size)}: {exc}") from None
-    return PmemBacking(plan.fd, path, plan.size, mapping, discard, plan.ident, plan.created, plan.old_stat if plan.extended else None)
+    extended_from = plan.old_stat if plan.extended else None
+    return PmemBacking(plan.fd, path, plan.size, mapping, discard, plan.ident, plan.created, spec.readonly, extended_from)
 
 
 def _undo(plan: _Plan) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from .bus import Bus
@@ -20,18 +18,10 @@ from .exit_handler import ExitParts, Stop, describe, handle_exit
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
+from .stats import VcpuStats as ExitStats
 from .vcpu_exit import InterruptedExit
 
 KICK_SIGNAL = signal.SIGUSR2  # interrupts KVM_RUN on a vCPU thread (its handler does nothing)
-
-
-@dataclass
-class ExitStats:
-    by_kind: Counter[str] = field(default_factory=Counter)
-    by_device: Counter[str] = field(default_factory=Counter)
-    time_in_run: float = 0.0
-    time_outside: float = 0.0
-    first_run: float | None = None  # time.monotonic() of the first KVM_RUN
 
 
 class VcpuLoop:
@@ -49,11 +39,14 @@ class VcpuLoop:
     ) -> None:
         self.vcpu = vcpu
         self.on_stop = on_stop
-        self.stats = ExitStats()
-        self.parts = ExitParts(vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace)
+        self.stats = ExitStats(exit_log=[] if trace is not None else None)  # a traced run keeps every exit
+        self.parts = ExitParts(vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace, log=self.stats.exit_log)
         self.stopping = False
         self.describe_requested = False
         self.thread: threading.Thread | None = None
+        self._run_allowed = threading.Event()  # cleared by pause(): the thread waits outside KVM_RUN
+        self._run_allowed.set()
+        self.paused = threading.Event()  # set while the thread waits in pause
 
     @property
     def fallbacks(self) -> EmulationFallbacks:
@@ -67,6 +60,7 @@ class VcpuLoop:
     def kick(self) -> None:
         """Make KVM_RUN return and the loop end soon, from any thread."""
         self.stopping = True
+        self._run_allowed.set()  # a paused vCPU wakes up to end
         self._interrupt()
 
     def request_describe(self) -> None:
@@ -86,6 +80,15 @@ class VcpuLoop:
                 signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def pause(self) -> None:
+        """Stop running guest code soon (any thread); `paused` is set once the thread waits."""
+        self._run_allowed.clear()
+        self._interrupt()
+
+    def resume(self) -> None:
+        """Let a paused vCPU run again (any thread)."""
+        self._run_allowed.set()
 
     def end(self, status: int, reason: str) -> None:
         """End the run with `status` (from the vCPU thread, e.g. a device on a guest write)."""
@@ -118,6 +121,10 @@ class VcpuLoop:
         if self.describe_requested:
             self.describe_requested = False
             print(self.describe(), file=self.parts.diagnostics, flush=True)
+        if not self._run_allowed.is_set():
+            self.paused.set()
+            self._run_allowed.wait()
+            self.paused.clear()
 
     def describe(self) -> str:
         """Registers, the instruction bytes at RIP and the last exits (see `exit_handler.describe`)."""

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import re
 import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.runner import RunResult
+from support.runner import run_minivmm as _run
 
 from minivmm import guestimage
+from minivmm.stats import PmemDeviceStats
 
-REPO = Path(__file__).resolve().parent.parent
 BOOT_TIMEOUT = 900.0  # seconds per boot; ~3.5 min each on the software kvm_pvm host
 TAIL_LINES = 60
 
@@ -33,11 +31,6 @@ MiB = 1 << 20
 TOKEN_PATH_IN_FS = "/minivmm-token"
 TEST_INIT_IN_INITRD = "sbin/minivmm-test"
 
-# Machine.stats_report: "pmem ID (PATH): N flush requests, M host fsyncs, service mean ..."
-_PMEM_STATS_RE = re.compile(
-    r"^pmem (?P<id>\S+) \((?P<path>.*)\): (?P<flushes>\d+) flush requests, (?P<fsyncs>\d+) host fsyncs\b",
-    re.MULTILINE,
-)
 # say() in minivmm-test.c: every line starts "minivmm-test: "; it goes to both /dev/kmsg and
 # /dev/console, so with console=ttyS0 each appears twice (once behind a printk timestamp).
 _INIT_LINE_RE = re.compile(r"minivmm-test: (.*?)\s*$")
@@ -167,116 +160,50 @@ def sha256(path: Path) -> str:
 # ---------------------------------------------------------------- running minivmm
 
 
-@dataclass
-class PmemStats:
-    id: str
-    path: str
-    flush_requests: int
-    host_fsyncs: int
-
-
-@dataclass
-class Run:
-    """One finished ``minivmm run``: exit status, output files and their text."""
-
-    argv: list[str]
-    returncode: int | None  # None: killed after the timeout
-    stdout: str
-    stderr: str
-    wall: float
-    out_path: Path
-    err_path: Path
-    timed_out: bool = False
-    _stats: dict[str, PmemStats] | None = field(default=None, repr=False)
-
-    @property
-    def text(self) -> str:
-        return self.stdout + "\n" + self.stderr
-
-    def tail(self, n: int = TAIL_LINES) -> str:
-        def last(s: str) -> str:
-            return "\n".join(s.splitlines()[-n:])
-
-        return (
-            f"$ {' '.join(self.argv)}\n"
-            f"exit status {self.returncode}{' (timed out, killed)' if self.timed_out else ''} after {self.wall:.1f} s\n"
-            f"--- last {n} lines of stdout ({self.out_path}) ---\n{last(self.stdout)}\n"
-            f"--- last {n} lines of stderr ({self.err_path}) ---\n{last(self.stderr)}"
-        )
-
-    def check(self, condition: object, message: str) -> None:
-        """Fail with ``message`` and the output tail unless ``condition``."""
-        if not condition:
-            pytest.fail(f"{message}\n{self.tail()}", pytrace=False)
-
-    def init_lines(self) -> list[str]:
-        """The test init's result lines (without the prefix), in order.
-
-        say() writes each line to /dev/kmsg and then to /dev/console, so depending on the
-        console setup it shows once or twice in a row; a line equal to the previous init line
-        is that echo and is dropped (the tests never expect two equal results in a row).
-        """
-        lines: list[str] = []
-        for text in self.stdout.splitlines():
-            m = _INIT_LINE_RE.search(text)
-            if m and (not lines or lines[-1] != m.group(1)):
-                lines.append(m.group(1))
-        return lines
-
-    def init_line(self, prefix: str) -> str | None:
-        """The first init result line starting with ``prefix``."""
-        return next((line for line in self.init_lines() if line.startswith(prefix)), None)
-
-    def init_lines_with(self, prefix: str) -> list[str]:
-        return [line for line in self.init_lines() if line.startswith(prefix)]
-
-    def pmem_stats(self) -> dict[str, PmemStats]:
-        """``--stats`` pmem lines by device id."""
-        if self._stats is None:
-            self._stats = {
-                m["id"]: PmemStats(m["id"], m["path"], int(m["flushes"]), int(m["fsyncs"]))
-                for m in _PMEM_STATS_RE.finditer(self.stderr)
-            }
-        return self._stats
-
-    def stats_for(self, ident: str) -> PmemStats:
-        stats = self.pmem_stats()
-        self.check(ident in stats, f"--stats has no line for pmem device {ident!r} (have {sorted(stats)})")
-        return stats[ident]
-
-
-def run_minivmm(tmp_path: Path, name: str, args: list[str], timeout: float = BOOT_TIMEOUT) -> Run:
-    """``python -m minivmm run ARGS`` with stdin /dev/null, output in tmp_path/NAME.{out,err}."""
-    argv = [sys.executable, "-m", "minivmm", "run", *args]
-    out_path, err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    start = time.monotonic()
-    timed_out = False
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=REPO, env=env)
-        try:
-            rc: int | None = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            proc.wait()
-            rc = None
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    wall = time.monotonic() - start
-    run = Run(
-        argv,
-        rc,
-        out_path.read_text(errors="replace"),
-        err_path.read_text(errors="replace"),
-        wall,
-        out_path,
-        err_path,
-        timed_out,
-    )
-    print(f"{name}: exit {rc} after {wall:.1f} s")
-    run.check(not timed_out, f"{name}: minivmm did not finish within {timeout:.0f} s")
+def run_minivmm(tmp_path: Path, name: str, args: list[str], timeout: float = BOOT_TIMEOUT) -> RunResult:
+    """``python -m minivmm run ARGS`` through the one runner (tests/support/runner.py), stdin
+    /dev/null, outputs and --stats-json in tmp_path/NAME.*; a timeout fails the test."""
+    run = _run(args, tmp_path, timeout=timeout, name=name)
+    print(f"{name}: exit {run.status} after {run.wall:.1f} s")
+    check(run, not run.timed_out, f"{name}: minivmm did not finish within {timeout:.0f} s")
     return run
+
+
+def check(run: RunResult, condition: object, message: str) -> None:
+    """Fail with ``message`` and the output tails unless ``condition``."""
+    if not condition:
+        pytest.fail(f"{message}\n{run.describe(TAIL_LINES)}", pytrace=False)
+
+
+def init_lines(run: RunResult) -> list[str]:
+    """The test init's result lines (without the prefix), in order.
+
+    say() writes each line to /dev/kmsg and then to /dev/console, so depending on the
+    console setup it shows once or twice in a row; a line equal to the previous init line
+    is that echo and is dropped (the tests never expect two equal results in a row).
+    """
+    lines: list[str] = []
+    for text in run.stdout.splitlines():
+        m = _INIT_LINE_RE.search(text)
+        if m and (not lines or lines[-1] != m.group(1)):
+            lines.append(m.group(1))
+    return lines
+
+
+def init_line(run: RunResult, prefix: str) -> str | None:
+    """The first init result line starting with ``prefix``."""
+    return next((line for line in init_lines(run) if line.startswith(prefix)), None)
+
+
+def init_lines_with(run: RunResult, prefix: str) -> list[str]:
+    return [line for line in init_lines(run) if line.startswith(prefix)]
+
+
+def pmem_stats(run: RunResult, ident: str) -> PmemDeviceStats:
+    """The --stats-json counters of pmem device ``ident``."""
+    check(run, run.stats is not None, "minivmm wrote no --stats-json")
+    assert run.stats is not None
+    found = run.stats.pmem_device(ident)
+    check(run, found is not None, f"--stats-json has no pmem device {ident!r} (have {[p.id for p in run.stats.pmem]})")
+    assert found is not None
+    return found

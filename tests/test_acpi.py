@@ -38,6 +38,7 @@ def test_rsdp(built):
 
 def test_every_table_checksums_to_zero_and_lies_in_acpi_area(built):
     mem, t = built
+    assert set(t.tables) == {"RSDP", "XSDT", "FACP", "APIC", "DSDT"}
     for sig, (addr, length) in t.tables.items():
         assert layout.ACPI.base <= addr and addr + length <= layout.ACPI.end
         if sig != "RSDP":
@@ -143,6 +144,9 @@ class AmlWalker:
         self.b = code
         self.names: dict[str, object] = {}
         self.devices: list[str] = []
+        self.regions: dict[str, tuple[int, int, int]] = {}  # path -> (space, offset, length)
+        self.fields: dict[str, tuple[str, int, int, int]] = {}  # path -> (region, flags, bit offset, bits)
+        self.methods: dict[str, tuple[int, int, int]] = {}  # path -> (flags, body start, end)
         self.walk(0, len(code), "\\")
 
     def name(self, i: int) -> tuple[str, int]:
@@ -214,6 +218,29 @@ class AmlWalker:
                     self.devices.append(path)
                 self.walk(j, start + length, path)
                 i = start + length
+            elif op == 0x5B and self.b[i + 1] == 0x80:  # OpRegionOp
+                name, j = self.name(i + 2)
+                space = self.b[j]
+                offset, j = self.data(j + 1)
+                length, i = self.data(j)
+                self.regions[self.join(scope, name)] = (space, offset, length)
+            elif op == 0x5B and self.b[i + 1] == 0x81:  # FieldOp: NamedFields only
+                length, used = parse_pkglen(self.b, i + 2)
+                stop = i + 2 + length
+                region, j = self.name(i + 2 + used)
+                flags, j, bit = self.b[j], j + 1, 0
+                while j < stop:
+                    seg = self.b[j : j + 4].decode()
+                    bits, used = parse_pkglen(self.b, j + 4)  # a field's PkgLength is its width
+                    self.fields[self.join(scope, seg)] = (self.join(scope, region), flags, bit, bits)
+                    bit, j = bit + bits, j + 4 + used
+                i = stop
+            elif op == 0x14:  # MethodOp: kept whole, for tests to run
+                length, used = parse_pkglen(self.b, i + 1)
+                stop = i + 1 + length
+                name, j = self.name(i + 1 + used)
+                self.methods[self.join(scope, name)] = (self.b[j], j + 1, stop)
+                i = stop
             else:
                 raise AssertionError(f"unexpected AML opcode {op:#x} at {i}")
         assert i == end
@@ -289,4 +316,4 @@ def test_dsdt_pci_host_bridge(dsdt):
 
 def test_dsdt_without_pci():
     walker = AmlWalker(acpi.dsdt_aml(MEM, pci=False))
-    assert walker.devices == ["\\_SB_.COM1", "\\_SB_.PEVT"]
+    assert walker.devices == ["\\_SB_.COM1", "\\_SB_.PEVT", "\\_SB_.PWRB", "\\_SB_.GED0"]

@@ -1,12 +1,20 @@
-"""Fast tests of bench/bench.py's parsers and summaries, fed captured text (no boots)."""
+"""Fast tests of bench/bench.py's parsers and summaries (no boots): the guest's console as the
+guest prints it, and the VMM's statistics as the product serializes them (`MachineStats.to_json`,
+read back by the runner exactly as after a real run)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from support.runner import RunResult, StreamWatcher
+
+from minivmm import layout
+from minivmm.stats import ExitRecord, MachineStats, PmemDeviceStats, PmemStats, VcpuStats
 
 _PATH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 _spec = importlib.util.spec_from_file_location("minivmm_bench", _PATH)
@@ -14,22 +22,64 @@ bench = importlib.util.module_from_spec(_spec)
 sys.modules["minivmm_bench"] = bench  # dataclasses look their module up
 _spec.loader.exec_module(bench)
 
-STATS = """\
-minivmm: software KVM (kvm_pvm) detected: guest kernel code is emulated; hiding CPU features it cannot emulate with clearcpuid=
-startup: first KVM_RUN 0.642 s after process start
-vcpu0: 123456 exits; in KVM_RUN 120.500 s, outside 20.250 s, wall 150.000 s
-  exits io: 100000
-  exits mmio: 23000
-  exits hlt: 456
-  device serial: 99000
-  device pci-config: 1000
-  device virtio-pmem-pci: 23000
-emulation fallback cpuid: 3
-pmem None (/tmp/x/pmem.img): 210 flush requests, 205 host fsyncs, service mean 2.345 ms max 40.001 ms, fsync mean 2.100 ms, without fsync mean 0.245 ms
-pio unclaimed reads: 12
-mmio unclaimed writes: 2
-minivmm: guest powered off (ACPI S5)
-"""
+POWEROFF = "guest powered off (ACPI S5)"
+
+
+def through_json(stats: MachineStats) -> MachineStats:
+    """What the runner hands the benchmark: the VMM's --stats-json, read back."""
+    return MachineStats.from_json(stats.to_json())
+
+
+def machine_stats(
+    by_kind: dict[str, int],
+    by_device: dict[str, int],
+    *,
+    in_run: float = 120.5,
+    outside: float = 20.25,
+    wall: float = 150.0,
+    startup: float = 0.642,
+    fallbacks: dict[str, int] | None = None,
+    unclaimed: dict[str, dict[str, int]] | None = None,
+    pmem: list[PmemDeviceStats] | None = None,
+    stop: tuple[int, str] = (0, POWEROFF),
+    extra_vcpus: list[VcpuStats] | None = None,
+) -> MachineStats:
+    vcpu0 = VcpuStats(Counter(by_kind), Counter(by_device), in_run, outside, first_run=1000.0 + startup)
+    return through_json(
+        MachineStats(
+            vcpus=[vcpu0, *(extra_vcpus or [])],
+            wall_time=wall,
+            process_start=1000.0,
+            fallbacks=fallbacks or {},
+            unclaimed=unclaimed or {"pio": {}, "mmio": {}},
+            pmem=pmem or [],
+            stop_status=stop[0],
+            stop_reason=stop[1],
+        )
+    )
+
+
+def pmem_device(ident: str, path: str, flushes: int, fsyncs: int, service_mean: float, service_max: float, fsync_mean: float) -> PmemDeviceStats:
+    """A device whose flushes came in one batch per request (times in seconds)."""
+    counters = PmemStats(
+        flush_requests=flushes,
+        batches=flushes,
+        host_fsyncs=fsyncs,
+        service_time_total=service_mean * flushes,
+        service_time_max=service_max,
+        fsync_time_total=fsync_mean * fsyncs,
+        fsync_time_max=service_max,
+    )
+    return PmemDeviceStats(ident, path, counters)
+
+
+STATS = machine_stats(
+    {"io": 100000, "mmio": 23000, "hlt": 456},
+    {"serial": 99000, "pci-conf1": 1000, "pci-00:01.0-pmem0-bar0": 23000},
+    fallbacks={"int3": 3},
+    unclaimed={"pio": {"read": 12}, "mmio": {"write": 2}},
+    pmem=[pmem_device("pmem0", "/tmp/x/pmem.img", 210, 205, 0.002345, 0.040001, 0.0021)],
+)
 
 CONSOLE = """\
 Linux version 6.1.192 (minivmm@minivmm) #2
@@ -61,43 +111,30 @@ minivmm-test: umount dir=/mnt
 minivmm-test: done ok=5 failed=0
 """
 
-# Captured on the kvm_pvm host (23:2x, load average ~7): stderr of a default-guest boot and of
-# a pmem boot, and the pmem boot's console from the init on (lines end in \r\n).
-REAL_BOOT_STDERR = """\
-minivmm: software KVM (kvm_pvm) detected: guest kernel code is emulated; hiding CPU features it cannot emulate with clearcpuid=
-startup: first KVM_RUN 0.811 s after process start
-vcpu0: 16228 exits; in KVM_RUN 359.820 s, outside 0.463 s, wall 360.402 s
-  exits io: 16227
-  exits internal_error: 1
-  device serial: 15792
-  device pci-conf1: 431
-  device acpi-sleep: 2
-  device unclaimed: 1
-  device pvpanic: 1
-emulation fallback int3: 1
-pio unclaimed reads: 1
-minivmm: guest powered off (ACPI S5)
-"""
+# Figures of real runs on the kvm_pvm host (23:2x, load average ~7): a default-guest boot and a
+# pmem boot, and the pmem boot's console from the init on (lines end in \r\n).
+REAL_BOOT_STATS = machine_stats(
+    {"io": 16227, "internal_error": 1},
+    {"serial": 15792, "pci-conf1": 431, "acpi-sleep": 2, "unclaimed": 1, "pvpanic": 1},
+    in_run=359.820,
+    outside=0.463,
+    wall=360.402,
+    startup=0.811,
+    fallbacks={"int3": 1},
+    unclaimed={"pio": {"read": 1}, "mmio": {}},
+)
 
-REAL_PMEM_STDERR = """\
-minivmm: software KVM (kvm_pvm) detected: guest kernel code is emulated; hiding CPU features it cannot emulate with clearcpuid=
-startup: first KVM_RUN 1.829 s after process start
-vcpu0: 18552 exits; in KVM_RUN 414.525 s, outside 0.596 s, wall 415.328 s
-  exits io: 18061
-  exits mmio: 487
-  exits internal_error: 4
-  device serial: 17192
-  device pci-conf1: 865
-  device pci-00:01.0-pmem0-bar0: 487
-  device acpi-sleep: 2
-  device unclaimed: 1
-  device pvpanic: 1
-emulation fallback int3: 1
-emulation fallback fwait: 3
-pmem pmem0 (/tmp/minivmm-bench-pmem-x/pmem.img): 412 flush requests, 412 host fsyncs, service mean 2.591 ms max 22.199 ms, fsync mean 2.466 ms, without fsync mean 0.125 ms
-pio unclaimed reads: 1
-minivmm: guest powered off (ACPI S5)
-"""
+REAL_PMEM_STATS = machine_stats(
+    {"io": 18061, "mmio": 487, "internal_error": 4},
+    {"serial": 17192, "pci-conf1": 865, "pci-00:01.0-pmem0-bar0": 487, "acpi-sleep": 2, "unclaimed": 1, "pvpanic": 1},
+    in_run=414.525,
+    outside=0.596,
+    wall=415.328,
+    startup=1.829,
+    fallbacks={"int3": 1, "fwait": 3},
+    unclaimed={"pio": {"read": 1}, "mmio": {}},
+    pmem=[pmem_device("pmem0", "/tmp/minivmm-bench-pmem-x/pmem.img", 412, 412, 0.002591, 0.022199, 0.002466)],
+)
 
 REAL_PMEM_CONSOLE = (
     'Run /sbin/minivmm-test as init process\r\n'
@@ -121,63 +158,32 @@ REAL_PMEM_CONSOLE = (
 )
 
 
-def test_real_boot_stderr():
-    s = bench.parse_stats(REAL_BOOT_STDERR)
-    assert s["startup_s"] == 0.811 and s["vcpus"][0]["exits"] == 16228
-    assert s["exits_by_kind"] == {"io": 16227, "internal_error": 1}
-    assert s["exits_by_device"]["serial"] == 15792 and s["exits_by_device"]["unclaimed"] == 1
-    assert s["fallbacks"] == {"int3": 1} and s["unclaimed"] == {"pio read": 1}
-    assert s["stop_reason"] == "guest powered off (ACPI S5)" and s["pmem"] == []
+def test_real_boot_figures():
+    f = bench.figures(bench.SECTIONS["boot"], _boot(stats=REAL_BOOT_STATS))
+    assert f["startup_s"] == pytest.approx(0.811) and f["exits_total"] == 16228
+    assert f["exits_by_kind"] == {"io": 16227, "internal_error": 1}
+    assert f["exits_by_device"]["serial"] == 15792 and f["exits_by_device"]["unclaimed"] == 1
+    assert f["fallbacks"] == {"int3": 1} and f["unclaimed"] == {"pio read": 1}
+    assert f["stop_reason"] == POWEROFF and f["vmm_wall_s"] == 360.402
 
 
 def test_real_pmem_boot():
-    stats = bench.parse_stats(REAL_PMEM_STDERR)
-    assert stats["exits_by_kind"]["mmio"] == 487 and stats["fallbacks"] == {"int3": 1, "fwait": 3}
-    f = bench.parse_pmem_section(REAL_PMEM_CONSOLE, stats)
+    assert REAL_PMEM_STATS.exits_by_kind()["mmio"] == 487 and REAL_PMEM_STATS.fallbacks == {"int3": 1, "fwait": 3}
+    f = bench.parse_pmem_section(REAL_PMEM_CONSOLE, REAL_PMEM_STATS)
     assert f["pmem_dax"] == 0 and f["flush_n"] == 200 and f["flush_mean_ms"] == 252.678325
-    assert (f["pmem_flush_requests"], f["pmem_host_fsyncs"], f["pmem_service_max_ms"]) == (412, 412, 22.199)
+    assert (f["pmem_flush_requests"], f["pmem_host_fsyncs"]) == (412, 412)
+    assert f["pmem_service_max_ms"] == pytest.approx(22.199) and f["pmem_service_mean_ms"] == pytest.approx(2.591)
+    assert f["pmem_fsync_mean_ms"] == pytest.approx(2.466) and f["pmem_overhead_mean_ms"] == pytest.approx(0.125)
     g = bench.parse_guest(REAL_PMEM_CONSOLE)
     assert g["hello"] and (g["steps_ok"], g["steps_failed"]) == (5, 0) and g["failures"] == []
 
 
-def test_parse_stats():
-    s = bench.parse_stats(STATS)
-    assert s["startup_s"] == pytest.approx(0.642)
-    (v,) = s["vcpus"]
-    assert (v["index"], v["exits"], v["in_run_s"], v["outside_s"], v["wall_s"]) == (0, 123456, 120.5, 20.25, 150.0)
-    assert s["exits_by_kind"] == {"io": 100000, "mmio": 23000, "hlt": 456}
-    assert s["exits_by_device"] == {"serial": 99000, "pci-config": 1000, "virtio-pmem-pci": 23000}
-    assert s["fallbacks"] == {"cpuid": 3}
-    assert s["unclaimed"] == {"pio read": 12, "mmio write": 2}
-    assert s["pmem"] == [
-        {
-            "id": "None",
-            "path": "/tmp/x/pmem.img",
-            "flush_requests": 210,
-            "host_fsyncs": 205,
-            "service_mean_ms": 2.345,
-            "service_max_ms": 40.001,
-            "fsync_mean_ms": 2.1,
-            "overhead_mean_ms": 0.245,
-        }
-    ]
-    assert s["stop_reason"] == "guest powered off (ACPI S5)"
-
-
-def test_parse_stats_two_vcpus_are_summed():
-    text = (
-        "vcpu0: 10 exits; in KVM_RUN 1.000 s, outside 0.500 s, wall 2.000 s\n  exits io: 7\n  exits hlt: 3\n"
-        "vcpu1: 5 exits; in KVM_RUN 1.000 s, outside 0.100 s, wall 2.000 s\n  exits io: 5\n"
-    )
-    s = bench.parse_stats(text)
-    assert [v["exits"] for v in s["vcpus"]] == [10, 5]
-    assert s["exits_by_kind"] == {"io": 12, "hlt": 3}
-
-
-def test_parse_stats_without_report():
-    s = bench.parse_stats("minivmm: error: the default guest is not built: run `make guest`\n")
-    assert s["startup_s"] is None and s["vcpus"] == [] and s["pmem"] == []
-    assert s["stop_reason"] == "error: the default guest is not built: run `make guest`"
+def test_figures_sum_two_vcpus():
+    second = VcpuStats(Counter(io=5, hlt=2), Counter(serial=5), 1.0, 0.5, None)
+    stats = machine_stats({"io": 7, "hlt": 3}, {"serial": 7}, extra_vcpus=[second])
+    f = bench.figures(bench.SECTIONS["boot"], _boot(stats=stats))
+    assert f["exits_by_kind"] == {"io": 12, "hlt": 5} and f["exits_total"] == 17
+    assert f["in_run_s"] == 121.5 and f["outside_s"] == 20.75
 
 
 def test_guest_lines_dedup_and_printk_prefix():
@@ -209,17 +215,18 @@ def test_parse_guest_failures():
 
 
 def test_boot_section():
-    assert bench.parse_boot_section(CONSOLE, bench.parse_stats(STATS)) == {"getpid_n": 1000, "getpid_ns_per_call": 5123}
+    assert bench.parse_boot_section(CONSOLE, STATS) == {"getpid_n": 1000, "getpid_ns_per_call": 5123}
     with pytest.raises(bench.BootFailed, match="getpid"):
-        bench.parse_boot_section("minivmm-test: hello pid=1\n", {})
+        bench.parse_boot_section("minivmm-test: hello pid=1\n", STATS)
 
 
 def test_pmem_section():
-    f = bench.parse_pmem_section(PMEM_CONSOLE, bench.parse_stats(STATS))
+    f = bench.parse_pmem_section(PMEM_CONSOLE, STATS)
     assert f["pmem_dax"] == 1 and f["flush_n"] == 200
     assert (f["flush_mean_ms"], f["flush_min_ms"], f["flush_max_ms"]) == (2.5, 1.5, 45.0)
     assert (f["pmem_flush_requests"], f["pmem_host_fsyncs"]) == (210, 205)
-    assert f["pmem_service_mean_ms"] == 2.345 and f["pmem_fsync_mean_ms"] == 2.1
+    assert f["pmem_service_mean_ms"] == pytest.approx(2.345) and f["pmem_fsync_mean_ms"] == pytest.approx(2.1)
+    assert f["pmem_service_max_ms"] == pytest.approx(40.001)
 
 
 @pytest.mark.parametrize(
@@ -234,21 +241,23 @@ def test_pmem_section():
 )
 def test_pmem_section_failures(console, match):
     with pytest.raises(bench.BootFailed, match=match):
-        bench.parse_pmem_section(console, bench.parse_stats(STATS))
+        bench.parse_pmem_section(console, STATS)
 
 
-def test_pmem_section_needs_host_line():
-    with pytest.raises(bench.BootFailed, match="pmem"):
-        bench.parse_pmem_section(PMEM_CONSOLE, bench.parse_stats("startup: first KVM_RUN 1.000 s after process start\n"))
+def test_pmem_section_needs_a_pmem_device():
+    with pytest.raises(bench.BootFailed, match="no pmem device"):
+        bench.parse_pmem_section(PMEM_CONSOLE, machine_stats({"io": 1}, {"serial": 1}))
 
 
-def _boot(stdout=CONSOLE, stderr=STATS, status=0, hello_at=95.0):
-    return bench.Boot(status=status, spawn_to_exit=151.0, hello_at=hello_at, rusage_maxrss_kib=204800, stdout=stdout, stderr=stderr)
+def _boot(stdout=CONSOLE, stats=STATS, status=0, hello_at=95.0, marker=bench.HELLO_MARKER):
+    """A finished boot as the runner returns it."""
+    marks = {} if hello_at is None else {marker: hello_at}
+    return RunResult(["minivmm"], status, stdout, f"minivmm: {stats.stop_reason}\n" if stats else "", 151.0, stats, marks=marks, peak_rss_kib=204800)
 
 
 def test_figures():
     f = bench.figures(bench.SECTIONS["boot"], _boot())
-    assert f["startup_s"] == 0.642 and f["hello_s"] == 95.0 and f["wall_s"] == 151.0
+    assert f["startup_s"] == pytest.approx(0.642) and f["hello_s"] == 95.0 and f["wall_s"] == 151.0
     assert f["peak_rss_mib"] == 200.0 and f["exits_total"] == 123456
     assert f["outside_pct"] == pytest.approx(100 * 20.25 / 150.0)
     assert f["getpid_ns_per_call"] == 5123 and f["exits_by_kind"]["io"] == 100000
@@ -257,9 +266,9 @@ def test_figures():
 @pytest.mark.parametrize(
     "boot, match",
     [
-        (_boot(status=1, stderr=STATS.replace("guest powered off (ACPI S5)", "watchdog: no progress for 60 s")), "status 1: watchdog"),
+        (_boot(status=1, stats=machine_stats({"io": 9}, {"serial": 9}, stop=(1, "watchdog: no exit to the VMM for 60 s"))), "status 1: watchdog"),
         (_boot(hello_at=None), "never printed"),
-        (_boot(stderr="minivmm: guest powered off (ACPI S5)\n"), "no --stats report"),
+        (_boot(stats=None), "no --stats-json"),
         (_boot(stdout=CONSOLE.replace("failed=0", "failed=1") + "minivmm-test: getpid FAILED: bad count 'x'\n"), "getpid FAILED"),
         (_boot(stdout=CONSOLE.replace("minivmm-test: done ok=3 failed=0\n", "")), "done ok=N"),
     ],
@@ -270,7 +279,7 @@ def test_figures_failures(boot, match):
 
 
 def test_stream_watcher_marker_split_across_chunks():
-    w = bench.StreamWatcher([bench.HELLO_MARKER])
+    w = StreamWatcher([bench.HELLO_MARKER])
     w.feed(b"Run /sbin/minivmm-test as init\r\nminivmm-te", 1.0)
     assert bench.HELLO_MARKER not in w.first_seen
     w.feed(b"st: hel", 2.0)
@@ -348,18 +357,16 @@ def test_setup_pmem_formats_a_sparse_4k_ext4_image(tmp_path):
 
 def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
     """The whole flow without KVM: a working boot section, a failing pmem section."""
-    import json
-
-    def fake_run_vmm(args, timeout, echo=False, hello_marker=None, last_marker=None):
-        if last_marker:  # the userspace section: /init + selftest
-            boot = _boot(stdout=SELFTEST_STDOUT, hello_at=80.0)
-            boot.last_at = 148.0
+    def fake_boot_vmm(args, workdir, timeout, echo, markers):
+        if len(markers) == 2:  # the userspace section: /init + selftest
+            boot = _boot(stdout=SELFTEST_STDOUT, hello_at=80.0, marker=markers[0])
+            boot.marks[markers[1]] = 148.0
             return boot
         if "--pmem" in args:
             return _boot(stdout=CONSOLE + "minivmm-test: pmem-mount FAILED: /dev/pmem0: No such file or directory\n", status=0)
         return _boot()
 
-    monkeypatch.setattr(bench, "run_vmm", fake_run_vmm)
+    monkeypatch.setattr(bench, "boot_vmm", fake_boot_vmm)
     out = tmp_path / "b.json"
     assert bench.main(["--runs", "2", "--json", str(out)]) == 1
     text = capsys.readouterr().out
@@ -376,20 +383,29 @@ def test_main_with_fake_boots(tmp_path, monkeypatch, capsys):
 
 
 def test_exits_between_markers_counts_only_the_span():
-    """Console text rebuilt from THR writes places each traced exit; only the exits between
-    the end of the first marker and the start of the second count."""
+    """Console text rebuilt from THR writes places each logged exit; only the exits between
+    the end of the first marker and the start of the second count. The log goes through the
+    product's JSON (what --trace --stats-json writes)."""
 
-    def out(ch: str) -> str:
-        return f"[vcpu0] io out port=0x03f8 size=1 value={ord(ch):#x} -> serial"
+    def out(ch: str) -> ExitRecord:
+        return ExitRecord("io", "out", layout.COM1_PORT, 1, ord(ch), "serial")
 
-    trace = [out(c) for c in "go\r\n"]
-    trace += ["[vcpu0] mmio write addr=0x100000000 size=2 value=0x0 -> pci-00:01.0-pmem0-bar0"]
-    trace += ["[vcpu0] io in port=0x03fd size=1 value=0x60 -> serial"]
-    trace += [out(c) for c in "stop"]
-    trace += ["[vcpu0] mmio write addr=0x100000000 size=2 value=0x0 -> pci-00:01.0-pmem0-bar0"]
-    assert bench.exits_between("\n".join(trace), "go\r\n", "stop") == (2, {"pci-00:01.0-pmem0-bar0": 1})
+    bar = ExitRecord("mmio", "write", 0x1_0000_0000, 2, 0, "pci-00:01.0-pmem0-bar0")
+    log = [out(c) for c in "go\r\n"] + [bar, ExitRecord("io", "in", layout.COM1_PORT + 5, 1, 0x60, "serial")]
+    log += [out(c) for c in "stop"] + [bar]
+    traced = machine_stats({"io": 10, "mmio": 2}, {"serial": 10, bar.device: 2})
+    traced.vcpus[0].exit_log = log
+    read_back = through_json(traced).vcpus[0].exit_log
+    assert read_back == log
+    assert bench.exits_between(read_back, "go\r\n", "stop") == (2, {"pci-00:01.0-pmem0-bar0": 1})
     with pytest.raises(bench.BootFailed):
-        bench.exits_between("\n".join(trace), "nope", "stop")
+        bench.exits_between(read_back, "nope", "stop")
+
+
+def test_dax_section_needs_the_exit_log():
+    console = "minivmm-test: pmem-mount dev=/dev/pmem0 dir=/mnt dax=1\nminivmm-test: dax-mmap first-touch mib=32 ns=1000\nminivmm-test: dax-mmap end mib=32 ns=2000000\n"
+    with pytest.raises(bench.BootFailed, match="no exit log"):
+        bench.parse_dax_section(console, STATS)
 
 
 # guest/scripts/selftest.sh on kvm_pvm (quiet): kernel-log copies and tty copies, one cut by the other.
@@ -407,13 +423,13 @@ minivmm: selftest done ok=5 failed=1 uptime=78.10
 
 
 def test_parse_selftest_section():
-    fig = bench.parse_selftest_section(SELFTEST_STDOUT, {})
+    fig = bench.parse_selftest_section(SELFTEST_STDOUT, STATS)
     assert fig["fork_exec_ms_per_cycle"] == pytest.approx(519.8)
     assert fig["sleep_1_guest_s"] == pytest.approx(1.55)
     assert fig["guest_uptime_at_done_s"] == pytest.approx(78.1)
     assert fig["selftest_failed"] == 1
     assert fig["selftest_failures"] == ["selftest pipe: FAILED run 2 of 10: wc killed by SIGSEGV (status 139); earlier runs: 77"]
     with pytest.raises(bench.BootFailed, match="never printed"):
-        bench.parse_selftest_section(SELFTEST_STDOUT.replace("selftest done", "selftest dnoe"), {})
+        bench.parse_selftest_section(SELFTEST_STDOUT.replace("selftest done", "selftest dnoe"), STATS)
     with pytest.raises(bench.BootFailed, match="fork-exec"):
-        bench.parse_selftest_section(SELFTEST_STDOUT.replace("fork-exec: ok", "fork-exec: FAILED"), {})
+        bench.parse_selftest_section(SELFTEST_STDOUT.replace("fork-exec: ok", "fork-exec: FAILED"), STATS)

@@ -15,29 +15,22 @@ from __future__ import annotations
 import re
 
 import pytest
-from bootutil import (
-    SOFTWARE_KVM,
-    TRACEBACK,
-    Run,
-    index_of,
-    init_lines,
-    kernel_command_line,
-    run_minivmm,
-    stats_devices,
-    stats_exits,
-)
+from bootutil import SOFTWARE_KVM, TRACEBACK, index_of, init_lines, kernel_command_line, run_minivmm
+from support.runner import RunResult
 
 pytestmark = pytest.mark.boot
 
 BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test"
-SOFTWARE_KVM_NOTICE = re.compile(r"^minivmm: software KVM \(kvm_pvm\) detected: .*clearcpuid=", re.MULTILINE)
+SOFTWARE_KVM_NOTICE = "minivmm: software KVM (kvm_pvm) detected: "
 
 
-def boot(args: list, tmp_path, record_property) -> Run:
-    run = run_minivmm(["run", *args], tmp_path)
-    record_property("boot_seconds", round(run.seconds, 1))
-    print(f"boot took {run.seconds:.1f} s (status {run.status})")
+def boot(args: list, tmp_path, record_property) -> RunResult:
+    run = run_minivmm(args, tmp_path)
+    record_property("boot_seconds", round(run.wall, 1))
+    print(f"boot took {run.wall:.1f} s (status {run.status})")
     assert TRACEBACK not in run.stderr, run.describe()
+    assert run.stats is not None, f"no --stats-json written\n{run.describe()}"
+    assert (run.stats.stop_status, f"minivmm: {run.stats.stop_reason}") == (run.status, last_line(run.stderr)), run.describe()
     return run
 
 
@@ -46,7 +39,7 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def assert_in_order(run: Run, lines: list[str], patterns: list[str]) -> list[re.Match]:
+def assert_in_order(run: RunResult, lines: list[str], patterns: list[str]) -> list[re.Match]:
     """Each regex matches a later init line than the previous one; returns the matches."""
     matches, pos = [], 0
     for pattern in patterns:
@@ -57,7 +50,7 @@ def assert_in_order(run: Run, lines: list[str], patterns: list[str]) -> list[re.
     return matches
 
 
-def assert_command_line(run: Run, given: str) -> str:
+def assert_command_line(run: RunResult, given: str) -> str:
     """The kernel echoed our command line; on a software KVM minivmm appended clearcpuid=."""
     echoed = kernel_command_line(run.stdout)
     assert echoed is not None, f"the kernel did not print 'Command line: ...'\n{run.describe()}"
@@ -65,7 +58,8 @@ def assert_command_line(run: Run, given: str) -> str:
     added = echoed[len(given) :].split()
     if SOFTWARE_KVM:
         assert any(w.startswith("clearcpuid=") for w in added), f"clearcpuid= not added on kvm_pvm: {echoed!r}"
-        assert SOFTWARE_KVM_NOTICE.search(run.stderr), f"no software-KVM notice on stderr\n{run.describe()}"
+        notice = [line for line in run.stderr.splitlines() if line.startswith(SOFTWARE_KVM_NOTICE)]
+        assert notice and "clearcpuid=" in notice[0], f"no software-KVM notice on stderr\n{run.describe()}"
     else:
         assert "clearcpuid=" not in echoed, f"clearcpuid= added without kvm_pvm: {echoed!r}"
         assert "software KVM" not in run.stderr, run.describe()
@@ -103,22 +97,25 @@ def test_pvh_poweroff_with_stats(guest, tmp_path, record_property):
     assert run.stdout.find("reboot: Power down") > run.stdout.find("minivmm-test: end action=poweroff") >= 0, run.describe()
     assert "Kernel panic" not in run.stdout
 
-    # --stats: exits by kind, devices, time inside/outside KVM_RUN.
-    exits, devices = stats_exits(run.stderr), stats_devices(run.stderr)
-    assert exits.get("io", 0) > 0, f"no io exits in --stats\n{run.describe()}"
-    assert devices.get("serial", 0) > 0, f"no serial device line in --stats\n{run.describe()}"
-    assert devices.get("acpi-sleep", 0) > 0, run.describe()  # the S5 write that ended the run
+    # --stats-json: exits by kind, devices, time inside/outside KVM_RUN.
+    stats = run.stats
+    (vcpu0,) = stats.vcpus
+    exits, devices = vcpu0.by_kind, vcpu0.by_device
+    assert exits["io"] > 0, f"no io exits in --stats-json\n{run.describe()}"
+    assert devices["serial"] > 0, f"no serial device in --stats-json\n{run.describe()}"
+    assert devices["acpi-sleep"] > 0, run.describe()  # the S5 write that ended the run
     # string I/O makes one exit count several accesses: accesses >= I/O and MMIO exits
-    assert sum(devices.values()) >= exits.get("io", 0) + exits.get("mmio", 0)
-    m = re.search(r"^vcpu0: (\d+) exits; in KVM_RUN ([0-9.]+) s, outside ([0-9.]+) s, wall ([0-9.]+) s$", run.stderr, re.MULTILINE)
-    assert m, f"no vcpu0 time line in --stats\n{run.describe()}"
-    total, inside, outside, wall = int(m.group(1)), *map(float, m.group(2, 3, 4))
-    assert total == sum(exits.values()), (total, exits)
-    assert inside > 0 and outside > 0, m.group(0)
-    assert inside + outside <= wall + 0.01, m.group(0)
-    assert wall <= run.seconds, (m.group(0), run.seconds)
-    # the stats come before the final line, on stderr only
-    assert run.stderr.index("vcpu0:") < run.stderr.rindex("minivmm: guest powered off")
+    assert sum(devices.values()) >= exits["io"] + exits["mmio"]
+    inside, outside, wall = vcpu0.time_in_run, vcpu0.time_outside, stats.wall_time
+    assert vcpu0.exits == sum(exits.values()) > 0, exits
+    assert inside > 0 and outside > 0, (inside, outside)
+    assert inside + outside <= wall + 0.01, (inside, outside, wall)
+    assert wall <= run.wall and stats.startup is not None and 0 < stats.startup < run.wall, (stats.startup, wall, run.wall)
+    # --stats printed the same structure as text, just before the final line, on stderr only
+    report = stats.render_text().splitlines()
+    err = run.stderr.splitlines()
+    assert report[0].startswith("startup: first KVM_RUN ") and report[1].startswith(f"vcpu0: {vcpu0.exits} exits; ")
+    assert err[-1 - len(report) : -1] == report, run.describe()
     assert "exits io:" not in run.stdout
 
 
@@ -150,8 +147,8 @@ def test_pvh_panic(guest, tmp_path, record_property):
     cmdline = f"{BASE_CMDLINE} minivmm.steps=hello minivmm.end=panic"
     run = boot(["--cmdline", cmdline], tmp_path, record_property)
     assert run.status != 0, run.describe()
-    assert re.search(r"\bpanic", last_line(run.stderr), re.IGNORECASE), run.describe()
-    assert last_line(run.stderr).startswith("minivmm: guest "), run.describe()
+    # boot() checked that the final line is this reason (the old check: "minivmm: guest ...\bpanic")
+    assert run.stats.stop_reason == "guest kernel panicked (pvpanic)", run.describe()
 
     assert_command_line(run, cmdline)
     assert_in_order(run, init_lines(run.stdout), [r"^hello pid=1$", r"^done ok=1 failed=0$", r"^end action=panic$"])

@@ -28,9 +28,10 @@ def test_vmlinux_pvh(guest_kernel_dir, mem):
     entry = boot.entry
     with open(path, "rb") as f:
         elf = ELFFile(f)
-        phys32 = []
+        phys32, loads = [], 0
         for seg in elf.iter_segments():
             if seg.header.p_type == "PT_LOAD":
+                loads += 1
                 data = seg.data()
                 assert mem.read(seg.header.p_paddr, len(data)) == data
                 tail = seg.header.p_memsz - seg.header.p_filesz
@@ -40,7 +41,7 @@ def test_vmlinux_pvh(guest_kernel_dir, mem):
                 for note in seg.iter_notes():
                     if note["n_name"] == "Xen" and note["n_type"] == pvh.XEN_ELFNOTE_PHYS32_ENTRY:
                         phys32.append(int.from_bytes(note["n_descdata"], "little"))
-    assert entry.regs.rip in phys32
+    assert loads > 0 and entry.regs.rip in phys32
     assert entry.mode is CpuMode.PROTECTED32 and entry.regs.rbx == layout.PVH_START_INFO.base
     magic, version, *_ = mem.read_struct(entry.regs.rbx, pvh.HVM_START_INFO)
     assert (magic, version) == (pvh.XEN_HVM_START_MAGIC_VALUE, 1)

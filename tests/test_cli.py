@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-from bootutil import TRACEBACK, Run, cli
+from bootutil import TRACEBACK, cli
+from support.runner import RunResult
 
 from minivmm import __version__
 
@@ -21,7 +22,7 @@ MiB = 1 << 20
 ONE_ERROR_LINE = re.compile(r"^minivmm(?: run| guest)?: error: \S.*$")
 
 
-def assert_user_error(run: Run, pattern: str | None = None) -> str:
+def assert_user_error(run: RunResult, pattern: str | None = None) -> str:
     """Exit status 2 and exactly one `... error: ...` line on stderr (matching `pattern`)."""
     lines = run.stderr.splitlines()
     assert TRACEBACK not in run.stderr, run.describe()
@@ -294,7 +295,7 @@ def test_run_help_lists_every_option(tmp_path):
     run = cli("run", "--help", workdir=tmp_path)
     assert run.status == 0, run.describe()
     assert run.stderr == "", run.describe()
-    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--watchdog", "--help")
+    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--stats-json", "--watchdog", "--help")
     for option in options:
         assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", run.stdout), f"{option} missing from run --help\n{run.stdout}"
 

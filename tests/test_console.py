@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import select
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -25,6 +26,7 @@ from minivmm.devices.console import (
     RawTerminal,
 )
 from minivmm.eventloop import EventLoop
+from support.idle import wait_blocked_watching, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 A = bytes([CTRL_A])
@@ -221,18 +223,8 @@ def loop() -> Iterator[EventLoop]:
     assert ev.errors == []
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
-
-
 def read_available(fd: int, timeout: float = 2.0) -> bytes:
     """Drain a pty master for a little while."""
-    import select
-
     out = bytearray()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -254,7 +246,7 @@ def test_console_on_a_pty(pty: tuple[int, int], loop: EventLoop) -> None:
     with console:
         assert_raw(slave)
         os.write(master, b"root\r\x03")
-        wait_for(lambda: bytes(port.received) == b"root\r\x03")  # no ICRNL, no SIGINT
+        wait_until(lambda: bytes(port.received) == b"root\r\x03")  # no ICRNL, no SIGINT
         console.write(b"guest says hi\r\n")
         assert b"guest says hi" in read_available(master)
         os.write(master, A + b"h")
@@ -263,11 +255,11 @@ def test_console_on_a_pty(pty: tuple[int, int], loop: EventLoop) -> None:
         stats = read_available(master)
         assert b"tx_bytes=7" in stats and b"console_in=6" in stats
         os.write(master, A + b"b")
-        wait_for(lambda: port.breaks == 1)
+        wait_until(lambda: port.breaks == 1)
         os.write(master, A)
-        time.sleep(0.05)
-        os.write(master, b"x")  # the escape split across two reads
-        wait_for(lambda: quits == [True])
+        wait_until(lambda: console.parser.pending_escape)  # read on its own...
+        os.write(master, b"x")  # ...so the escape is split across two reads
+        wait_until(lambda: quits == [True])
         assert not console.reading
         assert port.received == b"root\r\x03"
     assert termios.tcgetattr(slave) == before
@@ -305,14 +297,15 @@ def test_console_with_piped_stdin(loop: EventLoop) -> None:
         with console:
             assert not console.terminal.active  # termios untouched on a pipe
             os.write(w, b"echo from a pipe\n")
-            wait_for(lambda: port.received == b"echo from a pipe\n")
+            wait_until(lambda: port.received == b"echo from a pipe\n")
             os.close(w)
             w = -1
-            wait_for(lambda: console.stdin_eof)
+            wait_until(lambda: console.stdin_eof)
             assert not console.reading
-            settled = calls
-            time.sleep(0.2)
-            assert calls == settled <= 3  # EOF removed the reader: no busy loop
+            # EOF removed the reader, so no busy loop: the loop thread sleeps in epoll_wait
+            # on its wake-up pipe alone, not on the (always readable) pipe at EOF
+            wait_blocked_watching(loop._thread, {loop._wake_r})  # type: ignore[arg-type]
+            assert calls <= 3
             console.write(b"still streaming\n")
             assert os.read(out_r, 100) == b"still streaming\n"
     finally:
@@ -395,8 +388,9 @@ def test_writer_close_unsticks_a_blocked_writer() -> None:
     t = threading.Thread(target=writer.write, args=(b"x" * (1 << 20),))
     try:
         t.start()
-        time.sleep(0.2)
-        assert t.is_alive()  # the pipe is full and nobody reads
+        # the pipe is full and nobody reads: the writer cannot finish (an explicit state)
+        wait_until(lambda: writer.bytes_written > 0 and not select.select([], [w], [], 0)[1])
+        assert writer.bytes_written < 1 << 20 and t.is_alive()
         writer.close()
         t.join(timeout=5)
         assert not t.is_alive()
@@ -440,7 +434,7 @@ def test_console_and_uart_end_to_end(loop: EventLoop) -> None:
         with console:
             uart.write(UART_IER, 1, UART_IER_RDI)
             os.write(w, b"uname -a\r" + A + A)
-            wait_for(lambda: irq.level and uart.pending_input() == 10)
+            wait_until(lambda: irq.level and uart.pending_input() == 10)
             got = bytearray()
             while uart.read(UART_LSR, 1) & UART_LSR_DR:
                 got.append(uart.read(UART_RX, 1))
@@ -449,6 +443,36 @@ def test_console_and_uart_end_to_end(loop: EventLoop) -> None:
             for ch in b"Linux\r\n":
                 uart.write(UART_TX, 1, ch)
             assert os.read(out_r, 100) == b"Linux\r\n"
+    finally:
+        for fd in (r, w, out_r, out_w):
+            os.close(fd)
+
+
+def test_ctrl_a_c_switches_between_the_guest_and_the_monitor(loop: EventLoop) -> None:
+    """In monitor mode typed lines go to the monitor (echoed, editable), not to the guest;
+    Ctrl-A c again returns to the guest."""
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    lines: list[str] = []
+
+    def monitor(line: str) -> str:
+        lines.append(line)
+        return f"ran {line}\n"
+
+    port = FakePort()
+    console = Console(loop, on_quit=lambda: None, stdin_fd=r, stdout_fd=out_w, monitor=monitor)
+    console.attach(port)
+    try:
+        with console:
+            os.write(w, b"ab\x01c")
+            wait_until(lambda: console.monitor_mode)
+            os.write(w, b"info statux\x7fs\r")
+            wait_until(lambda: lines == ["info status"])
+            os.write(w, b"\x01cdef")
+            wait_until(lambda: port.received == b"abdef")
+            shown = read_available(out_r)
+            assert b"(minivmm) info statux\b \bs\r\nran info status\r\n(minivmm) " in shown
+            assert not console.monitor_mode
     finally:
         for fd in (r, w, out_r, out_w):
             os.close(fd)

@@ -99,12 +99,17 @@ def test_ports_and_irqs():
     assert layout.PVPANIC_PORT == 0x505
     assert (layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT) == (0x600, 0x601)
     assert layout.PCI_CONFIG_ADDRESS_PORT == 0xCF8 and layout.PCI_CONFIG_PORT_COUNT == 8
+    # The GED's interrupt is an ISA pin no other device uses (and not a PCI INTx pin).
+    assert layout.GED_GSI < layout.PCI_INTX_GSI_BASE
+    assert layout.GED_GSI not in (0, 2, layout.I8042_IRQ, layout.COM1_IRQ)
     spans = [
         (layout.I8042_DATA_PORT, 1),
         (layout.I8042_COMMAND_PORT, 1),
         (layout.COM1_PORT, layout.COM1_PORT_COUNT),
         (layout.PVPANIC_PORT, 1),
         (layout.ACPI_SLEEP_CONTROL_PORT, 2),
+        (layout.GED_PORT, layout.GED_PORT_COUNT),
+        (layout.PCI_HOTPLUG_PORT, layout.PCI_HOTPLUG_PORT_COUNT),
         (layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT),
     ]
     spans.sort()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from minivmm import layout
+from support.idle import wait_until
 from support.synthetic_kernels import make_bzimage, make_pvh_elf, smoke_bzimage, smoke_code, smoke_pvh_elf
 
 SPIN = b"\xeb\xfe"  # jmp $
@@ -51,12 +52,6 @@ def kernel(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("fmt", ["pvh", "bzimage"])
@@ -102,20 +97,33 @@ def test_watchdog_dumps_state_and_stops_a_spinning_guest(tmp_path: Path) -> None
 
 
 def test_sigusr1_dumps_state_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
-    proc = minivmm("--kernel", kernel(tmp_path, "k", make_pvh_elf(SPIN)), stderr=subprocess.PIPE)
+    code = print_code(b"ready\n")
+    proc = minivmm("--kernel", kernel(tmp_path, "k", make_pvh_elf(code + SPIN)), stderr=subprocess.PIPE)
     try:
-        assert proc.stderr is not None
+        assert proc.stderr is not None and proc.stdout is not None
         os.set_blocking(proc.stderr.fileno(), False)
-        time.sleep(2.0)  # interpreter start-up and boot
+        os.set_blocking(proc.stdout.fileno(), False)
+        out = b""
+
+        def ready() -> bool:  # the guest runs: the signal handlers are installed
+            nonlocal out
+            try:
+                out += os.read(proc.stdout.fileno(), 4096)
+            except BlockingIOError:
+                pass
+            return b"ready" in out
+
+        wait_until(ready, "the guest's ready line", timeout=30)
         proc.send_signal(signal.SIGUSR1)
         seen = ""
+        rip = 0x1000000 + len(code)
 
         def dumped() -> bool:
             nonlocal seen
             seen += proc.stderr.read() or ""
-            return "code at 0x1000000: eb fe" in seen
+            return f"code at {rip:#x}: eb fe" in seen
 
-        wait_for(dumped)
+        wait_until(dumped, "the vCPU dump", timeout=20)
         assert proc.poll() is None  # still running after the dump
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from minivmm.pci.config import PciConfigSpace
-from minivmm.pci.fakes import FakeInterruptController
+from support.fakes import FakeInterruptController
 from minivmm.pci.msix import MsixTable
 from minivmm.pci.pci_regs import (
     PCI_CAP_ID_MSIX,

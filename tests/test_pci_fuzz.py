@@ -46,7 +46,7 @@ from minivmm.devices.virtio.pci import (
 from minivmm.devices.virtio.pmem import VIRTIO_PMEM_REQ_TYPE_FLUSH, VirtioPmem
 from minivmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE, virtq_desc
 from minivmm.memory import GuestMemory, Region
-from minivmm.pci.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
+from support.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
 from minivmm.pci.host import PciHostBridge
 from minivmm.pmemfile import PmemBacking, PmemSpec, open_backing
 from minivmm.ranges import AddressRange

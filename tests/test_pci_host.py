@@ -7,7 +7,7 @@ import pytest
 from minivmm.bus import Bus
 from minivmm.pci.config import PciConfigSpace
 from minivmm.pci.device import IoEventFd, PciDevice
-from minivmm.pci.fakes import FakeIoEventRegistry, GuestConf1
+from support.fakes import FakeIoEventRegistry, GuestConf1
 from minivmm import layout
 from minivmm.allocator import AddressAllocator
 from minivmm.errors import UserError

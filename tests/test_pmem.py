@@ -20,7 +20,9 @@ from minivmm.devices.virtio.pmem import (
 )
 from minivmm.devices.virtio.queue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue, virtq_desc
 from minivmm.memory import GuestMemory
+from minivmm.stats import PmemDeviceStats
 from minivmm.pmemfile import PmemSpec, open_backing
+from support.idle import epoll_watched, wait_blocked_watching
 
 RAM = 0x4000_0000  # guest RAM does not start at 0 here
 QSIZE = 256
@@ -98,6 +100,13 @@ class Harness:
     def kick(self) -> None:
         os.eventfd_write(self.notify, 1)
 
+    def wait_idle(self) -> None:
+        """Wait until the flusher has finished its batches and waits for the next kick (in
+        epoll on its stop pipe and the notify eventfd): after that, nothing more happens."""
+        flusher = self.dev._flusher
+        assert flusher is not None
+        wait_blocked_watching(flusher.thread, {flusher.stop_r, self.notify})
+
     def close(self) -> None:
         self.dev.reset()
         os.close(self.notify)
@@ -154,6 +163,7 @@ def test_flush_end_to_end(harness, fsync_calls, backing) -> None:
     head = d.add()
     harness.kick()
     d.wait_used(1)
+    harness.wait_idle()
     assert d.ret(head) == 0
     assert d.used(0) == (head, 4)
     assert len(fsync_calls) == 1
@@ -161,8 +171,8 @@ def test_flush_end_to_end(harness, fsync_calls, backing) -> None:
     with open(backing.path, "rb") as f:
         assert f.read(5) == b"hello"
     st = harness.dev.stats()
-    assert st["flush_requests"] == 1 and st["host_fsyncs"] == 1 and st["batches"] == 1
-    assert st["service_time_max"] >= st["fsync_time_max"] > 0
+    assert st.flush_requests == 1 and st.host_fsyncs == 1 and st.batches == 1
+    assert st.service_time_max >= st.fsync_time_max > 0
     assert not harness.reset_requested.is_set()
 
 
@@ -177,8 +187,9 @@ def test_unknown_type_is_an_error(harness, fsync_calls) -> None:
     good = d.add()
     harness.kick()
     d.wait_used(2)
+    harness.wait_idle()
     assert d.ret(good) == 0 and len(fsync_calls) == 1
-    assert harness.dev.stats()["bad_requests"] == 1
+    assert harness.dev.stats().bad_requests == 1
     assert not harness.reset_requested.is_set()
 
 
@@ -199,13 +210,21 @@ def test_malformed_chain_needs_reset(harness, fsync_calls, descs) -> None:
     d.add(descs=descs)
     harness.kick()
     assert harness.reset_requested.wait(TIMEOUT)
-    time.sleep(0.05)
+    # The queue is no longer served until reset: the flusher waits on its stop pipe alone,
+    # so a kick cannot wake it (an explicit idle state, not a pause).
+    flusher = harness.dev._flusher
+    wait_blocked_watching(flusher.thread, {flusher.stop_r})
     assert d.used_idx() == 0 and fsync_calls == []
-    d.add()  # the queue is no longer served until reset
+    try:
+        os.eventfd_read(harness.notify)  # the first kick, if the flusher found the chain without it
+    except BlockingIOError:
+        pass
+    d.add()
     harness.kick()
-    time.sleep(0.1)
+    assert epoll_watched(flusher.thread) == {flusher.stop_r}
+    assert os.eventfd_read(harness.notify) == 1  # the kick is still there: nobody consumed it
     assert d.used_idx() == 0
-    assert harness.dev.errors == [] and harness.dev.stats()["malformed"] == 1
+    assert harness.dev.errors == [] and harness.dev.stats().malformed == 1
 
 
 def test_good_requests_before_a_malformed_one_complete(harness) -> None:
@@ -234,12 +253,13 @@ def test_fsync_failure_reports_error(harness, backing, monkeypatch) -> None:
     d.wait_used(2)
     assert all(d.ret(h) != 0 for h in heads)
     st = harness.dev.stats()
-    assert st["fsync_errors"] == 1 and st["host_fsyncs"] == 1
-    assert st["flush_failed_errno"] == errno.EIO
+    assert st.fsync_errors == 1 and st.host_fsyncs == 1
+    assert st.flush_failed_errno == errno.EIO
     monkeypatch.setattr(os, "fdatasync", real)  # the host would succeed now, but the data is gone
     h = d.add()
     harness.kick()
     d.wait_used(3)
+    harness.wait_idle()
     assert d.ret(h) != 0  # sticky (issue 9 item 1): never reported durable again
     assert not harness.reset_requested.is_set()
 
@@ -282,9 +302,13 @@ def test_flush_failure_is_sticky_across_reset(harness, backing, monkeypatch, cap
     harness.activate()
     assert all(_flush(harness) != 0 for _ in range(5))
     assert len(calls) == 1  # never asked the host again: its success would be a lie
+    harness.wait_idle()
     st = harness.dev.stats()
-    assert st["flush_failed_errno"] == errno.EIO and st["fsync_errors"] == 1
-    assert st["flush_requests"] == 11
+    assert st.flush_failed_errno == errno.EIO and st.fsync_errors == 1
+    assert st.flush_requests == 11
+    shown = PmemDeviceStats(backing.id, str(backing.path), st)  # what --stats and the JSON say
+    assert f"FLUSHES FAILING since errno {errno.EIO}" in shown.render_text()
+    assert PmemDeviceStats.from_dict(shown.to_dict()).counters.flush_failed_errno == errno.EIO
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if "fdatasync" in line]
     assert len(lines) == 1, err
@@ -299,7 +323,7 @@ def test_fail_flushes_from_outside(harness, fsync_calls, capfd) -> None:
     harness.dev.fail_flushes(errno.EIO, "again")  # the first cause stays, no second message
     assert _flush(harness) != 0 and _flush(harness) != 0
     assert len(fsync_calls) == 1
-    assert harness.dev.stats()["flush_failed_errno"] == errno.EFAULT
+    assert harness.dev.stats().flush_failed_errno == errno.EFAULT
     assert capfd.readouterr().err.count("every later flush") == 1
 
 
@@ -308,14 +332,14 @@ def test_group_commit(harness, backing, monkeypatch) -> None:
     fsync that started after the request was made available."""
     real = os.fdatasync
     fsyncs: list[tuple[float, float]] = []
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow(fd: int) -> None:
         if fd != backing.fd:
             return real(fd)
         t0 = time.monotonic()
         started.set()
-        time.sleep(0.15)
+        release.wait(TIMEOUT)  # the first fsync lasts until every other request has arrived
         real(fd)
         fsyncs.append((t0, time.monotonic()))
 
@@ -329,9 +353,9 @@ def test_group_commit(harness, backing, monkeypatch) -> None:
     for _ in range(n - 1):  # all arrive while the first fsync runs
         d.add()
         harness.kick()
-        time.sleep(0.001)
+    release.set()
     d.wait_used(n)
-    assert len(fsyncs) < n and len(fsyncs) <= 3
+    assert len(fsyncs) == 2  # the first request's, then one for the 39 that arrived during it
     assert all(d.ret(head) == 0 for head in d.submitted)
     # ack time of each used entry: the signal_used call that first saw it in the used ring
     acked: dict[int, float] = {}
@@ -342,7 +366,7 @@ def test_group_commit(harness, backing, monkeypatch) -> None:
     for head, submitted in d.submitted.items():
         covering = [s for s, e in fsyncs if s > submitted and e <= acked[head]]
         assert covering, f"request {head} acknowledged without an fsync started after it"
-    assert harness.dev.stats()["host_fsyncs"] == len(fsyncs)
+    assert harness.dev.stats().host_fsyncs == len(fsyncs)
 
 
 def test_no_interrupt_flag_suppresses_signal(harness) -> None:
@@ -351,8 +375,8 @@ def test_no_interrupt_flag_suppresses_signal(harness) -> None:
     harness.driver.add()
     harness.kick()
     harness.driver.wait_used(1)
-    time.sleep(0.02)
-    assert harness.signals == []
+    harness.wait_idle()
+    assert harness.dev.stats().batches == 1 and harness.signals == []
 
 
 def test_reset_and_reactivate(harness, fsync_calls) -> None:
@@ -376,10 +400,11 @@ def test_reset_and_reactivate(harness, fsync_calls) -> None:
 def test_flush_does_not_block_other_threads(harness, backing, monkeypatch) -> None:
     """The fsync runs on the device's own thread: the caller of activate/kick is never blocked."""
     real = os.fdatasync
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def stuck(fd: int) -> None:
         if fd == backing.fd:
+            entered.set()
             release.wait(TIMEOUT)
         real(fd)
 
@@ -389,8 +414,8 @@ def test_flush_does_not_block_other_threads(harness, backing, monkeypatch) -> No
     harness.driver.add()
     harness.kick()
     assert time.monotonic() - t0 < 0.5
-    time.sleep(0.05)
-    assert harness.driver.used_idx() == 0
+    assert entered.wait(TIMEOUT)  # the flusher thread is inside the fsync...
+    assert harness.driver.used_idx() == 0  # ...so the request is not acknowledged yet
     release.set()
     harness.driver.wait_used(1)
 
@@ -416,7 +441,7 @@ def test_discard_writes(tmp_path: Path, monkeypatch) -> None:
             h.kick()
             h.driver.wait_used(1)
             assert h.driver.ret(head) == 0
-            assert calls == [] and h.dev.stats()["host_fsyncs"] == 0 and h.dev.stats()["flush_requests"] == 1
+            assert calls == [] and h.dev.stats().host_fsyncs == 0 and h.dev.stats().flush_requests == 1
         finally:
             h.close()
     finally:

@@ -26,10 +26,15 @@ from pmembootutil import (
     TOKEN_PATH_IN_FS,
     MiB,
     cat_file,
+    check,
     default_guest,
     extract_test_init,
+    init_line,
+    init_lines,
+    init_lines_with,
     install_init,
     make_ext4,
+    pmem_stats,
     run_minivmm,
     sha256,
     superblock,
@@ -58,61 +63,66 @@ def test_kernel_mounts_pmem_root_and_flushes(tmp_path, kernel_kind):
             "--pmem", str(image),
             "--cmdline",
             f"{BASE_CMDLINE} root=/dev/pmem0 rootfstype=ext4 rw minivmm.steps=hello minivmm.end=poweroff",
-            "--stats",
         ],
     )  # fmt: skip
 
     # The kernel found the device, mounted the root from it, and ran the image's init.
-    run.check(
+    check(
+        run,
         re.search(r"^EXT4-fs \(pmem0\): mounted filesystem", run.stdout, re.MULTILINE),
         "the kernel did not mount ext4 from pmem0",
     )
-    run.check(
+    check(
+        run,
         re.search(r"^VFS: Mounted root \(ext4 filesystem\) on device 259:0\.", run.stdout, re.MULTILINE),
         "no 'VFS: Mounted root (ext4 filesystem)' line for /dev/pmem0 (block major 259)",
     )
-    run.check(re.search(r"^Run /sbin/init as init process", run.stdout, re.MULTILINE), "the kernel did not run /sbin/init")
-    run.check("hello pid=1" in run.init_lines(), "the init from the pmem root did not say hello as pid 1")
-    run.check("done ok=1 failed=0" in run.init_lines(), "the init's steps did not all pass")
+    check(run, re.search(r"^Run /sbin/init as init process", run.stdout, re.MULTILINE), "the kernel did not run /sbin/init")
+    check(run, "hello pid=1" in init_lines(run), "the init from the pmem root did not say hello as pid 1")
+    check(run, "done ok=1 failed=0" in init_lines(run), "the init's steps did not all pass")
     _check_poweroff(run)
 
     # The kernel's superblock update landed in the host file (read without mounting).
     after = superblock(image)
-    run.check(
+    check(
+        run,
         int(after["Mount count"]) > int(before["Mount count"]),
         f"Mount count {before['Mount count']} -> {after['Mount count']}: the mount did not reach the file",
     )
-    run.check(
+    check(
+        run,
         after["Last mount time"] != before["Last mount time"],
         f"Last mount time unchanged ({after['Last mount time']})",
     )
 
     # The kernel's flushes (journal commits, FUA superblock writes, sync() at the end) were
     # served as virtio-pmem flush requests, each batch covered by a host fdatasync.
-    st = run.stats_for("pmem0")
-    run.check(st.path == str(image), f"pmem0 is backed by {st.path}, not {image}")
-    run.check(st.flush_requests >= 1, f"no flush requests for pmem0 ({st})")
-    run.check(st.host_fsyncs >= 1, f"no host fsyncs for pmem0 ({st})")
-    run.check(st.host_fsyncs <= st.flush_requests, f"more host fsyncs than flush requests ({st})")
+    st = pmem_stats(run, "pmem0")
+    check(run, st.path == str(image), f"pmem0 is backed by {st.path}, not {image}")
+    check(run, st.counters.flush_requests >= 1, f"no flush requests for pmem0 ({st})")
+    check(run, st.counters.host_fsyncs >= 1, f"no host fsyncs for pmem0 ({st})")
+    check(run, st.counters.host_fsyncs <= st.counters.flush_requests, f"more host fsyncs than flush requests ({st})")
 
 
 def _check_poweroff(run) -> None:
     """Exit status 0 because the guest powered off (a SIGTERM stop also exits 0)."""
-    run.check("end action=poweroff" in run.init_lines(), "the init did not reach its poweroff")
-    run.check("powered off" in run.stderr, "minivmm did not report that the guest powered off")
-    run.check(run.returncode == 0, f"minivmm exited {run.returncode}, not 0, after the guest's poweroff")
+    check(run, "end action=poweroff" in init_lines(run), "the init did not reach its poweroff")
+    check(run, "powered off" in run.stderr, "minivmm did not report that the guest powered off")
+    check(run, run.stop_reason == "guest powered off (ACPI S5)", f"--stats-json says the run ended by {run.stop_reason!r}")
+    check(run, run.status == 0, f"minivmm exited {run.status}, not 0, after the guest's poweroff")
 
 
 def _check_steps_passed(run, n_steps: int) -> None:
-    run.check(f"done ok={n_steps} failed=0" in run.init_lines(), f"not all {n_steps} init steps passed")
-    failed = [line for line in run.init_lines() if "FAILED" in line]
-    run.check(not failed, "init steps failed: " + " | ".join(failed))
+    check(run, f"done ok={n_steps} failed=0" in init_lines(run), f"not all {n_steps} init steps passed")
+    failed = [line for line in init_lines(run) if "FAILED" in line]
+    check(run, not failed, "init steps failed: " + " | ".join(failed))
 
 
 def _check_dax_mount(run) -> None:
-    mount = run.init_line("pmem-mount ")
-    run.check(mount is not None, "no pmem-mount result line")
-    run.check(
+    mount = init_line(run, "pmem-mount ")
+    check(run, mount is not None, "no pmem-mount result line")
+    check(
+        run,
         mount.startswith("pmem-mount dev=/dev/pmem0 dir=/mnt dax=1"),
         f"/dev/pmem0 was not mounted with DAX: {mount!r}",
     )
@@ -140,39 +150,39 @@ def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
             "--pmem", f"{img1},size=64M",
             "--cmdline",
             f"{BASE_CMDLINE} rdinit=/sbin/minivmm-test minivmm.steps={','.join(steps)} minivmm.end=poweroff",
-            "--stats",
         ],
     )  # fmt: skip
     _check_poweroff(run)
-    run.check(img1.is_file() and img1.stat().st_size == 64 * MiB, f"{img1} not created at 64 MiB")
+    check(run, img1.is_file() and img1.stat().st_size == 64 * MiB, f"{img1} not created at 64 MiB")
 
-    listed = run.init_lines_with("pmem-list dev=")
-    run.check(
+    listed = init_lines_with(run, "pmem-list dev=")
+    check(
+        run,
         sorted(listed) == ["pmem-list dev=pmem0 bytes=134217728 dax=1", "pmem-list dev=pmem1 bytes=67108864 dax=1"],
         f"expected pmem0 = 128 MiB and pmem1 = 64 MiB, both DAX-capable, in --pmem order; got {listed}",
     )
-    run.check("pmem-list count=2" in run.init_lines(), "the guest does not see exactly two pmem devices")
+    check(run, "pmem-list count=2" in init_lines(run), "the guest does not see exactly two pmem devices")
     # The guest kernel enumerated bus 0 through conf1: the host bridge and one virtio-pmem-pci
     # function per --pmem (virtio 1.x modern: device 0x1040 + 27, class 0xff0000), in order.
     for bdf, ids, cls in (("00:00.0", "1b36:0008", "0x060000"), ("00:01.0", "1af4:105b", "0xff0000"), ("00:02.0", "1af4:105b", "0xff0000")):
-        run.check(f"pci 0000:{bdf}: [{ids}] type 00 class {cls}" in run.stdout, f"the guest kernel did not enumerate {bdf} as [{ids}] class {cls}")
+        check(run, f"pci 0000:{bdf}: [{ids}] type 00 class {cls}" in run.stdout, f"the guest kernel did not enumerate {bdf} as [{ids}] class {cls}")
     _check_dax_mount(run)
-    run.check(f"pmem-write token={token}" in run.init_lines(), "the token was not written (and fsynced)")
-    run.check(f"pmem-read token={token}" in run.init_lines(), "the token was not read back in the guest")
-    run.check(run.init_line("flush-threads threads=4 n=4 ") is not None, "flush-threads:4x4 did not complete")
-    run.check("umount dir=/mnt" in run.init_lines(), "/mnt was not unmounted")
+    check(run, f"pmem-write token={token}" in init_lines(run), "the token was not written (and fsynced)")
+    check(run, f"pmem-read token={token}" in init_lines(run), "the token was not read back in the guest")
+    check(run, init_line(run, "flush-threads threads=4 n=4 ") is not None, "flush-threads:4x4 did not complete")
+    check(run, "umount dir=/mnt" in init_lines(run), "/mnt was not unmounted")
     _check_steps_passed(run, len(steps))
 
     # The host sees the token in the backing file, read with debugfs (no mount).
     on_host = cat_file(img0, TOKEN_PATH_IN_FS)
-    run.check(on_host == f"{token}\n", f"{img0}:{TOKEN_PATH_IN_FS} holds {on_host!r}, not the token")
+    check(run, on_host == f"{token}\n", f"{img0}:{TOKEN_PATH_IN_FS} holds {on_host!r}, not the token")
 
-    st0 = run.stats_for("pmem0")
-    run.check(st0.path == str(img0), f"pmem0 is backed by {st0.path}, not {img0}")
-    run.check(st0.flush_requests >= 1 and st0.host_fsyncs >= 1, f"pmem0: no flushes or no host fsyncs ({st0})")
-    run.check(st0.host_fsyncs <= st0.flush_requests, f"pmem0: more host fsyncs than flush requests ({st0})")
-    st1 = run.stats_for("pmem1")
-    run.check(st1.path == str(img1), f"pmem1 is backed by {st1.path}, not {img1}")
+    st0 = pmem_stats(run, "pmem0")
+    check(run, st0.path == str(img0), f"pmem0 is backed by {st0.path}, not {img0}")
+    check(run, st0.counters.flush_requests >= 1 and st0.counters.host_fsyncs >= 1, f"pmem0: no flushes or no host fsyncs ({st0})")
+    check(run, st0.counters.host_fsyncs <= st0.counters.flush_requests, f"pmem0: more host fsyncs than flush requests ({st0})")
+    st1 = pmem_stats(run, "pmem1")
+    check(run, st1.path == str(img1), f"pmem1 is backed by {st1.path}, not {img1}")
 
     # ---- boot 2: same image, discard-writes=on
     digest = sha256(img0)
@@ -186,25 +196,25 @@ def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
             "--pmem", f"{img0},discard-writes=on",
             "--cmdline",
             f"{BASE_CMDLINE} rdinit=/sbin/minivmm-test minivmm.steps={','.join(steps)} minivmm.end=poweroff",
-            "--stats",
         ],
     )  # fmt: skip
     _check_poweroff(run)
-    mount = run.init_line("pmem-mount ")
-    run.check(mount is not None and mount.startswith("pmem-mount dev=/dev/pmem0 dir=/mnt dax="), f"mount failed: {mount!r}")
-    reads = run.init_lines_with("pmem-read ")
-    run.check(
+    mount = init_line(run, "pmem-mount ")
+    check(run, mount is not None and mount.startswith("pmem-mount dev=/dev/pmem0 dir=/mnt dax="), f"mount failed: {mount!r}")
+    reads = init_lines_with(run, "pmem-read ")
+    check(
+        run,
         reads == [f"pmem-read token={token}", f"pmem-read token={token2}"],
         f"expected the first boot's token, then the new one; got {reads}",
     )
-    run.check(f"pmem-write token={token2}" in run.init_lines(), "the guest could not write (and fsync) token2")
-    run.check("umount dir=/mnt" in run.init_lines(), "/mnt was not unmounted")
+    check(run, f"pmem-write token={token2}" in init_lines(run), "the guest could not write (and fsync) token2")
+    check(run, "umount dir=/mnt" in init_lines(run), "/mnt was not unmounted")
     _check_steps_passed(run, len(steps))
 
-    run.check(sha256(img0) == digest, f"{img0} changed during a discard-writes=on boot")
-    st = run.stats_for("pmem0")
-    run.check(st.flush_requests >= 1, f"no flush requests with discard-writes=on ({st})")
-    run.check(st.host_fsyncs == 0, f"discard-writes=on made host fsyncs ({st})")
+    check(run, sha256(img0) == digest, f"{img0} changed during a discard-writes=on boot")
+    st = pmem_stats(run, "pmem0")
+    check(run, st.counters.flush_requests >= 1, f"no flush requests with discard-writes=on ({st})")
+    check(run, st.counters.host_fsyncs == 0, f"discard-writes=on made host fsyncs ({st})")
 
 
 def test_pci_nomsi_pmem_works_over_intx(tmp_path):
@@ -229,18 +239,19 @@ def test_pci_nomsi_pmem_works_over_intx(tmp_path):
         ],
     )  # fmt: skip
     _check_poweroff(run)
-    run.check("pci=nomsi" in run.stdout, "the guest kernel's command line does not show pci=nomsi")
-    run.check(
-        run.init_lines_with("pmem-list dev=") == ["pmem-list dev=pmem0 bytes=67108864 dax=1"],
-        f"pmem0 (64 MiB, DAX) missing under pci=nomsi: {run.init_lines_with('pmem-list')}",
+    check(run, "pci=nomsi" in run.stdout, "the guest kernel's command line does not show pci=nomsi")
+    check(
+        run,
+        init_lines_with(run, "pmem-list dev=") == ["pmem-list dev=pmem0 bytes=67108864 dax=1"],
+        f"pmem0 (64 MiB, DAX) missing under pci=nomsi: {init_lines_with(run, 'pmem-list')}",
     )
-    run.check(not re.search(r"virtio_pmem.*(fail|error)", run.stdout, re.IGNORECASE), "virtio_pmem reported a failure")
+    check(run, not re.search(r"virtio_pmem.*(fail|error)", run.stdout, re.IGNORECASE), "virtio_pmem reported a failure")
     _check_dax_mount(run)
-    run.check(f"pmem-write token={token}" in run.init_lines(), "the token was not written and fsynced over INTx")
-    run.check(f"pmem-read token={token}" in run.init_lines(), "the token was not read back")
-    run.check(run.init_line("flush-threads threads=2 n=4 ") is not None, "flush-threads:2x4 did not complete over INTx")
+    check(run, f"pmem-write token={token}" in init_lines(run), "the token was not written and fsynced over INTx")
+    check(run, f"pmem-read token={token}" in init_lines(run), "the token was not read back")
+    check(run, init_line(run, "flush-threads threads=2 n=4 ") is not None, "flush-threads:2x4 did not complete over INTx")
     _check_steps_passed(run, len(steps))
     on_host = cat_file(img, TOKEN_PATH_IN_FS)
-    run.check(on_host == f"{token}\n", f"{img}:{TOKEN_PATH_IN_FS} holds {on_host!r}, not the token")
-    st = run.stats_for("pmem0")
-    run.check(st.flush_requests >= 2 and st.host_fsyncs >= 1, f"too few flushes served over INTx ({st})")
+    check(run, on_host == f"{token}\n", f"{img}:{TOKEN_PATH_IN_FS} holds {on_host!r}, not the token")
+    st = pmem_stats(run, "pmem0")
+    check(run, st.counters.flush_requests >= 2 and st.counters.host_fsyncs >= 1, f"too few flushes served over INTx ({st})")

@@ -127,24 +127,54 @@ def test_discard_writes_maps_private(tmp_path: Path) -> None:
     before = snapshot(path)
     b = open_backing(PmemSpec(str(path), discard_writes=True))
     try:
-        assert os.fstat(b.fd) and fcntl.fcntl(b.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert fcntl.fcntl(b.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
         b.mapping[:4] = b"XXXX"
         b.mapping.flush()  # msync of a private mapping writes nothing back
         assert b.mapping[:4] == b"XXXX"
+        assert snapshot(path) == before  # not even while it is mapped
     finally:
         b.close()
     assert snapshot(path) == before
 
 
 def test_two_discard_opens_share_a_file(tmp_path: Path) -> None:
+    """Two discard-writes opens of one base image (two VMs) are both admitted (shared lock) and
+    both read the file; a write through one reaches neither the other nor the file. While
+    they are open a read/write open is refused; once both are closed it is admitted."""
     path = tmp_path / "base.img"
-    path.write_bytes(bytes(2 * MiB))
+    path.write_bytes(b"\x44" * MiB + b"\x55" * MiB)
+    before = snapshot(path)
     a = open_backing(PmemSpec(str(path), discard_writes=True))
     try:
         b = open_backing(PmemSpec(str(path), discard_writes=True))  # another VM, same base image
-        b.close()
+        try:
+            for m in (a, b):
+                assert m.discard_writes and fcntl.fcntl(m.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                assert m.mapping[:2] == b"\x44\x44" and m.mapping[MiB : MiB + 2] == b"\x55\x55"
+            a.mapping[:4] = b"AAAA"
+            b.mapping[MiB : MiB + 4] = b"BBBB"
+            a.mapping.flush()
+            b.mapping.flush()
+            assert a.mapping[:4] == b"AAAA" and a.mapping[MiB : MiB + 4] == b"\x55" * 4
+            assert b.mapping[:4] == b"\x44" * 4 and b.mapping[MiB : MiB + 4] == b"BBBB"
+            assert snapshot(path) == before
+            assert "in use" in expect_user_error([path], lambda: open_backing(PmemSpec(str(path))))
+        finally:
+            b.close()
     finally:
         a.close()
+    assert snapshot(path) == before
+    open_backing(PmemSpec(str(path))).close()  # the shared locks went with the closes
+
+
+def test_discard_open_refused_while_a_writer_holds_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "base.img"
+    path.write_bytes(bytes(2 * MiB))
+    writer = open_backing(PmemSpec(str(path)))
+    try:
+        assert "in use" in expect_user_error([path], lambda: open_backing(PmemSpec(str(path), discard_writes=True)))
+    finally:
+        writer.close()
 
 
 # ---------------------------------------------------------------- opening: errors leave files untouched

@@ -14,7 +14,7 @@ from test_virtio_pci import Driver, activate
 from minivmm.devices.virtio.pci import ISR_CFG_OFFSET, NOTIFY_CFG_OFFSET, VirtioPciDevice
 from minivmm.devices.virtio.pmem import VirtioPmem
 from minivmm.memory import GuestMemory
-from minivmm.pci.fakes import FakeInterruptController
+from support.fakes import FakeInterruptController
 from minivmm.pmemfile import PmemSpec, open_backing
 
 

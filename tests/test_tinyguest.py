@@ -17,6 +17,7 @@ import pytest
 from minivmm import kvm
 from minivmm.exit_handler import Stop
 from minivmm.vcpu_exit import InterruptedExit, VcpuExit
+from support.idle import wait_until
 from tinyguest import kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 from tinyguest import (
     CODE,
@@ -348,11 +349,16 @@ def test_describe_shows_registers_and_the_code_at_rip(make_guest) -> None:
 
 def test_kick_stops_a_spinning_guest_promptly(make_guest) -> None:
     g = make_guest(long_mode=True)
-    g.mem.write(CODE, bytes(Asm(64).jmp_self()))  # jmp $
+    a = Asm(64)
+    a.inc_byte_abs(RESULTS)  # spin: inc byte [RESULTS]
+    spin_jmp = a.addr
+    a.jmp(CODE)  # jmp spin
+    g.mem.write(CODE, bytes(a))
     g.loop.start()
-    time.sleep(0.2)
+    # the counter moving is the guest running, i.e. the vCPU thread inside KVM_RUN
+    wait_until(lambda: g.mem.read_int(RESULTS, 1) != 0, "the guest to run")
     assert g.loop.thread.is_alive()
-    assert g.loop.stats.by_kind == {}  # spinning inside KVM_RUN, no exit yet
+    assert g.loop.stats.by_kind == {}  # no exit so far: the loop has no exit in it
     t0 = time.monotonic()
     g.loop.kick()
     g.loop.thread.join(2)
@@ -361,7 +367,10 @@ def test_kick_stops_a_spinning_guest_promptly(make_guest) -> None:
     assert elapsed < 2
     assert g.loop.stats.by_kind == {"intr": 1}
     assert g.stops == []  # a kick is the VMM's decision, not a guest stop
-    assert f"code at {CODE:#x}: eb fe" in g.loop.describe()
+    text = g.loop.describe()
+    code = bytes(a)
+    at_rip = (f"code at {CODE:#x}: {code.hex(' ')}", f"code at {spin_jmp:#x}: {code[spin_jmp - CODE :].hex(' ')}")
+    assert any(where in text for where in at_rip), text  # the dump shows the spin at RIP
 
 
 def test_immediate_exit_makes_kvm_run_return_as_an_intr_exit(make_guest) -> None:

@@ -13,7 +13,7 @@ from minivmm.allocator import AddressAllocator
 from minivmm.bus import Bus
 from minivmm.devices.virtio.pci import ISR_CFG_OFFSET, VirtioPciDevice
 from minivmm.memory import GuestMemory
-from minivmm.pci.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
+from support.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
 from minivmm.pci.host import PciHostBridge
 from minivmm.pci.pci_regs import (
     PCI_COMMAND,
@@ -180,6 +180,9 @@ def test_shared_gsi_is_a_wired_or():
         assert shared.history == [True, False]
         b.t[2].signal_used(0)
         assert b.line(2).level and not shared.level
+        b.t[9].signal_used(0)
+        b.bridge.remove_device(9)  # unplugged while asserting: it no longer holds the wire
+        assert not shared.level
     finally:
         b.close()
 

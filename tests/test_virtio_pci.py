@@ -36,7 +36,7 @@ from minivmm.devices.virtio.pci import (
 )
 from minivmm.devices.virtio.queue import Virtqueue
 from minivmm.memory import GuestMemory
-from minivmm.pci.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
+from support.fakes import FakeInterruptController, FakeIoEventRegistry, GuestConf1
 from minivmm import layout
 from minivmm.allocator import AddressAllocator
 from minivmm.pci.host import PciHostBridge

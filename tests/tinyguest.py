@@ -132,6 +132,14 @@ class Asm:
         """pop ax (real mode) / pop rax (long mode)  (58)"""
         return self.emit(0x58)
 
+    def push_acc(self) -> "Asm":
+        """push ax (real mode) / push rax (long mode)  (50)"""
+        return self.emit(0x50)
+
+    def cmp_al_abs(self, addr: int) -> "Asm":
+        """cmp al, byte [addr]  (3A /r: 3A 06 disp16 in real mode, 3A 04 25 disp32 in long mode)"""
+        return self.emit(0x3A, self._abs(0), self._disp(addr))
+
     # -- port I/O ----------------------------------------------------------------------------
     def out_dx_acc(self, size: int) -> "Asm":
         """out dx, al/ax/eax  (EE / [66] EF)"""
@@ -177,6 +185,26 @@ class Asm:
     def jmp_self(self) -> "Asm":
         """jmp $  (EB FE): spin forever"""
         return self.emit(0xEB, 0xFE)
+
+    def jmp(self, target: int) -> "Asm":
+        """jmp rel8  (EB cb)"""
+        return self.emit(0xEB, self._rel8(target, "jmp"))
+
+    def _rel8(self, target: int, what: str) -> int:
+        """The rel8 byte of a 2-byte jump at `addr` to `target`."""
+        rel = target - (self.addr + 2)
+        if not -128 <= rel < 128:
+            raise ValueError(f"{what} target {target:#x} out of rel8 range from {self.addr:#x}")
+        return rel & 0xFF
+
+    def loope(self, target: int) -> "Asm":
+        """loope rel8  (E1 cb): decrement CX/RCX (flags untouched), jump to `target` while it is
+        not zero and ZF=1 - a bounded wait for a compare to come out unequal"""
+        return self.emit(0xE1, self._rel8(target, "loope"))
+
+    def sti(self) -> "Asm":
+        """sti  (FB): enable maskable interrupts (after the next instruction)"""
+        return self.emit(0xFB)
 
     def int3(self) -> "Asm":
         """int3  (CC): #BP, a trap"""
@@ -249,22 +277,6 @@ def fxsave_image(fcw: int, fsw: int, mxcsr: int = 0x1F80) -> bytes:
 def idt64_gate(handler: int, selector: int = BOOT_CS) -> bytes:
     """A 64-bit interrupt gate (16 bytes): present, DPL 0, type 0xE, IST 0."""
     return struct.pack("<HHBBHII", handler & 0xFFFF, selector, 0, 0x8E, (handler >> 16) & 0xFFFF, handler >> 32, 0)
-
-
-@dataclass
-class RecordingDevice:
-    """A bus device that records writes and answers reads with a fixed pattern."""
-
-    pattern: int = 0x8877665544332211
-    writes: list[tuple[int, int, int]] = field(default_factory=list)
-    reads: list[tuple[int, int]] = field(default_factory=list)
-
-    def read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return (self.pattern >> (8 * offset)) & ((1 << (8 * size)) - 1) if offset < 8 else 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
 
 
 def pattern_byte(offset: int) -> int:

@@ -14,6 +14,12 @@ WAK_STS (0x80) to the status register to clear it, then writes
 the device on those ports: it calls `on_sleep(slp_typ)` and the machine ends the run when
 that is `S5_SLP_TYP`.
 
+Hotplug and the power button (README "Hotplug"): `\\_SB.GED0` is a Generic Event Device
+(ACPI0013, 5.6.9) whose _EVT reads the pending events (devices/acpi_ged.py) and either calls
+`\\_SB.PCI0.PSCN`, which notifies each newly filled slot object `\\_SB.PCI0.Snn`
+(devices/pci_hotplug.py), or notifies the control-method power button `\\_SB.PWRB`
+(PNP0C0C) with 0x80.
+
 The DSDT also describes the pvpanic device (`Device(PEVT)`, _HID "QEMU0001", one I/O port at
 `layout.PVPANIC_PORT`; Linux's pvpanic-mmio driver reads the port for the supported events
 and writes 1 (PVPANIC_PANICKED) on panic) and, unless `pci=False`, the PCI host bridge
@@ -28,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import layout
+from ..devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GEVT_SIZE
+from ..devices.pci_hotplug import HOTPLUG_SLOTS, PCIU_SIZE
 from ..memory import GuestMemory
 from . import aml
 
@@ -102,6 +110,12 @@ MPS_INTI_TRIGGER_EDGE = 1 << 2
 S5_SLP_TYP = 5
 
 PVPANIC_HID = "QEMU0001"
+GED_HID = "ACPI0013"  # Generic Event Device (5.6.9)
+POWER_BUTTON_HID = "PNP0C0C"  # control-method power button (4.8.2.2.1.2)
+
+# Notification values (5.6.6, table 5.166).
+NOTIFY_DEVICE_CHECK = 0x01
+NOTIFY_BUTTON_PRESSED = 0x80  # for a power button: "the button was pressed"
 
 
 def checksum(data: bytes | bytearray) -> int:
@@ -189,6 +203,75 @@ def pci_host_bridge(mem_size: int) -> bytes:
         aml.name("_BBN", aml.integer(0)),
         aml.name("_CRS", crs),
         aml.name("_PRT", prt),
+        *pci_slots(),
+        *pci_hotplug_methods(),
+    )
+
+
+def slot_name(slot: int) -> str:
+    """The ACPI name of bus-0 slot `slot`'s object under PCI0: S01 .. S31."""
+    return f"S{slot:02X}"
+
+
+def pci_slots() -> list[bytes]:
+    """One `Device (Snn)` per hot-pluggable slot: _ADR (6.1.1: device << 16 | function, here
+    function 0) and _SUN, the slot number (6.1.12). acpiphp attaches its notify handler to each (drivers/pci/hotplug/acpiphp_glue.c)."""
+    return [
+        aml.device(slot_name(slot), aml.name("_ADR", aml.integer(slot << 16)), aml.name("_SUN", aml.integer(slot)))
+        for slot in HOTPLUG_SLOTS
+    ]
+
+
+def pci_hotplug_methods() -> list[bytes]:
+    """PCIU, the hotplug controller's register (read-to-clear), and `PSCN`, which reads it
+    once and sends Device Check to each slot whose bit is set:
+
+        OperationRegion (PCST, SystemIO, PCI_HOTPLUG_PORT, 4)
+        Field (PCST, DWordAcc, NoLock, Preserve) { PCIU, 32 }
+        Method (PSCN, 0, Serialized) {
+            Local0 = PCIU
+            If (Local0 & (1 << 1)) { Notify (S01, 1) }  ... up to S1F
+        }
+    """
+    region = aml.operation_region("PCST", aml.REGION_SPACE_SYSTEM_IO, layout.PCI_HOTPLUG_PORT, PCIU_SIZE)
+    field = aml.field("PCST", aml.FIELD_ACCESS_DWORD | aml.FIELD_UPDATE_PRESERVE, ("PCIU", 8 * PCIU_SIZE))
+    notifies = [aml.if_(aml.and_(aml.local(0), aml.integer(1 << slot)), aml.notify(slot_name(slot), NOTIFY_DEVICE_CHECK)) for slot in HOTPLUG_SLOTS]
+    scan = aml.method("PSCN", 0, aml.store(aml.name_string("PCIU"), aml.local(0)), *notifies, serialized=True)
+    return [region, field, scan]
+
+
+def power_button_device() -> bytes:
+    """\\_SB.PWRB: a control-method power button (PNP0C0C). Linux's button driver makes it an
+    input device named "Power Button" that reports KEY_POWER on Notify (PWRB, 0x80)."""
+    return aml.device("PWRB", aml.name("_HID", aml.eisa_id(POWER_BUTTON_HID)), aml.name("_UID", aml.integer(0)))
+
+
+def ged_device(pci: bool = True) -> bytes:
+    """\\_SB.GED0: the Generic Event Device (ACPI0013, 5.6.9) of devices/acpi_ged.py.
+
+        Name (_CRS, ResourceTemplate () { Interrupt (ResourceConsumer, Level, ActiveHigh,
+                                                     Exclusive) { GED_GSI } })
+        OperationRegion (GDST, SystemIO, GED_PORT, 4)
+        Field (GDST, DWordAcc, NoLock, Preserve) { GEVT, 32 }
+        Method (_EVT, 1, Serialized) {
+            Local0 = GEVT
+            If (Local0 & GED_EVENT_PCI_HOTPLUG) { \\_SB.PCI0.PSCN () }
+            If (Local0 & GED_EVENT_POWER_BUTTON) { Notify (\\_SB.PWRB, 0x80) }
+        }
+    """
+    crs = aml.resource_template(aml.extended_interrupt(layout.GED_GSI, edge=False, active_low=False))
+    events = [aml.store(aml.name_string("GEVT"), aml.local(0))]
+    if pci:
+        events.append(aml.if_(aml.and_(aml.local(0), aml.integer(GED_EVENT_PCI_HOTPLUG)), aml.call("\\_SB_.PCI0.PSCN")))
+    events.append(aml.if_(aml.and_(aml.local(0), aml.integer(GED_EVENT_POWER_BUTTON)), aml.notify("\\_SB_.PWRB", NOTIFY_BUTTON_PRESSED)))
+    return aml.device(
+        "GED0",
+        aml.name("_HID", aml.string(GED_HID)),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_CRS", crs),
+        aml.operation_region("GDST", aml.REGION_SPACE_SYSTEM_IO, layout.GED_PORT, GEVT_SIZE),
+        aml.field("GDST", aml.FIELD_ACCESS_DWORD | aml.FIELD_UPDATE_PRESERVE, ("GEVT", 8 * GEVT_SIZE)),
+        aml.method("_EVT", 1, *events, serialized=True),
     )
 
 
@@ -221,7 +304,7 @@ def pvpanic_device() -> bytes:
 def dsdt_aml(mem_size: int, pci: bool = True) -> bytes:
     """The DSDT's definition block body (AML)."""
     sb = [pci_host_bridge(mem_size)] if pci else []
-    sb += [serial_device(), pvpanic_device()]
+    sb += [serial_device(), pvpanic_device(), power_button_device(), ged_device(pci)]
     return aml.name("_S5_", aml.package(aml.integer(S5_SLP_TYP), aml.integer(0))) + aml.scope("\\_SB_", *sb)
 
 

@@ -30,6 +30,20 @@ ExtOpPrefix = 0x5B
 DeviceOp = 0x82  # after ExtOpPrefix
 ReturnOp = 0xA4
 OnesOp = 0xFF
+Local0Op = 0x60  # Local0..Local7: 0x60..0x67
+Arg0Op = 0x68  # Arg0..Arg6: 0x68..0x6E
+StoreOp = 0x70
+AndOp = 0x7B
+NotifyOp = 0x86
+IfOp = 0xA0
+OpRegionOp = 0x80  # after ExtOpPrefix
+FieldOp = 0x81  # after ExtOpPrefix
+
+# RegionSpace (19.6.100 OperationRegion).
+REGION_SPACE_SYSTEM_IO = 0x01
+# FieldFlags (20.2.5.2): AccessType bits 0-3, LockRule bit 4, UpdateRule bits 5-6.
+FIELD_ACCESS_DWORD = 0x03
+FIELD_UPDATE_PRESERVE = 0x00
 
 
 def pkg_length(content_len: int) -> bytes:
@@ -140,11 +154,76 @@ def return_(value: bytes) -> bytes:
     return bytes([ReturnOp]) + value
 
 
+def local(n: int) -> bytes:
+    """LocalN (20.2.6.2), N in 0..7."""
+    if not 0 <= n <= 7:
+        raise ValueError(f"no Local{n}")
+    return bytes([Local0Op + n])
+
+
+def arg(n: int) -> bytes:
+    """ArgN (20.2.6.1), N in 0..6."""
+    if not 0 <= n <= 6:
+        raise ValueError(f"no Arg{n}")
+    return bytes([Arg0Op + n])
+
+
+def store(source: bytes, target: bytes) -> bytes:
+    """DefStore := StoreOp TermArg SuperName."""
+    return bytes([StoreOp]) + source + target
+
+
+def and_(left: bytes, right: bytes) -> bytes:
+    """DefAnd := AndOp Operand Operand Target, with no target (NullName): the value only."""
+    return bytes([AndOp]) + left + right + b"\0"
+
+
+def if_(predicate: bytes, *terms: bytes) -> bytes:
+    """DefIfElse := IfOp PkgLength Predicate TermList (no Else)."""
+    body = predicate + b"".join(terms)
+    return bytes([IfOp]) + pkg_length(len(body)) + body
+
+
+def notify(path: str, value: int) -> bytes:
+    """DefNotify := NotifyOp NotifyObject NotifyValue (5.6.6 "Device Object Notifications")."""
+    return bytes([NotifyOp]) + name_string(path) + integer(value)
+
+
+def call(path: str, *args: bytes) -> bytes:
+    """MethodInvocation := NameString TermArgList (the method must take len(args) arguments)."""
+    return name_string(path) + b"".join(args)
+
+
+def operation_region(path: str, space: int, offset: int, length: int) -> bytes:
+    """DefOpRegion := OpRegionOp NameString RegionSpace RegionOffset RegionLen."""
+    return bytes([ExtOpPrefix, OpRegionOp]) + name_string(path) + bytes([space]) + integer(offset) + integer(length)
+
+
+def field_length(bits: int) -> bytes:
+    """The PkgLength of a NamedField (20.2.5.2): the field's width in bits, encoded like a
+    PkgLength but not counting its own bytes."""
+    if bits < 0x40:
+        return bytes([bits])
+    for extra in (1, 2, 3):
+        if bits < 1 << (4 + 8 * extra):
+            return bytes([(extra << 6) | (bits & 0xF)]) + (bits >> 4).to_bytes(extra, "little")
+    raise ValueError(f"field too wide: {bits} bits")
+
+
+def field(region: str, flags: int, *fields: tuple[str, int]) -> bytes:
+    """DefField := FieldOp PkgLength NameString FieldFlags FieldList; each field is
+    (NameSeg, width in bits), laid out from bit 0 of the region."""
+    body = name_string(region) + bytes([flags])
+    body += b"".join(name_seg(seg) + field_length(bits) for seg, bits in fields)
+    return bytes([ExtOpPrefix, FieldOp]) + pkg_length(len(body)) + body
+
+
 # --- resource descriptors (6.4) ----------------------------------------------------------------
 
 END_TAG = 0x79  # small item 0xF, length 1
 IO_PORT_DESCRIPTOR = 0x47  # small item 0x08, length 7
 IRQ_NO_FLAGS_DESCRIPTOR = 0x22  # small item 0x04, length 2
+EXTENDED_INTERRUPT_DESCRIPTOR = 0x89  # large item 0x09
 DWORD_ADDRESS_SPACE = 0x87
 WORD_ADDRESS_SPACE = 0x88
 QWORD_ADDRESS_SPACE = 0x8A
@@ -171,6 +250,22 @@ def irq_no_flags(*irqs: int) -> bytes:
     for irq in irqs:
         mask |= 1 << irq
     return struct.pack("<BH", IRQ_NO_FLAGS_DESCRIPTOR, mask)
+
+
+# Extended Interrupt Descriptor flags (6.4.3.6).
+INTERRUPT_CONSUMER = 1 << 0
+INTERRUPT_EDGE = 1 << 1  # 0: level
+INTERRUPT_ACTIVE_LOW = 1 << 2  # 0: active high
+INTERRUPT_SHARED = 1 << 3
+
+
+def extended_interrupt(*gsis: int, edge: bool = False, active_low: bool = False, shared: bool = False) -> bytes:
+    """Interrupt (ResourceConsumer, Level|Edge, ActiveHigh|ActiveLow, Exclusive|Shared) {gsis}:
+    Extended Interrupt Descriptor (6.4.3.6), for GSIs beyond the 16 an IRQ descriptor names."""
+    flags = INTERRUPT_CONSUMER | (INTERRUPT_EDGE if edge else 0) | (INTERRUPT_ACTIVE_LOW if active_low else 0)
+    flags |= INTERRUPT_SHARED if shared else 0
+    body = struct.pack("<BB", flags, len(gsis)) + b"".join(struct.pack("<I", g) for g in gsis)
+    return struct.pack("<BH", EXTENDED_INTERRUPT_DESCRIPTOR, len(body)) + body
 
 
 def _address_space(tag: int, fmt: str, rtype: int, type_flags: int, minimum: int, maximum: int, translation: int = 0) -> bytes:

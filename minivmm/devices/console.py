@@ -46,6 +46,7 @@ class EscapeAction(enum.Enum):
     HELP = "help"
     STATS = "stats"
     BREAK = "break"
+    MONITOR = "monitor"
 
 
 # Key after the escape character -> command. The escape character itself (twice) sends
@@ -61,6 +62,8 @@ ESCAPE_COMMANDS: dict[int, EscapeAction] = {
     ord("S"): EscapeAction.STATS,
     ord("b"): EscapeAction.BREAK,
     ord("B"): EscapeAction.BREAK,
+    ord("c"): EscapeAction.MONITOR,
+    ord("C"): EscapeAction.MONITOR,
 }
 
 HELP_TEXT = (
@@ -70,10 +73,14 @@ HELP_TEXT = (
     "  Ctrl-A h       this help\r\n"
     "  Ctrl-A s       serial statistics\r\n"
     "  Ctrl-A b       send a BREAK (then, within 5 s, a magic SysRq key)\r\n"
+    "  Ctrl-A c       switch between the guest and the (minivmm) monitor\r\n"
     "  Ctrl-A Ctrl-A  send Ctrl-A to the guest\r\n"
 )
 
 Event = bytes | EscapeAction
+MONITOR_PROMPT = b"(minivmm) "
+MONITOR_BANNER = b"\r\nminivmm monitor - type 'help' for a list of commands, Ctrl-A c to return to the guest\r\n" + MONITOR_PROMPT
+MONITOR_LINE_MAX = 4096
 
 
 class EscapeParser:
@@ -357,8 +364,12 @@ class Console:
         escape: int = CTRL_A,
         raw: bool = True,
         install_signal_handlers: bool = True,
+        monitor: Callable[[str], str] | None = None,
     ) -> None:
         self._loop = loop
+        self._monitor = monitor  # runs one human-monitor line, returns its output
+        self.monitor_mode = False
+        self._line = bytearray()
         self._on_quit = on_quit
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
@@ -448,6 +459,9 @@ class Console:
             return
         for event in self.parser.feed(data):
             if isinstance(event, bytes):
+                if self.monitor_mode:
+                    self._monitor_input(event)
+                    continue
                 self.bytes_in += len(event)
                 if self._port is not None:
                     self._port.queue_input(event)
@@ -468,7 +482,30 @@ class Console:
         elif action is EscapeAction.BREAK:
             if self._port is not None:
                 self._port.send_break()
+        elif action is EscapeAction.MONITOR and self._monitor is not None:
+            self.monitor_mode = not self.monitor_mode
+            self._line.clear()
+            self.write(MONITOR_BANNER if self.monitor_mode else b"\r\n")
         return False
+
+    def _monitor_input(self, data: bytes) -> None:
+        """A tiny line editor for the human monitor: echo, backspace, Ctrl-U, Enter runs."""
+        assert self._monitor is not None
+        for ch in data:
+            if ch in (0x0D, 0x0A):
+                line, self._line = self._line.decode(errors="replace"), bytearray()
+                output = self._monitor(line) if line.strip() else ""
+                self.write(b"\r\n" + output.replace("\n", "\r\n").encode() + MONITOR_PROMPT)
+            elif ch in (0x08, 0x7F):
+                if self._line:
+                    self._line.pop()
+                    self.write(b"\b \b")
+            elif ch in (0x03, 0x15):  # Ctrl-C, Ctrl-U: drop the line
+                self._line.clear()
+                self.write(b"\r\n" + MONITOR_PROMPT)
+            elif 0x20 <= ch < 0x7F and len(self._line) < MONITOR_LINE_MAX:
+                self._line.append(ch)
+                self.write(bytes([ch]))
 
     def _stats_line(self) -> str:
         stats = dict(self._port.stats()) if self._port is not None else {}

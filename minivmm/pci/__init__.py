@@ -2,8 +2,7 @@
 
 Modules: `pci_regs` (the constants of Linux's pci_regs.h), `config` (configuration space),
 `device` (what the bridge needs from a function), `host` (the host bridge, conf1, BAR
-mapping), `msix` (MSI-X), `fakes` (test doubles for the KVM-backed interrupt plumbing, and a
-Linux-shaped conf1 accessor). Register blocks inside BARs are `minivmm.register_block`.
+mapping), `msix` (MSI-X). Register blocks inside BARs are `minivmm.register_block`.
 
 Wiring it into a machine::
 

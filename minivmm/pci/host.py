@@ -236,6 +236,8 @@ class PciHostBridge:
             self._free(self._assigned.pop(slot, []))
             s.device.set_mapping_listener(None)
             self._apply(s, {}, set())
+            for shared in self._intx_lines.values():
+                shared.set_pin(slot, False)  # an unplugged function no longer drives its GSI
 
     def device(self, slot: int) -> PciDevice | None:
         s = self._slots.get(slot)

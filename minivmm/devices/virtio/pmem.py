@@ -48,11 +48,12 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ...errors import report_thread_error
 from ...memory import GuestMemory
+from ...stats import PmemStats
 from .queue import DescriptorChain, Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
@@ -71,23 +72,6 @@ virtio_pmem_config = struct.Struct("<QQ")
 # 5.19.6 struct virtio_pmem_req { le32 type; };  struct virtio_pmem_resp { le32 ret; };
 virtio_pmem_req = struct.Struct("<I")
 virtio_pmem_resp = struct.Struct("<I")
-
-
-@dataclass
-class PmemStats:
-    """Counters for ``--stats``; times in seconds."""
-
-    flush_requests: int = 0  # VIRTIO_PMEM_REQ_TYPE_FLUSH requests completed
-    bad_requests: int = 0  # unknown request types (answered with an error)
-    malformed: int = 0  # malformed chains / queue errors (each sets DEVICE_NEEDS_RESET)
-    batches: int = 0  # wake-ups that completed at least one request
-    host_fsyncs: int = 0  # fdatasync calls made
-    fsync_errors: int = 0  # fdatasync calls that raised OSError
-    service_time_total: float = 0.0  # ioeventfd wake-up -> used ring updated and irqfd signalled
-    service_time_max: float = 0.0
-    fsync_time_total: float = 0.0
-    fsync_time_max: float = 0.0
-    flush_failed_errno: int = 0  # non-zero once flushes fail for good (sticky; the errno)
 
 
 class VirtioPmem:
@@ -177,16 +161,10 @@ class VirtioPmem:
     def active(self) -> bool:
         return self._flusher is not None
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> PmemStats:
         """A snapshot of the counters (safe to call from any thread)."""
         with self._stats_lock:
-            s = PmemStats(**vars(self._stats))
-        out: dict[str, int | float] = dict(vars(s))
-        out["service_time_mean"] = s.service_time_total / s.batches if s.batches else 0.0
-        out["fsync_time_mean"] = s.fsync_time_total / s.host_fsyncs if s.host_fsyncs else 0.0
-        # What the VMM itself adds per batch: service time without the fdatasync (one per batch).
-        out["overhead_time_mean"] = (s.service_time_total - s.fsync_time_total) / s.batches if s.batches else 0.0
-        return out
+            return replace(self._stats)
 
     # -- request handling (runs on the flusher thread) ------------------------------------
 

@@ -1,10 +1,12 @@
-"""In-process stand-ins for the machine's KVM-backed interrupt plumbing, for tests.
+"""In-process stand-ins for the machine's KVM-backed interrupt plumbing
+(`minivmm.interrupts`' protocols), and the guest side of PCI configuration mechanism #1.
 
-`FakeMsiRoute` models an irqfd route: a signal on an unmasked route is delivered at once
-(appended to `delivered` as (address, data)); on a masked route it accumulates in a counter
-(`pending()`), and unmasking delivers it once - like KVM re-attaching an irqfd whose eventfd
-already has a count. `FakeIoEventRegistry` records ioeventfd calls and refuses duplicates as
-KVM does (EEXIST).
+`FakeMsiRoute` models an irqfd route (`minivmm.kvm_interrupts.KvmMsiRoute`): it starts masked; a
+signal on an unmasked route is delivered at once (appended to `delivered` as (address, data));
+on a masked route it accumulates in a counter (`pending()`), and unmasking delivers it once -
+like KVM re-attaching an irqfd whose eventfd already has a count. tests/test_irq_kvm.py checks
+that real KVM behaves this way. `FakeIoEventRegistry` keeps the active ioeventfds and refuses
+duplicates as KVM does (EEXIST).
 """
 
 from __future__ import annotations
@@ -14,19 +16,22 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from minivmm.layout import PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT
+
 if TYPE_CHECKING:
-    from ..bus import Bus
+    from minivmm.bus import Bus
 
 
 class FakeMsiRoute:
-    def __init__(self, index: int) -> None:
-        self.index = index
+    """An `MsiRoute` that records its calls and what it delivered."""
+
+    def __init__(self) -> None:
         self.address = 0
         self.data = 0
-        self.masked = False
+        self.masked = True  # as KvmMsiRoute: detached until the first unmask
         self.count = 0  # signals accumulated while masked
         self.delivered: list[tuple[int, int]] = []
-        self.calls: list[tuple] = []
+        self.calls: list[tuple[str, int, int] | tuple[str, bool]] = []
         self.closed = False
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -52,10 +57,6 @@ class FakeMsiRoute:
         if not self.masked and self.count:
             self.delivered.append((self.address, self.data))
             self.count = 0
-
-    def poll(self) -> None:
-        """What KVM does when the eventfd is written: deliver unless masked."""
-        self._drain()
 
     def pending(self) -> bool:
         self._drain()
@@ -89,6 +90,8 @@ class FakeLine:
 
 
 class FakeInterruptController:
+    """An `InterruptController` handing out `FakeMsiRoute`s (kept in `routes`, in order)."""
+
     def __init__(self) -> None:
         self.routes: list[FakeMsiRoute] = []
         self.lines: dict[int, FakeLine] = {}
@@ -97,21 +100,21 @@ class FakeInterruptController:
         return self.lines.setdefault(pin, FakeLine(pin))
 
     def msi_route(self) -> FakeMsiRoute:
-        route = FakeMsiRoute(len(self.routes))
+        route = FakeMsiRoute()
         self.routes.append(route)
         return route
 
 
 @dataclass
 class FakeIoEventRegistry:
+    """An `IoEventRegistry` keeping the registered (addr, length, fd, datamatch) in `active`."""
+
     active: set[tuple[int, int, int, int | None]] = field(default_factory=set)
-    calls: list[tuple] = field(default_factory=list)
 
     def add_ioeventfd(
         self, addr: int, length: int, fd: int, *, pio: bool = False, datamatch: int | None = None
     ) -> None:
         key = (addr, length, fd, datamatch)
-        self.calls.append(("add", *key))
         if key in self.active:
             raise OSError(errno.EEXIST, "ioeventfd already registered")
         self.active.add(key)
@@ -120,7 +123,6 @@ class FakeIoEventRegistry:
         self, addr: int, length: int, fd: int, *, pio: bool = False, datamatch: int | None = None
     ) -> None:
         key = (addr, length, fd, datamatch)
-        self.calls.append(("remove", *key))
         if key not in self.active:
             raise OSError(errno.ENOENT, "no such ioeventfd")
         self.active.discard(key)
@@ -129,7 +131,7 @@ class FakeIoEventRegistry:
 class GuestConf1:
     """The guest side of configuration mechanism #1, shaped like Linux's `pci_conf1_read/write`
     (arch/x86/pci/direct.c) on top of a PIO `Bus`: one CONFIG_ADDRESS write, then a data
-    access at 0xCFC + (reg & 3)."""
+    access at PCI_CONFIG_DATA_PORT + (reg & 3)."""
 
     def __init__(self, pio: Bus) -> None:
         self.pio = pio
@@ -139,12 +141,12 @@ class GuestConf1:
         return 0x8000_0000 | bus << 16 | dev << 11 | fn << 8 | (reg & 0xFC)
 
     def read(self, dev: int, reg: int, size: int, *, bus: int = 0, fn: int = 0) -> int:
-        self.pio.write(0xCF8, 4, self.address(bus, dev, fn, reg))
-        return self.pio.read(0xCFC + (reg & 3), size)[0]
+        self.pio.write(PCI_CONFIG_ADDRESS_PORT, 4, self.address(bus, dev, fn, reg))
+        return self.pio.read(PCI_CONFIG_DATA_PORT + (reg & 3), size)[0]
 
     def write(self, dev: int, reg: int, size: int, value: int, *, bus: int = 0, fn: int = 0) -> None:
-        self.pio.write(0xCF8, 4, self.address(bus, dev, fn, reg))
-        self.pio.write(0xCFC + (reg & 3), size, value)
+        self.pio.write(PCI_CONFIG_ADDRESS_PORT, 4, self.address(bus, dev, fn, reg))
+        self.pio.write(PCI_CONFIG_DATA_PORT + (reg & 3), size, value)
 
     def capabilities(self, dev: int) -> list[tuple[int, int]]:
         """(offset, cap_id) of each capability, walked like `pci_find_capability`."""
