@@ -193,7 +193,7 @@ class Machine:
         self.pio.register(layout.POST_PORT, 1, RegisterBlock((Register(0, 1, "POST", lambda: 0xFF),)), "post")
 
     def _add_pci_devices(self) -> None:
-        self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64)
+        self.pci = PciHostBridge(self.mmio, self.interrupts, self.resources.mmio32, self.resources.mmio64, intx=self.interrupts)
         self.pio.register(layout.PCI_CONFIG_ADDRESS_PORT, layout.PCI_CONFIG_PORT_COUNT, self.pci.conf1, "pci-conf1")
         self.pci_hotplug = PciHotplugController()
         self.pio.register(layout.PCI_HOTPLUG_PORT, layout.PCI_HOTPLUG_PORT_COUNT, self.pci_hotplug, "pci-hotplug")

@@ -82,6 +82,9 @@ class PmemStats:
     service_time_max: float = 0.0
     fsync_time_total: float = 0.0
     fsync_time_max: float = 0.0
+    # Non-zero once the device's flushes fail for good (virtio-pmem "sticky flush failure"):
+    # the errno of the host flush that failed; every later FLUSH is answered with an error.
+    flush_failed_errno: int = 0
 
     @property
     def service_time_mean(self) -> float:
@@ -116,6 +119,7 @@ class PmemDeviceStats:
             "batches": c.batches,
             "host_fsyncs": c.host_fsyncs,
             "fsync_errors": c.fsync_errors,
+            "flush_failed_errno": c.flush_failed_errno,
             "service_time_total_s": c.service_time_total,
             "service_time_max_s": c.service_time_max,
             "fsync_time_total_s": c.fsync_time_total,
@@ -140,6 +144,7 @@ class PmemDeviceStats:
             f"service mean {c.service_time_mean * _MS:.3f} ms max {c.service_time_max * _MS:.3f} ms, "
             f"fsync mean {c.fsync_time_mean * _MS:.3f} ms, "
             f"without fsync mean {c.overhead_time_mean * _MS:.3f} ms"
+            + (f", FLUSHES FAILING since errno {c.flush_failed_errno}" if c.flush_failed_errno else "")
         )
 
 

@@ -20,6 +20,7 @@ from minivmm.devices.virtio.pmem import (
 )
 from minivmm.devices.virtio.queue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue, virtq_desc
 from minivmm.memory import GuestMemory
+from minivmm.stats import PmemDeviceStats
 from minivmm.pmemfile import PmemSpec, open_backing
 from support.idle import epoll_watched, wait_blocked_watching
 
@@ -253,13 +254,77 @@ def test_fsync_failure_reports_error(harness, backing, monkeypatch) -> None:
     assert all(d.ret(h) != 0 for h in heads)
     st = harness.dev.stats()
     assert st.fsync_errors == 1 and st.host_fsyncs == 1
-    monkeypatch.setattr(os, "fdatasync", real)  # the next flush succeeds again
+    assert st.flush_failed_errno == errno.EIO
+    monkeypatch.setattr(os, "fdatasync", real)  # the host would succeed now, but the data is gone
     h = d.add()
     harness.kick()
     d.wait_used(3)
     harness.wait_idle()
-    assert d.ret(h) == 0
+    assert d.ret(h) != 0  # sticky (issue 9 item 1): never reported durable again
     assert not harness.reset_requested.is_set()
+
+
+def _fail_fdatasync_once(monkeypatch, fd: int) -> list[int]:
+    """Make the next fdatasync of `fd` raise EIO, later ones pass through; returns the call log."""
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def once(f: int) -> None:
+        if f == fd:
+            calls.append(f)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+        real(f)
+
+    monkeypatch.setattr(os, "fdatasync", once)
+    return calls
+
+
+def _flush(harness: Harness) -> int:
+    """One FLUSH request, kicked and completed; its ret."""
+    d = harness.driver
+    head = d.add()
+    harness.kick()
+    d.wait_used(d.avail_idx)
+    return d.ret(head)
+
+
+def test_flush_failure_is_sticky_across_reset(harness, backing, monkeypatch, capfd) -> None:
+    """One failed fdatasync: the first flush and EVERY later one fail, also after a device reset
+    and re-activation (the failure belongs to the file); said once on stderr; in the stats."""
+    calls = _fail_fdatasync_once(monkeypatch, backing.fd)
+    harness.activate()
+    assert _flush(harness) != 0
+    assert all(_flush(harness) != 0 for _ in range(5))
+    harness.dev.reset()
+    harness.mem.write(RAM, bytes(0x20000))  # the driver re-initialises its rings
+    harness.driver = LinuxLikeDriver(harness.mem)
+    harness.activate()
+    assert all(_flush(harness) != 0 for _ in range(5))
+    assert len(calls) == 1  # never asked the host again: its success would be a lie
+    harness.wait_idle()
+    st = harness.dev.stats()
+    assert st.flush_failed_errno == errno.EIO and st.fsync_errors == 1
+    assert st.flush_requests == 11
+    shown = PmemDeviceStats(backing.id, str(backing.path), st)  # what --stats and the JSON say
+    assert f"FLUSHES FAILING since errno {errno.EIO}" in shown.render_text()
+    assert PmemDeviceStats.from_dict(shown.to_dict()).counters.flush_failed_errno == errno.EIO
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "fdatasync" in line]
+    assert len(lines) == 1, err
+    assert backing.id in lines[0] and str(backing.path) in lines[0] and "EIO" in lines[0]
+
+
+def test_fail_flushes_from_outside(harness, fsync_calls, capfd) -> None:
+    """The machine can make flushes fail for another reason (an unbackable page): same rules."""
+    harness.activate()
+    assert _flush(harness) == 0
+    harness.dev.fail_flushes(errno.EFAULT, "guest page at offset 0x1000")
+    harness.dev.fail_flushes(errno.EIO, "again")  # the first cause stays, no second message
+    assert _flush(harness) != 0 and _flush(harness) != 0
+    assert len(fsync_calls) == 1
+    assert harness.dev.stats().flush_failed_errno == errno.EFAULT
+    assert capfd.readouterr().err.count("every later flush") == 1
 
 
 def test_group_commit(harness, backing, monkeypatch) -> None:

@@ -215,3 +215,43 @@ def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
     st = pmem_stats(run, "pmem0")
     check(run, st.counters.flush_requests >= 1, f"no flush requests with discard-writes=on ({st})")
     check(run, st.counters.host_fsyncs == 0, f"discard-writes=on made host fsyncs ({st})")
+
+
+def test_pci_nomsi_pmem_works_over_intx(tmp_path):
+    """``pci=nomsi``: the guest cannot use MSI-X, so virtio_pci falls back to the function's
+    INTx pin (INTA#, routed by the DSDT's _PRT to the GSI minivmm asserts). /dev/pmem0 must
+    appear, mount with DAX, and its flushes must complete: every fsync below waits for the
+    request's completion interrupt, which can only arrive through INTx here."""
+    guest = default_guest()
+    img = make_ext4(tmp_path / "intx.ext4", 64 * MiB)
+    token = f"intx{secrets.token_hex(8)}"
+    steps = ["hello", "pmem-list", "pmem-mount", f"pmem-write:{token}", "pmem-read", "flush-threads:2x4", "umount"]
+    run = run_minivmm(
+        tmp_path,
+        "nomsi",
+        [
+            "--kernel", str(guest["vmlinux"]),
+            "--initrd", str(guest["initrd"]),
+            "--pmem", str(img),
+            "--cmdline",
+            f"{BASE_CMDLINE} pci=nomsi rdinit=/sbin/minivmm-test minivmm.steps={','.join(steps)} minivmm.end=poweroff",
+            "--stats",
+        ],
+    )  # fmt: skip
+    _check_poweroff(run)
+    check(run, "pci=nomsi" in run.stdout, "the guest kernel's command line does not show pci=nomsi")
+    check(
+        run,
+        init_lines_with(run, "pmem-list dev=") == ["pmem-list dev=pmem0 bytes=67108864 dax=1"],
+        f"pmem0 (64 MiB, DAX) missing under pci=nomsi: {init_lines_with(run, 'pmem-list')}",
+    )
+    check(run, not re.search(r"virtio_pmem.*(fail|error)", run.stdout, re.IGNORECASE), "virtio_pmem reported a failure")
+    _check_dax_mount(run)
+    check(run, f"pmem-write token={token}" in init_lines(run), "the token was not written and fsynced over INTx")
+    check(run, f"pmem-read token={token}" in init_lines(run), "the token was not read back")
+    check(run, init_line(run, "flush-threads threads=2 n=4 ") is not None, "flush-threads:2x4 did not complete over INTx")
+    _check_steps_passed(run, len(steps))
+    on_host = cat_file(img, TOKEN_PATH_IN_FS)
+    check(run, on_host == f"{token}\n", f"{img}:{TOKEN_PATH_IN_FS} holds {on_host!r}, not the token")
+    st = pmem_stats(run, "pmem0")
+    check(run, st.counters.flush_requests >= 2 and st.counters.host_fsyncs >= 1, f"too few flushes served over INTx ({st})")

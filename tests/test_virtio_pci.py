@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 
@@ -103,8 +104,14 @@ class FakeDevice:
     def activate(self, mem, queues, notify_fds, signal_used, needs_reset) -> None:
         self.activated.append((mem, list(queues), list(notify_fds), signal_used, needs_reset))
 
-    def reset(self) -> None:
+    def begin_reset(self) -> None:
         self.resets += 1
+
+    def reset_done(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        self.begin_reset()
 
 
 class Driver:
@@ -593,11 +600,13 @@ def test_reset_while_device_thread_signals():
             self.thread = threading.Thread(target=run)
             self.thread.start()
 
-        def reset(self) -> None:
-            super().reset()
+        def begin_reset(self) -> None:
+            super().begin_reset()
             if self.activated:
                 self.stop.set()
-                self.thread.join()
+
+        def reset_done(self) -> bool:
+            return not (self.activated and self.thread.is_alive())
 
     mem = GuestMemory.anonymous(MB)
     dev = Worker()
@@ -614,5 +623,9 @@ def test_reset_while_device_thread_signals():
 
     threading.Thread(target=vcpu).start()
     assert done.wait(5), "reset deadlocked against the device thread"
+    deadline = time.monotonic() + 5
+    while d.read("device_status") != 0:  # the driver polls until the device has stopped (2.4)
+        assert time.monotonic() < deadline, "device_status never read 0"
+        time.sleep(0.001)
     assert not dev.thread.is_alive()
     t.close()

@@ -16,6 +16,12 @@ Capabilities (PCI 3.0 section 6.7) are appended with `add_capability()`: it sets
 PCI_STATUS_CAP_LIST, links `cap_next` and gives each capability its own writable mask and
 optional read/write hooks (MSI-X Message Control, the virtio PCI configuration access
 capability).
+
+INTx (PCI 3.0 sections 6.2.4, 6.8.1): a function with an interrupt pin sets Interrupt Pin
+(1 = INTA#) with `set()`; PCI_STATUS_INTERRUPT is the function's own interrupt state, read
+live from `interrupt_status` (so no lock is taken by whoever changes that state), and
+`after_write` lets the owner re-evaluate its INTx level after each guest write (Interrupt
+Disable in the command register, the MSI-X enable bit).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from .pci_regs import (
     PCI_STATUS,
     PCI_STATUS_CAP_LIST,
     PCI_STATUS_ERROR_BITS,
+    PCI_STATUS_INTERRUPT,
     PCI_STD_HEADER_SIZEOF,
     PCI_SUBSYSTEM_ID,
     PCI_SUBSYSTEM_VENDOR_ID,
@@ -171,6 +178,10 @@ class PciConfigSpace:
         self._cap_end = CAP_START
         # Called (outside the lock) after the guest moved a BAR or toggled a command bit.
         self.on_change: Callable[[], None] | None = None
+        # Called (outside the lock) after every guest write, with (offset, size).
+        self.after_write: AccessHook | None = None
+        # The function's INTx state, shown as PCI_STATUS_INTERRUPT (None: never pending).
+        self.interrupt_status: Callable[[], bool] | None = None
 
     # -- owner-side access (no masks) ---------------------------------------------------
 
@@ -309,7 +320,10 @@ class PciConfigSpace:
                 if cap.on_read is not None:
                     start = max(offset, cap.offset)
                     cap.on_read(start - cap.offset, min(offset + size, cap.offset + cap.length) - start)
-            return self.get(offset, size)
+            value = self.get(offset, size)
+        if offset <= PCI_STATUS < offset + size and self.interrupt_status is not None and self.interrupt_status():
+            value |= PCI_STATUS_INTERRUPT << (8 * (PCI_STATUS - offset))
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         if not self._valid(offset, size):
@@ -345,6 +359,8 @@ class PciConfigSpace:
                     cap.on_write(start - cap.offset, min(offset + size, cap.offset + cap.length) - start)
         if changed and self.on_change is not None:
             self.on_change()
+        if self.after_write is not None:
+            self.after_write(offset, size)
 
     def _commit_bar(self, bar: BarInfo) -> bool:
         addr = self._bar_register_address(bar)

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..bus import BusDevice
+from ..interrupts import InterruptLine
 from .config import BarInfo, PciConfigSpace
+from .pci_regs import PCI_INTERRUPT_PIN
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ class PciDevice:
     def ioeventfds(self) -> Sequence[IoEventFd]:
         """The ioeventfds to attach while the BARs they live in are mapped."""
         return ()
+
+    @property
+    def interrupt_pin(self) -> int:
+        """Interrupt Pin from config space: 0 none, 1-4 INTA#-INTD# (PCI 3.0 section 6.2.4)."""
+        return self.config.get(PCI_INTERRUPT_PIN, 1)
+
+    def connect_intx(self, line: InterruptLine) -> None:
+        """Called by the host bridge for a function with an interrupt pin: the wire it drives."""
 
     def set_mapping_listener(self, listener: Callable[[], None] | None) -> None:
         """Set by the host bridge: called whenever BAR placement or ioeventfds may have changed."""

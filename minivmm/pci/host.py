@@ -23,6 +23,12 @@ address while PCI_COMMAND_MEMORY is set and the address lies inside a window, an
 the device's ioeventfds at BAR address + offset. Moving a BAR or clearing the memory bit moves
 or removes both. A BAR the guest places outside the windows or on top of another range is
 left unmapped and counted in `warnings` (it never raises into the vCPU loop).
+
+INTx routing. Given an `intx` interrupt controller, a function with an interrupt pin is wired
+to the GSI `layout.pci_intx_gsi(slot, pin)`, the same swizzle the DSDT's _PRT describes
+(level triggered, active low). Slots share the eight GSIs, and a PCI INTx wire is a wired-OR
+(PCI 3.0 section 2.2.6), so each GSI is a `SharedIntxLine`: asserted while any function on it
+asserts.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .. import layout
 from ..allocator import AddressAllocator
 from ..bus import Bus, BusDeviceRange, BusError
 from ..errors import UserError
-from ..interrupts import IoEventRegistry
+from ..interrupts import InterruptController, InterruptLine, IoEventRegistry
 from .config import BarInfo, PciConfigSpace
 from .device import PciDevice
 from ..ranges import AddressRange
@@ -103,6 +110,39 @@ class _Slot:
     rejected: dict[int, int] = field(default_factory=dict)  # BAR -> address already warned about
 
 
+class SharedIntxLine:
+    """One GSI shared by several INTx pins: the wired-OR of their levels (PCI 3.0 section 2.2.6)."""
+
+    def __init__(self, line: InterruptLine) -> None:
+        self._line = line
+        self._lock = threading.Lock()
+        self._asserted: set[int] = set()  # slots whose pin is asserted
+
+    def pin(self, slot: int) -> _IntxPin:
+        return _IntxPin(self, slot)
+
+    def set_pin(self, slot: int, level: bool) -> None:
+        with self._lock:  # a leaf lock: the KVM_IRQ_LINE call is made under it, so levels stay in order
+            before = bool(self._asserted)
+            if level:
+                self._asserted.add(slot)
+            else:
+                self._asserted.discard(slot)
+            if bool(self._asserted) != before:
+                self._line.set_level(not before)
+
+
+@dataclass(frozen=True)
+class _IntxPin:
+    """The `InterruptLine` a function in `slot` drives."""
+
+    shared: SharedIntxLine
+    slot: int
+
+    def set_level(self, level: bool) -> None:
+        self.shared.set_pin(self.slot, level)
+
+
 class PciHostBridge:
     """Bus 0 with the host bridge at 00:00.0 and up to 31 single-function devices.
 
@@ -110,6 +150,7 @@ class PciHostBridge:
     `mmio32` allocates in the BAR window below 4 GiB (e.g. 0xC000_0000-0xFEBF_FFFF) and
     `mmio64` in an optional window above RAM (the machine's `ResourceAllocator` owns both).
     `conf1` is the configuration-mechanism-#1 port device, for the machine to put on its PIO bus.
+    `intx` provides the GSI lines INTx pins are wired to (without it, no pin is connected).
     """
 
     def __init__(
@@ -118,6 +159,8 @@ class PciHostBridge:
         ioevents: IoEventRegistry,
         mmio32: AddressAllocator,
         mmio64: AddressAllocator | None = None,
+        *,
+        intx: InterruptController | None = None,
     ) -> None:
         if mmio32.window.end > 1 << 32 or mmio32.window.size <= 0:
             raise ValueError("the 32-bit MMIO window must lie below 4 GiB")
@@ -132,6 +175,8 @@ class PciHostBridge:
         self._slots: dict[int, _Slot] = {}
         self.warnings = Counter[str]()  # "bar-overlap", "bar-outside-window", "ioeventfd"
         self.conf1 = Conf1(self)
+        self._intx = intx
+        self._intx_lines: dict[int, SharedIntxLine] = {}  # GSI -> its wired-OR
         self._attach(0, HostBridge())
 
     # -- devices --------------------------------------------------------------------------
@@ -160,8 +205,25 @@ class PciHostBridge:
                 config.set_bar_address(bar.index, rng.base)
             if enable_memory:
                 config.set(PCI_COMMAND, 2, config.command | PCI_COMMAND_MEMORY)
+            self._wire_intx(slot, device)
             self._attach(slot, device)
         return slot
+
+    def intx_gsi(self, slot: int) -> int | None:
+        """The GSI the function in `slot` drives, or None (no pin, or no INTx routing)."""
+        s = self._slots.get(slot)
+        pin = s.device.interrupt_pin if s is not None else 0
+        return layout.pci_intx_gsi(slot, pin - 1) if pin and self._intx is not None else None
+
+    def _wire_intx(self, slot: int, device: PciDevice) -> None:
+        pin = device.interrupt_pin
+        if self._intx is None or not 1 <= pin <= 4:
+            return
+        gsi = layout.pci_intx_gsi(slot, pin - 1)  # _PRT and layout count INTA as 0
+        shared = self._intx_lines.get(gsi)
+        if shared is None:
+            shared = self._intx_lines[gsi] = SharedIntxLine(self._intx.irq_line(gsi))
+        device.connect_intx(shared.pin(slot))
 
     def _attach(self, slot: int, device: PciDevice) -> None:
         self._slots[slot] = _Slot(device)
@@ -174,6 +236,8 @@ class PciHostBridge:
             self._free(self._assigned.pop(slot, []))
             s.device.set_mapping_listener(None)
             self._apply(s, {}, set())
+            for shared in self._intx_lines.values():
+                shared.set_pin(slot, False)  # an unplugged function no longer drives its GSI
 
     def device(self, slot: int) -> PciDevice | None:
         s = self._slots.get(slot)

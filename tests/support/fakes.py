@@ -76,14 +76,28 @@ class FakeMsiRoute:
             self.closed = True
 
 
+@dataclass
+class FakeLine:
+    """An interrupt wire: its current level and every change (levels as set, in order)."""
+
+    gsi: int
+    level: bool = False
+    history: list[bool] = field(default_factory=list)
+
+    def set_level(self, level: bool) -> None:
+        self.level = level
+        self.history.append(level)
+
+
 class FakeInterruptController:
     """An `InterruptController` handing out `FakeMsiRoute`s (kept in `routes`, in order)."""
 
     def __init__(self) -> None:
         self.routes: list[FakeMsiRoute] = []
+        self.lines: dict[int, FakeLine] = {}
 
-    def irq_line(self, pin: int):  # pragma: no cover - no INTx on PCI here
-        raise NotImplementedError("no INTx")
+    def irq_line(self, pin: int) -> FakeLine:
+        return self.lines.setdefault(pin, FakeLine(pin))
 
     def msi_route(self) -> FakeMsiRoute:
         route = FakeMsiRoute()

@@ -12,10 +12,14 @@ device's) and include VIRTIO_F_VERSION_1. DRIVER_OK sticks only after FEATURES_O
 `on_driver_ok()` activates the device. DEVICE_NEEDS_RESET (`needs_reset`) is the device's:
 the driver cannot write it.
 
-Reset (§2.4, §4.1.4.3.1: writing 0 to device_status) calls `on_reset()`; the transport tears
-the running device down and calls `reset()`, which puts every register back to its reset value
-(queue_size = the maximum, queue_msix_vector = NO_VECTOR, ...). config_generation is not
-reset: a driver compares it across reads and must see every change.
+Reset (§2.4, §4.1.4.3.1: writing 0 to device_status) calls `on_reset()`, which starts tearing
+the running device down and returns at once (the write comes from a vCPU thread, which must
+not wait for a device thread). Until `reset_done()` says the device has stopped, device_status
+keeps reading its old, non-zero value and status writes are ignored (§2.4: the driver waits
+for a read of 0); each status read checks again. Then `reset()` puts every register back to
+its reset value (queue_size = the maximum, queue_msix_vector = NO_VECTOR, ...) and status
+reads 0. config_generation is not reset: a driver compares it across reads and must see every
+change.
 
 Queue registers are frozen while DRIVER_OK is set; their values are only checked when the
 driver sets DRIVER_OK (`virtqueues()`), so a bad queue fails the activation, not the write.
@@ -79,6 +83,7 @@ class VirtioPciCommonConfig:
         *,
         on_driver_ok: Callable[[], None],
         on_reset: Callable[[], None],
+        reset_done: Callable[[], bool] = lambda: True,
         name: str,
     ) -> None:
         self.device = device
@@ -87,6 +92,8 @@ class VirtioPciCommonConfig:
         self._msix_vectors = msix_vectors
         self._on_driver_ok = on_driver_ok
         self._on_reset = on_reset
+        self._reset_done = reset_done
+        self.resetting = False  # a reset was started and the device has not stopped yet
         self.config_generation = 0
         self.registers = RegisterBlock(
             (
@@ -126,6 +133,7 @@ class VirtioPciCommonConfig:
         self.queue_select = 0
         self.queue_registers = [VirtqueueRegisters(m) for m in self.device.queue_max_sizes]
         self.needs_reset = False  # DEVICE_NEEDS_RESET; set from any thread
+        self.resetting = False
 
     @property
     def offered_features(self) -> int:
@@ -165,11 +173,21 @@ class VirtioPciCommonConfig:
     # -- device status (§2.1, §3.1.1) -----------------------------------------------------------
 
     def _get_device_status(self) -> int:
+        self._finish_reset()
         return self.status
 
+    def _finish_reset(self) -> None:
+        """Complete a started reset if the device has stopped (§2.4: status then reads 0)."""
+        if self.resetting and self._reset_done():
+            self.reset()
+
     def _set_device_status(self, value: int) -> None:
+        if self.resetting:
+            return  # §2.4: the driver must wait for status 0 before writing it again
         if value == 0:
+            self.resetting = True
             self._on_reset()
+            self._finish_reset()
             return
         old = self._status
         new = old | (value & ~VIRTIO_CONFIG_S_NEEDS_RESET & 0xFF)  # bits are only ever added

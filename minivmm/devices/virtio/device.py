@@ -38,6 +38,16 @@ class VirtioDevice(Protocol):
         queue i; `needs_reset()` puts the device in DEVICE_NEEDS_RESET after a bad request."""
         ...
 
+    def begin_reset(self) -> None:
+        """The driver wrote 0 to device status (2.4): stop serving and forget the queues, without
+        waiting (this runs on a vCPU thread; a host operation in progress may finish first)."""
+        ...
+
+    def reset_done(self) -> bool:
+        """Whether the reset `begin_reset` started has finished: from then on the device makes no
+        completion, interrupt or guest-memory write until it is activated again."""
+        ...
+
     def reset(self) -> None:
-        """The driver wrote 0 to device status: stop serving, forget queues (reusable after)."""
+        """`begin_reset` and wait until it is done (VMM shutdown; tests)."""
         ...

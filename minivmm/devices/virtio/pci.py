@@ -25,9 +25,17 @@ registers, reset values) are `VirtioPciCommonConfig` (common_config.py); this mo
 PCI side: the function's identity, the BAR layout and capabilities, ISR, notifications and
 MSI-X interrupts, and what DRIVER_OK and a reset do to the running device.
 
-Interrupts are MSI-X only: the function has no INTx pin (Interrupt Pin 0), so with
-queue_msix_vector or config_msix_vector = VIRTIO_MSI_NO_VECTOR the device only sets the ISR
-bit. Linux's virtio_pci always uses MSI-X when the capability is present.
+Interrupts (4.1.4.5, 4.1.5). Every notification sets its ISR status bit; with MSI-X enabled
+it is also sent to the queue's (or the configuration's) MSI-X vector, if one is set. With MSI-X
+disabled (a guest booted with ``pci=nomsi``, or a driver that could not get vectors) the
+function uses its INTx pin, INTA# (Interrupt Pin 1), which the host bridge wires to the GSI the
+DSDT's _PRT names: the pin is asserted while ISR status is non-zero, MSI-X is disabled and
+PCI_COMMAND_INTX_DISABLE is clear; PCI_STATUS_INTERRUPT shows the same state without the
+Interrupt Disable bit (PCI 3.0 section 6.2.3). Reading ISR status clears it (read-to-clear)
+and so deasserts the pin. Level changes go to the line at once from whichever thread made
+them: the flusher thread's completion raises the GSI itself with KVM_IRQ_LINE (no vCPU round
+trip; an irqfd with KVM_IRQFD_FLAG_RESAMPLE is not used - the deassert needs the ISR read,
+which is an MMIO exit into Python anyway).
 
 Activation (DRIVER_OK, 3.1.1): a `Virtqueue` per enabled queue, then the device is activated;
 a bad queue (size, addresses) sets DEVICE_NEEDS_RESET and sends a configuration-change
@@ -35,9 +43,11 @@ interrupt instead. Each active queue gets an eventfd, declared as an ioeventfd (
 at its notify address) that the host bridge attaches; a notify write that still reaches
 Python signals the same eventfd.
 
-Reset (writing 0 to device_status, 2.4): device.reset(), queues and eventfds torn down
-(ioeventfds detached first), ISR cleared and the common configuration back to its reset
-values. The MSI-X table itself is PCI function state that a virtio reset does not touch (only
+Reset (writing 0 to device_status, 2.4) never blocks the vCPU: the write detaches the
+ioeventfds and calls device.begin_reset(), then returns. device_status reads non-zero until
+device.reset_done() (checked on each read); only then are the queues and eventfds torn down,
+the ISR cleared and the common configuration put back to its reset values, so no completion,
+interrupt or guest-memory write follows a read of 0. The MSI-X table itself is PCI function state that a virtio reset does not touch (only
 a PCI-level reset would); Linux keeps its MSI-X vectors across a virtio reset.
 
 Locking: one lock guards the transport's registers. The host bridge may call `ioeventfds()`
@@ -53,12 +63,12 @@ import threading
 from collections.abc import Callable, Sequence
 
 from ...errors import GuestMemoryError
-from ...interrupts import InterruptController
+from ...interrupts import InterruptController, InterruptLine
 from ...memory import GuestMemory
 from ...pci.config import PciConfigSpace
 from ...pci.device import BarRouter, IoEventFd, PciDevice, SubRegion
 from ...pci.msix import MsixTable
-from ...pci.pci_regs import PCI_CAP_ID_VNDR, PCI_CLASS_OTHERS
+from ...pci.pci_regs import PCI_CAP_ID_VNDR, PCI_CLASS_OTHERS, PCI_COMMAND_INTX_DISABLE, PCI_INTERRUPT_PIN
 from ...register_block import Register, RegisterBlock
 from .common_config import VIRTIO_MSI_NO_VECTOR, VirtioPciCommonConfig
 from .device import VirtioDevice
@@ -110,6 +120,7 @@ VIRTIO_BAR_SIZE = 0x8000
 PAGE = 0x1000
 MAX_QUEUES = (MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) // 16 - 1  # one MSI-X vector each + config
 NOTIFY_WRITE_SIZE = 2  # Linux vp_notify: iowrite16(queue index)
+PCI_INTERRUPT_PIN_INTA = 1  # PCI 3.0 section 6.2.4
 
 
 class _Locked:
@@ -185,8 +196,13 @@ class VirtioPciDevice(PciDevice):
         self.mem = mem
         self.num_queues = nq
         self._lock = threading.RLock()  # the registers; never held by signal_used/needs_reset
-        self._irq_lock = threading.Lock()  # ISR read-to-clear against the signalling threads
+        self._irq_lock = threading.Lock()  # ISR and INTx level; a leaf lock (may be taken under the config lock)
         self._isr = 0
+        self._intx: InterruptLine | None = None
+        self._intx_level = False
+        config.set(PCI_INTERRUPT_PIN, 1, PCI_INTERRUPT_PIN_INTA)
+        config.interrupt_status = self._intx_pending
+        config.after_write = self._config_written
         self.msix = MsixTable(
             nq + 1,
             interrupts,
@@ -196,7 +212,12 @@ class VirtioPciDevice(PciDevice):
             pba_offset=MSIX_PBA_OFFSET,
         )
         self.common_cfg = VirtioPciCommonConfig(
-            device, self.msix.nvectors, on_driver_ok=self._activate, on_reset=self.reset, name=self.name
+            device,
+            self.msix.nvectors,
+            on_driver_ok=self._activate,
+            on_reset=self._begin_reset,
+            reset_done=self._reset_done,
+            name=self.name,
         )
         self.notify_length = max(nq * NOTIFY_OFF_MULTIPLIER, NOTIFY_WRITE_SIZE)
         isr = RegisterBlock((Register(0, 1, "isr_status", self._read_isr),))  # read-to-clear (4.1.4.5)
@@ -322,18 +343,35 @@ class VirtioPciDevice(PciDevice):
             return
         self.activations += 1
 
+    def _begin_reset(self) -> None:
+        """device_status := 0 (register lock held, on a vCPU thread): stop without waiting."""
+        self._ioeventfds = ()
+        self.mapping_changed()  # guest notifies stop reaching the device's eventfds
+        self.device.begin_reset()
+
+    def _reset_done(self) -> bool:
+        """Register lock held: if the device has stopped, release what it used; True then."""
+        if not self.device.reset_done():
+            return False
+        self._release_queues()
+        return True
+
+    def _release_queues(self) -> None:
+        fds, self._notify_fds = self._notify_fds, []
+        self._ioeventfds = ()
+        self.queues = []
+        self.mapping_changed()  # the bridge detaches the ioeventfds before they close
+        for fd in fds:
+            os.close(fd)
+        with self._irq_lock:
+            self._isr = 0
+            self._update_intx()
+
     def reset(self) -> None:
-        """Device reset (device_status := 0, 4.1.4.3.1): back to the power-on state."""
+        """Device reset, waiting for the device to stop (4.1.4.3.1): back to the power-on state."""
         with self._lock:
             self.device.reset()
-            fds, self._notify_fds = self._notify_fds, []
-            self._ioeventfds = ()
-            self.queues = []
-            self.mapping_changed()  # the bridge detaches the ioeventfds before they close
-            for fd in fds:
-                os.close(fd)
-            with self._irq_lock:
-                self._isr = 0
+            self._release_queues()
             self.common_cfg.reset()
 
     # -- interrupts and notifications ------------------------------------------------------------
@@ -341,9 +379,37 @@ class VirtioPciDevice(PciDevice):
     # signal_used, needs_reset and config_changed run on device threads: they never take the
     # register lock, which a vCPU may hold while device.reset() waits for those threads.
 
+    def connect_intx(self, line: InterruptLine) -> None:
+        """The host bridge wired INTA# to `line` (a GSI per the DSDT's _PRT)."""
+        with self._irq_lock:
+            self._intx, self._intx_level = line, False
+            self._update_intx()
+
+    def _intx_pending(self) -> bool:
+        """The INTx interrupt state (PCI_STATUS_INTERRUPT): ISR set and MSI-X off (4.1.4.5.1)."""
+        return self._isr != 0 and not self.msix.enabled
+
+    def _update_intx(self) -> None:
+        """Drive the pin to its level (caller holds the irq lock, so changes stay in order)."""
+        level = self._intx_pending() and not self.config.command & PCI_COMMAND_INTX_DISABLE
+        if self._intx is not None and level != self._intx_level:
+            self._intx_level = level
+            self._intx.set_level(level)
+
+    def _config_written(self, offset: int, size: int) -> None:
+        """After any config write: Interrupt Disable or the MSI-X enable bit may have changed."""
+        with self._irq_lock:
+            self._update_intx()
+
+    def _set_isr(self, bits: int) -> None:
+        with self._irq_lock:
+            self._isr |= bits
+            self._update_intx()
+
     def _read_isr(self) -> int:
         with self._irq_lock:
             isr, self._isr = self._isr, 0
+            self._update_intx()  # read-to-clear deasserts INTx (4.1.4.5)
         return isr
 
     def signal_used(self, queue: int) -> None:
@@ -351,17 +417,15 @@ class VirtioPciDevice(PciDevice):
         queues = self.common_cfg.queue_registers
         if not 0 <= queue < len(queues):
             return
-        with self._irq_lock:
-            self._isr |= VIRTIO_PCI_ISR_QUEUE
+        self._set_isr(VIRTIO_PCI_ISR_QUEUE)
         vector = queues[queue].msix_vector
-        if vector != VIRTIO_MSI_NO_VECTOR:
+        if vector != VIRTIO_MSI_NO_VECTOR and self.msix.enabled:
             self.msix.notify(vector)
 
     def _signal_config(self) -> None:
-        with self._irq_lock:
-            self._isr |= VIRTIO_PCI_ISR_CONFIG
+        self._set_isr(VIRTIO_PCI_ISR_CONFIG)
         vector = self.common_cfg.config_msix_vector
-        if vector != VIRTIO_MSI_NO_VECTOR:
+        if vector != VIRTIO_MSI_NO_VECTOR and self.msix.enabled:
             self.msix.notify(vector)
 
     def needs_reset(self) -> None:

@@ -22,15 +22,30 @@ stop pipe. When the eventfd fires the thread:
 
 Requests made available while step 3 runs wait for the next batch, so an acknowledged request
 was always covered by an fsync that began after the request was popped, hence after it
-arrived. `reset` writes the stop pipe and joins the thread (a running fsync completes first),
-so once `reset` returns the device no longer touches guest memory.
+arrived.
+
+Reset (2.4) never waits on the vCPU thread: `begin_reset` writes the stop pipe and returns;
+the thread finishes the batch it is in (a running fsync completes first) and exits.
+`reset_done` is true once it has exited, so from then on the device no longer touches guest
+memory nor interrupts; the transport reports device_status 0 only then. `reset` waits.
+
+Sticky flush failure. When ``fdatasync`` fails, Linux has already marked the pages that could
+not be written back clean: a later ``fdatasync`` succeeds although that data is lost (the
+"fsyncgate" lesson; PostgreSQL and QEMU's file-posix treat a failed flush as permanent). So the
+first failure is remembered for the life of the device object - across device resets, since it
+is a property of the backing file, not of the queue - and every later FLUSH is answered with
+VIRTIO_PMEM_RESP_ERR without calling the host again. It is said once on stderr (device id,
+file, errno) and shown in `stats()` as ``flush_failed_errno``. `fail_flushes` lets the machine
+make the failure sticky for other reasons (e.g. a guest page the host could not back).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import struct
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -63,16 +78,19 @@ class VirtioPmem:
     """A virtio-pmem device for one backing file (implements `VirtioDevice`).
 
     `fd` is the backing file's descriptor (the device fdatasyncs it and never closes it);
-    `start`/`size` are the guest-physical range where the machine mapped the file.
-    With `discard_writes` a flush succeeds without touching the file.
+    `start`/`size` are the guest-physical range where the machine mapped the file; `path`
+    names the file in messages. With `discard_writes` a flush succeeds without touching the file.
     """
 
     device_id = VIRTIO_ID_PMEM
     device_features = 0
     queue_max_sizes: Sequence[int] = (PMEM_QUEUE_SIZE,)
 
-    def __init__(self, fd: int, start: int, size: int, *, discard_writes: bool = False, name: str = "pmem") -> None:
+    def __init__(
+        self, fd: int, start: int, size: int, *, discard_writes: bool = False, name: str = "pmem", path: str = ""
+    ) -> None:
         self.fd = fd
+        self.path = path
         self.start = start
         self.size = size
         self.discard_writes = discard_writes
@@ -81,12 +99,15 @@ class VirtioPmem:
         self._stats = PmemStats()
         self._stats_lock = threading.Lock()
         self._flusher: _Flusher | None = None
+        self._stopping: list[_Flusher] = []  # asked to stop, maybe still finishing a batch
         self.errors: list[BaseException] = []  # unexpected exceptions in the flusher thread
 
     @classmethod
     def from_backing(cls, backing: PmemBacking, start: int) -> VirtioPmem:
         """The device for a `minivmm.pmemfile.PmemBacking` mapped at guest address `start`."""
-        return cls(backing.fd, start, backing.size, discard_writes=backing.discard_writes, name=backing.id)
+        return cls(
+            backing.fd, start, backing.size, discard_writes=backing.discard_writes, name=backing.id, path=str(backing.path)
+        )
 
     # -- configuration space (5.19.4) -------------------------------------------------
 
@@ -117,11 +138,24 @@ class VirtioPmem:
         self._flusher = _Flusher(self, queues[0], notify_fds[0], signal_used, needs_reset)
         self._flusher.start()
 
-    def reset(self) -> None:
-        """Stop and join the flusher thread and forget the queue; `activate` works again after."""
+    def begin_reset(self) -> None:
+        """Ask the flusher thread to stop and forget the queue; returns at once."""
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
-            flusher.stop()
+            flusher.request_stop()
+            self._stopping.append(flusher)
+
+    def reset_done(self) -> bool:
+        """True once every flusher asked to stop has exited (it writes nothing after that)."""
+        self._stopping = [f for f in self._stopping if not f.reap()]
+        return not self._stopping
+
+    def reset(self) -> None:
+        """Stop and join the flusher thread and forget the queue; `activate` works again after."""
+        self.begin_reset()
+        for flusher in self._stopping:
+            flusher.join()
+        self._stopping = []
 
     @property
     def active(self) -> bool:
@@ -134,24 +168,52 @@ class VirtioPmem:
 
     # -- request handling (runs on the flusher thread) ------------------------------------
 
+    @property
+    def flush_failed_errno(self) -> int:
+        """The errno that made flushes fail for good, or 0 (see "Sticky flush failure")."""
+        with self._stats_lock:
+            return self._stats.flush_failed_errno
+
+    def fail_flushes(self, err: int, why: str) -> None:
+        """From now on every FLUSH is answered with an error; the first call says so on stderr.
+
+        Safe from any thread. `err` is an errno value, `why` what failed (for the message)."""
+        err = err or errno.EIO
+        with self._stats_lock:
+            first = self._stats.flush_failed_errno == 0
+            if first:
+                self._stats.flush_failed_errno = err
+        if first:
+            print(
+                f"minivmm: pmem {self.name} ({self.path or f'fd {self.fd}'}): {why} failed: "
+                f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)}); every later flush of this device fails",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def _sync(self) -> bool:
-        """One host flush for a batch; False if the host reported an I/O error."""
+        """One host flush for a batch; False if the host reported an I/O error now or before."""
+        if self.flush_failed_errno:
+            return False  # sticky: the data a failed writeback dropped is not on disk
         if self.discard_writes:
             return True
         t0 = time.monotonic()
+        failure: OSError | None = None
         try:
             os.fdatasync(self.fd)
-            ok = True
-        except OSError:
-            ok = False
+        except OSError as exc:
+            failure = exc
         took = time.monotonic() - t0
         with self._stats_lock:
             st = self._stats
             st.host_fsyncs += 1
-            st.fsync_errors += not ok
+            st.fsync_errors += failure is not None
             st.fsync_time_total += took
             st.fsync_time_max = max(st.fsync_time_max, took)
-        return ok
+        if failure is not None:
+            self.fail_flushes(failure.errno or errno.EIO, "fdatasync")
+            return False
+        return True
 
     def process_batch(self, queue: Virtqueue, signal_used: Callable[[int], None], woke: float) -> bool:
         """Serve every available request with one host flush; True if the queue is still usable.
@@ -222,15 +284,27 @@ class _Flusher:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        """Ask the thread to exit and wait for it (an fsync in progress completes first)."""
+    def request_stop(self) -> None:
+        """Ask the thread to exit; it finishes its current batch (and fsync) first."""
         self.stopping.set()
         os.write(self.stop_w, b"x")
+
+    def reap(self) -> bool:
+        """True (and the stop pipe closed) if the thread has exited; never blocks."""
+        if self.thread.is_alive():
+            return False
+        self.join()
+        return True
+
+    def join(self) -> None:
+        """Wait for the thread to exit, then close the stop pipe."""
         if self.thread is threading.current_thread():
             return  # reset from a callback on this thread: it exits when the callback returns
         self.thread.join()
-        os.close(self.stop_r)
-        os.close(self.stop_w)
+        if self.stop_r >= 0:
+            os.close(self.stop_r)
+            os.close(self.stop_w)
+            self.stop_r = self.stop_w = -1
 
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
