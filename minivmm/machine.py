@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
@@ -273,9 +274,9 @@ class Machine:
 
     def _pmem_failed(self, device: VirtioPmem, ident: str, reason: str) -> None:
         """A guest access to the device's pages could not be backed (`exit_handler`): its data
-        may be lost, so no later FLUSH may report success (issue 9, item 2). Recorded here;
-        the device's sticky flush failure (issue 9, item 1) is to be set from here too."""
+        may be lost, so no later FLUSH may report success: the device's flushes fail from now on."""
         self.pmem_failures.setdefault(ident, reason)
+        device.fail_flushes(errno.EIO, "backing a guest page")
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:

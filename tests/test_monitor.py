@@ -155,6 +155,15 @@ def hmp(machine: Machine, line: str) -> str:
     return machine.monitor.hmp.execute(line)
 
 
+def test_pmem_state_and_a_sticky_flush_failure_are_queryable(machine) -> None:
+    (pmem,) = run(machine, "x-query-pmem")
+    assert (pmem["id"], pmem["flush_requests"], pmem["flush_failed_errno"]) == ("pmem0", 0, 0)
+    assert hmp(machine, "info pmem").endswith("0 flush requests, 0 host fsyncs, flushes ok\n")
+    machine.pmem_plugged[0][0].fail_flushes(5, "fdatasync")
+    assert run(machine, "x-query-pmem")[0]["flush_failed_errno"] == 5
+    assert "FLUSHES FAILING (errno 5)" in hmp(machine, "info pmem")
+
+
 def test_hmp_info_commands(machine) -> None:
     assert hmp(machine, "info status") == "VM status: prelaunch\n"
     assert 'Memory device [virtio-pmem]: "pmem0"\n  memaddr: 0x' in hmp(machine, "info memory-devices")

@@ -13,6 +13,7 @@ writes into a real full tmpfs (in a private mount namespace) and a real truncate
 # ruff: noqa: F811  (test functions take the imported fixtures as parameters)
 from __future__ import annotations
 
+import errno
 import io
 import json
 import mmap
@@ -247,3 +248,5 @@ def test_machine_pmem_region_names_its_file_and_records_a_fault(tmp_path) -> Non
         assert stop is not None and stop.status == 1
         assert machine.pmem_failures == {"pmem0": stop.reason}
         assert "the file was truncated by someone (it is 2M long now)" in stop.reason
+        (device, _), = machine.pmem_plugged
+        assert device.stats().flush_failed_errno == errno.EIO  # no later FLUSH can report success

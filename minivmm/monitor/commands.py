@@ -154,6 +154,8 @@ _COMMAND_LIST: tuple[Command, ...] = (
     Command("query-pci", lambda m, a: m.objects.query_pci(), help="PCI bus 0 and its functions"),
     Command("query-memory-devices", lambda m, a: m.objects.query_memory_devices(), help="virtio-pmem devices"),
     Command("query-memdev", lambda m, a: m.objects.query_memdev(), help="memory backends"),
+    Command("x-query-pmem", lambda m, a: [d.to_dict() for d in m.machine.statistics().pmem],
+            help="minivmm's own: each virtio-pmem device's flush counters, and whether its flushes fail"),
     Command("object-add", _object_add, (Param("qom-type"), Param("id")), "add a memory-backend-file", extra_args=True),
     Command("object-del", _object_del, (Param("id"),), "remove an unused memory backend"),
     Command("device_add", _device_add, (Param("driver"), Param("id", optional=True)), "hot-add a virtio-pmem-pci device",

@@ -94,6 +94,15 @@ def _show_pci(r: object) -> str:
     return "".join(out)
 
 
+def _show_pmem(r: object) -> str:
+    assert isinstance(r, list)
+    out = []
+    for d in r:
+        state = f"FLUSHES FAILING (errno {d['flush_failed_errno']})" if d["flush_failed_errno"] else "flushes ok"
+        out.append(f"{d['id']} ({d['path']}): {d['flush_requests']} flush requests, {d['host_fsyncs']} host fsyncs, {state}\n")
+    return "".join(out)
+
+
 def _show_version(r: object) -> str:
     assert isinstance(r, dict)
     q = r["qemu"]
@@ -112,6 +121,7 @@ HMP_COMMANDS: dict[str, HmpCommand] = {
     "info memory-devices": HmpCommand("query-memory-devices", "info memory-devices", "virtio-pmem devices",
                                       show=_show_memory_devices),
     "info memdev": HmpCommand("query-memdev", "info memdev", "memory backends", show=_show_memdev),
+    "info pmem": HmpCommand("x-query-pmem", "info pmem", "virtio-pmem flush counters and failures", show=_show_pmem),
     "info version": HmpCommand("query-version", "info version", "minivmm's version", show=_show_version),
     "system_powerdown": HmpCommand("system_powerdown", "system_powerdown", "press the ACPI power button"),
     "system_reset": HmpCommand("system_reset", "system_reset", "reset (minivmm ends the run, as a guest reboot does)"),
