@@ -149,8 +149,12 @@ class MachineObjects:
         ident = str(props.get("id") or self._next_id())
         if ident in self.devices:
             raise UserError(f"Duplicate device ID '{ident}'")
-        backend.backing.id = ident  # the function, its region and its statistics carry the device id
-        device = self.machine.hotplug_pmem(backend.backing)
+        memdev_id, backend.backing.id = backend.backing.id, ident  # the function, region and stats carry the device id
+        try:
+            device = self.machine.hotplug_pmem(backend.backing)
+        except BaseException:
+            backend.backing.id = memdev_id  # refused: nothing changed
+            raise
         backend.user = ident
         self.devices[ident] = PmemDevice(ident, memdev, device.start, device.size)
 
