@@ -39,6 +39,8 @@ from .monitor.monitor import Monitor
 from .monitor.qmp import QmpServer, listen_unix
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
+from .powerfail import PAGE_SIZE, DirtyPageCopier
+from .flushlog import FlushLogWriter
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
 from .stats import MachineStats, PmemDeviceStats
@@ -90,6 +92,7 @@ class Machine:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self.pmem_backings: list[PmemBacking] = []
+        self.copiers: list[DirtyPageCopier] = []  # flush targets of the lose-unflushed devices
         try:
             self._assemble()
         except BaseException:
@@ -158,7 +161,7 @@ class Machine:
         self.mem.add_region(region)
         self.owned.callback(region.view.release)  # before its mapping closes (LIFO)
         region.slot = self.resources.memory_slots.allocate()
-        self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+        self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly, region.log_dirty)
         return region
 
     # -- devices --------------------------------------------------------------------------
@@ -166,6 +169,7 @@ class Machine:
         self.console = Console(
             self.events,
             on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)", "host-ui")),
+            on_power_cut=self.power_cut,
             stdin_fd=self.config.stdin_fd,
             stdout_fd=self.config.stdout_fd,
             monitor=lambda line: self.monitor.hmp.execute(line),
@@ -195,13 +199,35 @@ class Machine:
         """Map a backing file above RAM as a KVM memory slot and plug a virtio-pmem-pci device
         describing it (virtio 1.2 §5.19: the device config holds that start and size)."""
         window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
-        self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id, readonly=backing.readonly))
-        device = VirtioPmem.from_backing(backing, start=window.base)
+        region = self.add_region(Region(window.base, backing.size, backing.mapping, name=backing.id,
+                                        readonly=backing.readonly, log_dirty=backing.lose_unflushed))  # fmt: skip
+        copier = self._dirty_page_copier(backing, region) if backing.lose_unflushed else None
+        device = VirtioPmem.from_backing(backing, start=window.base, flush_target=copier)
         transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
         self.pci.add_device(transport)
         self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
         self.pmem_plugged.append((device, backing))
         return device
+
+    def _dirty_page_copier(self, backing: PmemBacking, region: Region) -> DirtyPageCopier:
+        """The flush target of a lose-unflushed device: copies the pages KVM logged as dirty."""
+        log = FlushLogWriter(backing.flush_log, PAGE_SIZE, backing.size) if backing.flush_log else None
+        npages = region.size // PAGE_SIZE
+        copier = DirtyPageCopier(backing.fd, region.view, lambda: self.vm.get_dirty_log(region.slot, npages), log)
+        self.owned.callback(copier.close)  # after the device's flusher thread stopped (LIFO)
+        self.copiers.append(copier)
+        return copier
+
+    def power_cut(self) -> int:
+        """Cut the power (Ctrl-A p, QMP x-power-cut): end the run at once with no final flush;
+        returns how many pages the guest had dirtied in lose-unflushed devices since their last
+        flush, which never reach the files. A flush in progress completes first."""
+        for copier in self.copiers:
+            copier.cut_power()  # from here every flush fails: nothing more reaches a file
+        self.request_stop(Stop(0, "power cut", "host-power-cut"))
+        dropped = sum(copier.dropped_pages() for copier in self.copiers)
+        print(f"minivmm: power cut: {dropped} dirty pmem page(s) dropped", file=sys.stderr)
+        return dropped
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:
