@@ -146,11 +146,11 @@ def replay(log_path: str, image_path: str, upto: int | None, warn: Callable[[str
     """Write into `image_path` (a copy of the starting image) every record with epoch <= upto
     (all when None); returns the last epoch applied. A warning (partial/corrupt log) goes to `warn`."""
     log = read_log(log_path)
-    if log.warning:
-        warn(log.warning)
     last = log.records[-1].epoch if log.records else 0
     if upto is not None and upto > last:
         raise UserError(f"flush log {log_path}: --upto {upto}, but its last whole record is epoch {last}")
+    if log.warning:
+        warn(log.warning)
     try:
         fd = os.open(image_path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
