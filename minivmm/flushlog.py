@@ -142,6 +142,12 @@ def _records(f: BinaryIO, page_size: int) -> Iterator[tuple[FlushRecord | None, 
         yield FlushRecord(epoch, offsets, pages), None
 
 
+def apply_record(fd: int, record: FlushRecord) -> None:
+    """Write one record's pages into the image open at `fd`."""
+    for offset, page in zip(record.offsets, record.pages):
+        os.pwrite(fd, page, offset)
+
+
 def replay(log_path: str, image_path: str, upto: int | None, warn: Callable[[str], None]) -> int:
     """Write into `image_path` (a copy of the starting image) every record with epoch <= upto
     (all when None); returns the last epoch applied. A warning (partial/corrupt log) goes to `warn`."""
@@ -162,8 +168,7 @@ def replay(log_path: str, image_path: str, upto: int | None, warn: Callable[[str
         for record in log.records:
             if upto is not None and record.epoch > upto:
                 break
-            for offset, page in zip(record.offsets, record.pages):
-                os.pwrite(fd, page, offset)
+            apply_record(fd, record)
             applied = record.epoch
         os.fsync(fd)
         return applied

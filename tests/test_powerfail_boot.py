@@ -35,7 +35,7 @@ from support.runner import RunResult, start_minivmm
 from test_shell_boot import Pty
 
 from minivmm import guestimage
-from minivmm.flushlog import read_log
+from minivmm.flushlog import apply_record, read_log
 
 MiB = 1 << 20
 PAGE = 4096
@@ -208,3 +208,58 @@ def test_clean_poweroff_keeps_everything(guest, tmp_path: Path) -> None:
     log = read_log(str(setup.log))
     b_off = file_block(setup.start, 1)
     assert any(b_off in r.offsets for r in log.records)  # B reached the file by a flush
+
+
+# -- an ext4 workload: every flush point is a file system e2fsck accepts ----------------------
+EXT4_FILES = 24
+
+
+def fs_files(image: Path) -> dict[str, str]:
+    """/work's regular files -> contents, after the image's journal is recovered."""
+    listing = debugfs(image, "ls -p /work")
+    names = [f.split("/")[5] for f in listing.split("\n") if f.count("/") >= 6 and f.split("/")[2].startswith("100")]
+    return {name: debugfs(image, f"cat /work/{name}") for name in names}
+
+
+def recover_and_check(image: Path) -> subprocess.CompletedProcess:
+    """Replay the ext4 journal as a mount would (e2fsck -E journal_only), then `e2fsck -fn`."""
+    subprocess.run(["e2fsck", "-E", "journal_only", "-p", str(image)], capture_output=True, check=False)
+    return subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True, check=False)
+
+
+def test_ext4_every_flush_point_is_consistent_and_holds_what_was_fsynced(guest, tmp_path: Path) -> None:
+    initrd = guestimage.initramfs_path()
+    if not initrd.is_file():
+        pytest.fail(f"{initrd} not built (it holds guest/scripts/powerfail-ext4.sh): run `minivmm guest build`")
+    image = make_ext4(tmp_path / "pmem0.img", IMAGE_SIZE)
+    start = tmp_path / "pmem0.start"
+    shutil.copyfile(image, start)
+    log_path = tmp_path / "pmem0.flushlog"
+    args = ["--kernel", str(guest.vmlinux), "--initrd", str(initrd),
+            "--cmdline", "console=ttyS0 quiet panic=-1 reboot=k minivmm.script=powerfail-ext4",
+            "--pmem", f"{image},lose-unflushed=on,flush-log={log_path}"]  # fmt: skip
+    run = start_minivmm(args, tmp_path, name="ext4").wait(timeout=BOOT_TIMEOUT)
+    assert run.status == 0 and run.stop_reason == "guest powered off (ACPI S5)", run.describe()
+    assert f"minivmm: ext4 workload done files={EXT4_FILES}" in run.stdout and "FAILED" not in run.stdout, run.describe()
+    log = read_log(str(log_path))
+    assert log.warning is None and len(log.records) >= EXT4_FILES  # at least one flush per fsync
+    raw, check = tmp_path / "point.img", tmp_path / "check.img"
+    shutil.copyfile(start, raw)
+    held = 0
+    with open(raw, "r+b") as f:
+        for record in log.records:  # flush point after flush point
+            apply_record(f.fileno(), record)
+            f.flush()
+            shutil.copyfile(raw, check)  # recovery changes the copy, not the flush point
+            fsck = recover_and_check(check)
+            assert fsck.returncode == 0, f"epoch {record.epoch}: e2fsck -fn exited {fsck.returncode}:\n{fsck.stdout}"
+            files = fs_files(check) if re.search(r"/work/", debugfs(check, "ls -p /")) else {}
+            names = {n for n in files if not n.endswith(".tmp")}
+            k = len(names)
+            assert names == {f"f{i}" for i in range(1, k + 1)}, f"epoch {record.epoch}: {sorted(names)}"
+            for i in range(1, k + 1):
+                assert files[f"f{i}"] == f"minivmm powerfail-ext4 file {i}\n", (record.epoch, i, files[f"f{i}"])
+            assert k >= held, f"epoch {record.epoch}: {k} files, an earlier flush point had {held}"
+            held = k
+    assert held == EXT4_FILES
+    assert sha256(raw) == sha256(image)  # the last flush point is the final image
