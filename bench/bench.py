@@ -25,6 +25,10 @@ figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its
   pmem  a fresh, host-formatted (mkfs.ext4 -b 4096) 256 MiB sparse image as --pmem, steps
         hello,mounts,pmem-mount,flush-bench:200,umount: what flush-bench prints (mean/min/max
         of a guest 4 KiB write + fdatasync) and the host-side pmem counters of --stats-json.
+  pmem-lose  the same with --pmem ...,lose-unflushed=on (power-failure simulation): each flush
+        copies the pages KVM's dirty log names, then fdatasyncs; the host "fdatasync" time
+        of --stats-json is then the whole copy + fdatasync.
+  pmem-lose-log  the same with a flush log too, which also gives the dirty pages per flush.
 
 A section is a row of SECTIONS: a name, a command line, optional set-up (extra VMM
 arguments, files in a per-boot temporary directory) and a parser for its own figures. Later

@@ -412,3 +412,25 @@ def test_x_power_cut_on_an_assembled_machine(tmp_path: Path) -> None:
         assert m.run_state == "shutdown" and m.copiers[0].cut
         assert m.monitor.hmp.execute("power_cut") == "power cut: 0 dirty page(s) dropped\n"
     assert read_log(str(tmp_path / "log")).records == []  # header only: no flush happened
+
+
+# -- the benchmark's sections -------------------------------------------------------------------
+def test_bench_lose_unflushed_sections(tmp_path: Path) -> None:
+    from test_bench_parse import PMEM_CONSOLE, bench, machine_stats, pmem_device
+
+    assert bench.setup_pmem_lose(tmp_path) == ["--pmem", f"{tmp_path / 'pmem.img'},lose-unflushed=on"]
+    args = bench.setup_pmem_lose_log(tmp_path)
+    assert args == ["--pmem", f"{tmp_path / 'pmem.img'},lose-unflushed=on,flush-log={tmp_path / bench.FLUSH_LOG_NAME}"]
+    for name in ("pmem-lose", "pmem-lose-log"):
+        assert bench.SECTIONS[name].steps == bench.SECTIONS["pmem"].steps
+    writer = FlushLogWriter(str(tmp_path / bench.FLUSH_LOG_NAME), PAGE_SIZE, 8 * PAGE_SIZE)
+    for epoch, n in ((1, 2), (2, 5), (3, 2)):
+        writer.append(epoch, [i * PAGE_SIZE for i in range(n)], [page(epoch)] * n)
+    writer.close()
+    stats = machine_stats({"io": 1}, {"serial": 1}, pmem=[pmem_device("pmem0", str(tmp_path / "pmem.img"), 3, 3, 0.002, 0.004, 0.001)])
+    f = bench.parse_pmem_lose_log_section(PMEM_CONSOLE, stats)
+    assert (f["pages_per_flush_mean"], f["pages_per_flush_max"], f["log_flushes"]) == (3, 5, 3)
+    assert f["flush_n"] == 200 and f["pmem_host_fsyncs"] == 3
+    (tmp_path / bench.FLUSH_LOG_NAME).write_bytes((tmp_path / bench.FLUSH_LOG_NAME).read_bytes()[:-1])
+    with pytest.raises(bench.BootFailed, match="truncated"):
+        bench.parse_pmem_lose_log_section(PMEM_CONSOLE, stats)
