@@ -37,7 +37,7 @@ ffi.cdef(
         uint32_t slot; uint32_t flags;
         uint64_t guest_phys_addr; uint64_t memory_size; uint64_t userspace_addr;
     };
-    struct kvm_dirty_log { uint32_t slot; uint32_t padding1; uint64_t dirty_bitmap; };
+    struct kvm_dirty_log { uint32_t slot; uint32_t padding1; uint64_t dirty_bitmap; };  /* union { void *; __u64 } */
     struct kvm_regs {
         uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
         uint64_t r8, r9, r10, r11, r12, r13, r14, r15;

@@ -104,7 +104,7 @@ def _show_version(r: object) -> str:
 
 
 HMP_COMMANDS: dict[str, HmpCommand] = {
-    "object_add": HmpCommand("object-add", "object_add memory-backend-file,id=ID,mem-path=PATH[,size=SIZE][,share=on][,readonly=on]",
+    "object_add": HmpCommand("object-add", "object_add memory-backend-file,id=ID,mem-path=PATH[,size=SIZE][,share=on][,readonly=on][,lose-unflushed=on]",
                              "add a memory backend", _keyval("qom-type")),
     "object_del": HmpCommand("object-del", "object_del ID", "remove an unused memory backend", _one_id),
     "device_add": HmpCommand("device_add", "device_add virtio-pmem-pci,memdev=ID[,id=ID]", "hot-add a virtio-pmem-pci device",
