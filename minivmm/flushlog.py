@@ -91,19 +91,26 @@ def _read_exact(f: BinaryIO, n: int) -> bytes | None:
     return data if len(data) == n else None
 
 
-def read_log(path: str) -> FlushLog:
-    """Parse a flush log; a bad header is a `UserError`, a bad or partial record ends the list."""
+def _open_log(path: str) -> tuple[BinaryIO, int, int]:
+    """The log open at its first record, its page size and image size (UserError if it is no log)."""
     try:
         f = open(path, "rb")
     except OSError as exc:
         raise UserError(f"flush log {path}: {exc.strerror}") from None
+    head = _read_exact(f, flushlog_header.size)
+    magic, version, page_size, image_size = flushlog_header.unpack(head) if head else (b"", 0, 0, 0)
+    if head is None or magic != FLUSHLOG_MAGIC or version != FLUSHLOG_VERSION or page_size <= 0:
+        f.close()
+        why = "too short for a header" if head is None else f"not a minivmm flush log (version {FLUSHLOG_VERSION})"
+        raise UserError(f"flush log {path}: {why}")
+    return f, page_size, image_size
+
+
+def read_log(path: str, keep_pages: bool = True) -> FlushLog:
+    """Parse a flush log; a bad header is a `UserError`, a bad or partial record ends the list.
+    Without `keep_pages` every record is checked but its pages are dropped (memory stays small)."""
+    f, page_size, image_size = _open_log(path)
     with f:
-        head = _read_exact(f, flushlog_header.size)
-        if head is None:
-            raise UserError(f"flush log {path}: too short for a header")
-        magic, version, page_size, image_size = flushlog_header.unpack(head)
-        if magic != FLUSHLOG_MAGIC or version != FLUSHLOG_VERSION or page_size <= 0:
-            raise UserError(f"flush log {path}: not a minivmm flush log (version {FLUSHLOG_VERSION})")
         log = FlushLog(page_size, image_size, [])
         for record, problem in _records(f, page_size):
             if problem is not None:
@@ -111,7 +118,7 @@ def read_log(path: str) -> FlushLog:
                 log.warning = f"flush log {path}: {problem}; replaying up to epoch {last}"
                 break
             assert record is not None
-            log.records.append(record)
+            log.records.append(record if keep_pages else FlushRecord(record.epoch, record.offsets, []))
         return log
 
 
@@ -151,7 +158,7 @@ def apply_record(fd: int, record: FlushRecord) -> None:
 def replay(log_path: str, image_path: str, upto: int | None, warn: Callable[[str], None]) -> int:
     """Write into `image_path` (a copy of the starting image) every record with epoch <= upto
     (all when None); returns the last epoch applied. A warning (partial/corrupt log) goes to `warn`."""
-    log = read_log(log_path)
+    log = read_log(log_path, keep_pages=False)  # first pass: how far the log is whole
     last = log.records[-1].epoch if log.records else 0
     if upto is not None and upto > last:
         raise UserError(f"flush log {log_path}: --upto {upto}, but its last whole record is epoch {last}")
@@ -165,11 +172,13 @@ def replay(log_path: str, image_path: str, upto: int | None, warn: Callable[[str
         if os.fstat(fd).st_size != log.image_size:
             raise UserError(f"image {image_path}: {os.fstat(fd).st_size} bytes, the log's image had {log.image_size}")
         applied = 0
-        for record in log.records:
-            if upto is not None and record.epoch > upto:
-                break
-            apply_record(fd, record)
-            applied = record.epoch
+        f, page_size, _ = _open_log(log_path)
+        with f:  # second pass: one record in memory at a time
+            for record, _problem in _records(f, page_size):
+                if record is None or record.epoch > min(last, upto if upto is not None else last):
+                    break
+                apply_record(fd, record)
+                applied = record.epoch
         os.fsync(fd)
         return applied
     finally:
@@ -178,7 +187,7 @@ def replay(log_path: str, image_path: str, upto: int | None, warn: Callable[[str
 
 def list_epochs(log_path: str, warn: Callable[[str], None]) -> list[tuple[int, int]]:
     """(epoch, page count) of every whole record."""
-    log = read_log(log_path)
+    log = read_log(log_path, keep_pages=False)
     if log.warning:
         warn(log.warning)
     return [(r.epoch, len(r.offsets)) for r in log.records]
