@@ -47,11 +47,16 @@ def record_bytes(epoch: int, offsets: Sequence[int], pages: Sequence[bytes]) -> 
 class FlushLogWriter:
     """Appends records to an open log file (one per completed flush); `close()` closes it."""
 
-    def __init__(self, path: str, page_size: int, image_size: int) -> None:
+    def __init__(self, path: str, page_size: int, image_size: int, image_fd: int | None = None) -> None:
+        """Create or truncate `path`; refused (UserError) if it is the image open at `image_fd`."""
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise UserError(f"flush-log {path}: {exc.strerror}") from None
+        if image_fd is not None and os.path.samestat(os.fstat(self.fd), os.fstat(image_fd)):
+            os.close(self.fd)
+            raise UserError(f"flush-log {path}: that is the pmem image itself")
+        os.ftruncate(self.fd, 0)
         self.path = path
         self.page_size = page_size
         os.write(self.fd, flushlog_header.pack(FLUSHLOG_MAGIC, FLUSHLOG_VERSION, page_size, image_size))

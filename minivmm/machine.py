@@ -211,7 +211,7 @@ class Machine:
 
     def _dirty_page_copier(self, backing: PmemBacking, region: Region) -> DirtyPageCopier:
         """The flush target of a lose-unflushed device: copies the pages KVM logged as dirty."""
-        log = FlushLogWriter(backing.flush_log, PAGE_SIZE, backing.size) if backing.flush_log else None
+        log = FlushLogWriter(backing.flush_log, PAGE_SIZE, backing.size, backing.fd) if backing.flush_log else None
         npages = region.size // PAGE_SIZE
         copier = DirtyPageCopier(backing.fd, region.view, lambda: self.vm.get_dirty_log(region.slot, npages), log)
         self.owned.callback(copier.close)  # after the device's flusher thread stopped (LIFO)

@@ -412,6 +412,12 @@ def test_x_power_cut_on_an_assembled_machine(tmp_path: Path) -> None:
         assert m.run_state == "shutdown" and m.copiers[0].cut
         assert m.monitor.hmp.execute("power_cut") == "power cut: 0 dirty page(s) dropped\n"
     assert read_log(str(tmp_path / "log")).records == []  # header only: no flush happened
+    image = tmp_path / "p0.img"
+    before = image.read_bytes()
+    same = [PmemSpec(str(image), 2 * MiB, "pmem0", lose_unflushed=True, flush_log=str(image))]
+    with pytest.raises(UserError, match="that is the pmem image itself"):
+        Machine(MachineConfig(kernel=tmp_path / "never-booted", pmem=same))
+    assert image.read_bytes() == before  # never truncated
 
 
 # -- the benchmark's sections -------------------------------------------------------------------
