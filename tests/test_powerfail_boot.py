@@ -5,8 +5,9 @@ host): pmem0 with ``lose-unflushed=on`` (and a flush log), pmem1 without. The gu
 (guest/scripts/powerfail.sh) stores "A-..." into page 0 through a DAX mapping from user mode
 and msyncs it (a virtio-pmem FLUSH), then stores "B-..." into page 1 and never flushes.
 
-* power cut (SIGKILL, Ctrl-A p on the console's pty, QMP x-power-cut): pmem0 holds A, not B;
-  pmem1 holds both (its writes reach the host page cache at once);
+* power cut (SIGKILL, Ctrl-A p on the console's pty, QMP x-power-cut) or an ordinary end
+  without a guest flush (SIGTERM, Ctrl-A x): pmem0 holds A, not B; pmem1 holds both (its
+  writes reach the host page cache at once);
 * clean guest poweroff: both hold A and B (the guest flushes on its way down);
 * the flush log replays onto a copy of the starting image to exactly the final image.
 
@@ -164,6 +165,22 @@ def test_ctrl_a_p_cuts_the_power(guest, tmp_path: Path) -> None:
     run, out = run_until_holding(setup, tmp_path, "ctrl-a-p", lambda vmm, pty: pty.type(b"\x01p"))
     assert run.status == 0 and run.stop_reason == "power cut", run.describe()
     assert dropped_line(run) >= 1  # B's page at least
+    check_guest(out)
+    assert_power_cut(setup)
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [("SIGTERM", "stopped by SIGTERM"), ("Ctrl-A x", "quit from the console (Ctrl-A x)")],
+)
+def test_an_ordinary_end_flushes_nothing(guest, tmp_path: Path, how: str, reason: str) -> None:
+    """Ending the run the ordinary way (a signal, the console's quit) is a power cut too: the
+    host never flushes on the guest's behalf."""
+    setup = prepare(tmp_path, guest, "wait")
+    cut = (lambda vmm, pty: vmm.signal(signal.SIGTERM)) if how == "SIGTERM" else (lambda vmm, pty: pty.type(b"\x01x"))
+    run, out = run_until_holding(setup, tmp_path, how.replace(" ", "-"), cut)
+    assert run.status == 0 and run.stop_reason == reason, run.describe()
+    assert "power cut" not in run.stderr
     check_guest(out)
     assert_power_cut(setup)
 
