@@ -463,4 +463,12 @@ class Machine:
             pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in self.pmem_plugged],
             stop_status=None if self._stop is None else self._stop.status,
             stop_reason=None if self._stop is None else self._stop.reason,
+            thread_errors=[f"{where}: {type(e).__name__}: {e}" for where, errors in self._thread_error_lists() for e in errors],
         )
+
+    def _thread_error_lists(self) -> list[tuple[str, list[BaseException]]]:
+        """Where the VMM's own threads keep the exceptions they reported (`errors.report_thread_error`)."""
+        lists = [("event loop", self.events.errors)] + [(f"{dev.name} flusher", dev.errors) for dev, _ in self.pmem_plugged]
+        if self.qmp is not None:
+            lists.append(("QMP", self.qmp.errors))
+        return lists

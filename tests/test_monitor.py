@@ -252,3 +252,11 @@ def test_device_add_plugs_a_backend_and_a_refused_one_changes_nothing(machine, t
     assert (cls, desc) == ("GenericError", "late: PCI bus 0 is full (at most 31 devices)")
     assert run(machine, "query-memory-devices") == before
     assert machine.monitor.objects.backends["m2"].backing.id == "m2" and machine.monitor.objects.backends["m2"].user is None
+
+
+def test_a_device_thread_error_reaches_the_statistics(machine) -> None:
+    device, _ = machine.pmem_plugged[0]
+    device.errors.append(RuntimeError("boom"))  # what report_thread_error keeps
+    stats = machine.statistics()
+    assert stats.thread_errors == ["pmem0 flusher: RuntimeError: boom"]
+    assert "thread error: pmem0 flusher: RuntimeError: boom" in stats.render_text()
