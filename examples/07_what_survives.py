@@ -33,7 +33,7 @@ def main() -> None:
         shared, private = make_ext4(Path(tmp) / "shared.img"), make_ext4(Path(tmp) / "private.img")
         before = digest(private)
         run = boot(Path(tmp), STEPS, "--pmem", str(shared), "--pmem", f"{private},discard-writes=on")
-        for line in init_lines(run):
+        for line in init_lines(run.stdout):
             if line.startswith(("pmem-write", "pmem-read")):
                 print("guest:", line)
         print(f"host reads shared.img: {TOKEN} = {read_file_in_ext4(shared, TOKEN)!r}")

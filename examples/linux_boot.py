@@ -20,10 +20,13 @@ for _path in (REPO / "tests", REPO / "bench", REPO):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench import MKFS_EXT4_ARGS, exits_between, mkfs_ext4  # noqa: E402
+from bench import MKFS_EXT4_ARGS, mkfs_ext4  # noqa: E402
 from support.runner import RunResult, run_minivmm  # noqa: E402
 
-__all__ = ["boot", "exits_between", "init_lines", "make_ext4", "read_file_in_ext4"]
+from minivmm import layout  # noqa: E402
+from minivmm.stats import ExitRecord  # noqa: E402
+
+__all__ = ["boot", "exits_window", "init_lines", "make_ext4", "read_file_in_ext4"]
 
 BOOT_TIMEOUT = 900.0  # seconds; a boot takes 1-2 minutes of a core (longer on software KVM)
 INIT_CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test"
@@ -39,15 +42,28 @@ def boot(workdir: Path, steps: str, *args: str) -> RunResult:
     return run
 
 
-def init_lines(run: RunResult) -> list[str]:
-    """The test init's lines, in order, each once (with console=ttyS0 each appears twice:
-    written to the console and logged through the kernel)."""
+def init_lines(console: str) -> list[str]:
+    """The test init's lines in a run's console output, in order, each once (with
+    console=ttyS0 each appears twice: written to the console and logged through the kernel)."""
     out: list[str] = []
-    for line in run.stdout.splitlines():
+    for line in console.splitlines():
         m = _INIT_LINE.search(line)
         if m and m.group(1) not in out:
             out.append(m.group(1))
     return out
+
+
+def exits_window(log: list[ExitRecord], begin: str, end: str) -> tuple[int, int]:
+    """(first, last + 1): the slice of a traced run's exit log made after the guest finished
+    printing `begin` on the serial console and before it printed `end`'s first character (the
+    console text is rebuilt from the writes to COM1's THR, which places every exit)."""
+    thr = [i for i, r in enumerate(log) if r.kind == "io" and r.op == "out" and r.addr == layout.COM1_PORT]
+    console = "".join(chr(log[i].value) for i in thr)
+    start = console.rfind(begin)
+    stop = console.find(end, start + len(begin)) if start >= 0 else -1
+    if start < 0 or stop < 0:
+        sys.exit(f"the exit log has no {begin!r} ... {end!r} in the console output")
+    return thr[start + len(begin) - 1] + 1, thr[stop]
 
 
 def make_ext4(path: Path, size: int = 256 << 20) -> Path:

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
-from typing import Protocol, TextIO
+from typing import TextIO
 
 from . import layout
 from .allocator import ResourceAllocator
 from .boot.entry import BootEntry, CpuMode, Registers, setup_entry
-from .bus import Bus, BusDeviceRange
+from .bus import Bus, BusDevice, BusDeviceRange
 from .exit_handler import Stop
 from .fallback import EmulationFallbacks
 from .kvm import Kvm
@@ -55,16 +55,11 @@ REAL_MODE_LIMIT = 1 << 20  # real mode addresses 1 MiB (segment << 4 + 16-bit of
 LONG_MODE_MIN_RAM = layout.PAGE_TABLES.end
 
 
-class Device(Protocol):
-    """What a bus calls on a guest access to a registered range (`bus.BusDevice`).
-
-    `offset` is relative to the range's base, `size` is 1, 2, 4 or 8 bytes, `value` is the
-    little-endian value written; `read` returns the value read (masked to `size` by the bus).
-    Both run on the vCPU thread while the guest waits in the exit."""
-
-    def read(self, offset: int, size: int) -> int: ...
-
-    def write(self, offset: int, size: int, value: int) -> None: ...
+# What a bus calls on a guest access to a registered range: `read(offset, size) -> int` and
+# `write(offset, size, value)`, `offset` relative to the range's base, `size` 1, 2, 4 or 8 bytes,
+# values little-endian (a read is masked to `size` by the bus). Both run on the vCPU thread
+# while the guest waits in the exit.
+Device = BusDevice
 
 
 class RunTimeout(Exception):
@@ -126,7 +121,7 @@ class BareVm:
     def add_port_device(self, port: int, size: int, device: Device, name: str | None = None) -> BusDeviceRange:
         """Attach `device` to ports `port`..`port + size - 1`; `name` is what statistics and
         traces call it (default: its class name). BusError if the range overlaps another."""
-        if not 0 <= port and port + size <= 0x10000:
+        if port < 0 or size <= 0 or port + size > 0x10000:
             raise ValueError(f"ports {port:#x}+{size:#x} are outside 0..0xffff")
         return self.pio.register(port, size, device, name)
 

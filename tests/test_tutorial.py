@@ -82,3 +82,39 @@ def test_example_prints_what_the_tutorial_quotes(script: Path) -> None:
     (quoted,) = [q.text for q in quotes() if q.kind == "output" and q.script == script]
     timeout = BOOT_TIMEOUT_S if script.name.startswith(BOOT_STEPS) else FAST_TIMEOUT_S
     assert run_example(script, timeout) == quoted
+
+
+# -- the API the tutorial teaches: its documented errors -----------------------------------------
+def test_bare_vm_rejects_what_its_docstrings_say() -> None:
+    from minivmm.api import BareVm
+    from minivmm.bus import BusError
+
+    with BareVm(ram_size=32 << 10, irqchip=False) as vm:  # too small for the page tables
+        with pytest.raises(ValueError, match="overlaps RAM"):
+            vm.add_mmio_device(0x4000, 16, object(), "in-ram")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="outside 0..0xffff"):
+            vm.add_port_device(0xFFFF, 2, object())  # type: ignore[arg-type]
+        vm.add_port_device(0x80, 1, object(), "a")  # type: ignore[arg-type]
+        with pytest.raises(BusError, match="overlaps"):
+            vm.add_port_device(0x80, 1, object(), "b")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            vm.start_real_mode(0x10008)
+        with pytest.raises(ValueError, match="long mode needs"):
+            vm.start_long_mode(0x1000)
+        with pytest.raises(ValueError, match="irqchip"):
+            vm.msi_route(0xFEE00000, 0x40)
+    with pytest.raises(ValueError, match="multiple of 4 KiB"):
+        BareVm(ram_size=1000)
+
+
+def test_bare_vm_run_times_out_with_the_vcpu_state_and_runs_once() -> None:
+    from minivmm.api import BareVm, RunTimeout
+
+    with BareVm(ram_size=1 << 20, irqchip=False) as vm:
+        vm.load(0x10000, bytes.fromhex("eb fe"))  # jmp $: never stops
+        vm.start_real_mode(0x10000)
+        with pytest.raises(RunTimeout, match=r"did not stop within 0.2 s(.|\n)*rip"):
+            vm.run(timeout=0.2)
+        assert vm.stats.by_kind["intr"] >= 1  # the kick that ended KVM_RUN
+        with pytest.raises(ValueError, match="runs once"):
+            vm.run()
