@@ -54,7 +54,7 @@ def main() -> None:
     m = re.match(r"boot: (\S+) entry (\S+) rip=(0x[0-9a-f]+)", boot_line)
     assert m, boot_line
     print(f"  boot: {m.group(1)} entry {m.group(2)}, rip = the ELF's PVH entry note: {int(m.group(3), 16) == pvh.loaded.entry}")
-    print("the guest's init said:", init_lines(run.stdout)[0])
+    print("the guest's init said:", next(line for line in init_lines(run.stdout) if line.startswith("hello")))
     print("stop:", run.stop_reason)
 
 
