@@ -86,10 +86,6 @@ ffi.cdef(
     struct kvm_ioeventfd {
         uint64_t datamatch; uint64_t addr; uint32_t len; int32_t fd; uint32_t flags; uint8_t pad[36];
     };
-    struct kvm_msi {
-        uint32_t address_lo; uint32_t address_hi; uint32_t data; uint32_t flags; uint32_t devid;
-        uint8_t pad[12];
-    };
     struct kvm_translation {
         uint64_t linear_address; uint64_t physical_address;
         uint8_t valid; uint8_t writeable; uint8_t usermode; uint8_t pad[5];
@@ -185,7 +181,6 @@ KVM_SET_GSI_ROUTING = _IOW(0x6A, "struct kvm_irq_routing")
 KVM_IRQFD = _IOW(0x76, "struct kvm_irqfd")
 KVM_CREATE_PIT2 = _IOW(0x77, "struct kvm_pit_config")
 KVM_IOEVENTFD = _IOW(0x79, "struct kvm_ioeventfd")
-KVM_SIGNAL_MSI = _IOW(0xA5, "struct kvm_msi")
 # vCPU ioctls
 KVM_RUN = _IO(0x80)
 KVM_GET_REGS = _IOR(0x81, "struct kvm_regs")
@@ -422,10 +417,6 @@ class Vm:
             flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
         arg = {"datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags}
         _ioctl(self.fd, KVM_IOEVENTFD, ffi.new("struct kvm_ioeventfd *", arg))
-
-    def signal_msi(self, address: int, data: int) -> int:
-        msi = {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32, "data": data}
-        return _ioctl(self.fd, KVM_SIGNAL_MSI, ffi.new("struct kvm_msi *", msi))
 
     def create_vcpu(self, index: int) -> "Vcpu":
         return Vcpu(self, index, _ioctl(self.fd, KVM_CREATE_VCPU, index))

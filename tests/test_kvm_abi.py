@@ -37,7 +37,6 @@ STRUCTS = (
     "kvm_irq_routing",
     "kvm_irqfd",
     "kvm_ioeventfd",
-    "kvm_msi",
     "kvm_translation",
     "kvm_lapic_state",
 )

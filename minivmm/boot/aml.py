@@ -150,10 +150,6 @@ def method(path: str, nargs: int, *terms: bytes, serialized: bool = False) -> by
     return bytes([MethodOp]) + pkg_length(len(body)) + body
 
 
-def return_(value: bytes) -> bytes:
-    return bytes([ReturnOp]) + value
-
-
 def local(n: int) -> bytes:
     """LocalN (20.2.6.2), N in 0..7."""
     if not 0 <= n <= 7:

@@ -277,11 +277,6 @@ class Serial16550:
             self._refill_fifo()
             self._update_irq()
 
-    @property
-    def irq_level(self) -> bool:
-        """The level last driven on the IRQ line."""
-        return self._level
-
     def pending_input(self) -> int:
         """Characters received but not yet read by the guest (FIFO plus backlog)."""
         with self._lock:

@@ -134,10 +134,6 @@ class MsixTable:
     def enabled(self) -> bool:
         return bool(self.message_control & PCI_MSIX_FLAGS_ENABLE)
 
-    @property
-    def function_masked(self) -> bool:
-        return bool(self.message_control & PCI_MSIX_FLAGS_MASKALL)
-
     def _cap_written(self, offset: int, size: int) -> None:
         if offset < PCI_MSIX_FLAGS + 2 and PCI_MSIX_FLAGS < offset + size:
             self._sync(range(self.nvectors))
