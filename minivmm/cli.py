@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the same statistics as JSON to FILE at exit (with --trace: every exit too)",
     )
+    run.add_argument(
+        "--timeline", type=Path, metavar="FILE",
+        help="write an SVG picture of the run to FILE at exit: exits per 100 ms by kind and device, time in/out of "
+        "KVM_RUN, emulation fallbacks, pmem flushes, guest console milestones",
+    )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
     guest = sub.add_parser(
         "guest",
@@ -104,6 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--watchdog must be a positive number of seconds")
     if args.stats_json is not None:
         _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
+    if args.timeline is not None:
+        _write_file("--timeline", args.timeline, "")  # likewise
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -114,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         watchdog=args.watchdog,
         pmem=[parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device),
         qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
+        timeline=args.timeline is not None,
     )
     with Machine(config) as machine:
         try:
@@ -124,15 +132,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(stats.render_text(), file=sys.stderr)
             if args.stats_json is not None:
                 _write_stats_json(args.stats_json, stats.to_json())
+            if args.timeline is not None:
+                from .timeline import from_machine, render_svg
+
+                _write_file("--timeline", args.timeline, render_svg(from_machine(machine)))
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
 
 
 def _write_stats_json(path: Path, text: str) -> None:
+    _write_file("--stats-json", path, text)
+
+
+def _write_file(option: str, path: Path, text: str) -> None:
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise UserError(f"--stats-json {path}: {exc.strerror}") from None
+        raise UserError(f"{option} {path}: {exc.strerror}") from None
 
 
 def cmd_guest(args: argparse.Namespace) -> int:

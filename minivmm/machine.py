@@ -45,6 +45,7 @@ from .pmemfile import PmemBacking, PmemSpec
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
 from .stats import MachineStats, PmemDeviceStats
+from .timeline import MilestoneScanner
 from .vcpu import VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
@@ -72,6 +73,7 @@ class MachineConfig:
     watchdog: float | None = None
     pmem: list[PmemSpec] = field(default_factory=list)
     qmp: str | None = None  # QMP socket path
+    timeline: bool = False  # record per-interval counters, console milestones and pmem flushes (--timeline)
     stdin_fd: int = 0
     stdout_fd: int = 1
 
@@ -180,6 +182,8 @@ class Machine:
         )
         self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), output=self.console.write)
         self.console.attach(self.serial)
+        if self.config.timeline:
+            self.console.milestones = MilestoneScanner()
         self.pio.register(layout.COM1_PORT, layout.COM1_PORT_COUNT, self.serial, "serial")
         self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)", "guest-reset")))
         self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
@@ -224,6 +228,7 @@ class Machine:
             region.slot = self.resources.memory_slots.allocate()
             undo.callback(self.resources.memory_slots.free, region.slot)
             device = VirtioPmem.from_backing(backing, start=window.base)
+            device.flush_log = [] if self.config.timeline else None
             region.on_fault = lambda reason: self._pmem_failed(device, backing.id, reason)
             transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
             undo.callback(transport.close)
@@ -358,6 +363,8 @@ class Machine:
                 vcpu_setup.apply_entry(vcpu, self.boot.entry)
             trace = sys.stderr if cfg.trace else None
             self.loops.append(VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace))
+            if cfg.timeline:
+                self.loops[-1].record_timeline()
 
     def run(self) -> Stop:
         """Boot and run the guest until it ends; returns why it ended."""

@@ -8,6 +8,7 @@ delivers them through irqfd/ioeventfd.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
 from .stats import VcpuStats as ExitStats
+from .timeline import IntervalSampler
 from .vcpu_exit import InterruptedExit
 
 KICK_SIGNAL = signal.SIGUSR2  # interrupts KVM_RUN on a vCPU thread (its handler does nothing)
@@ -47,6 +49,12 @@ class VcpuLoop:
         self._run_allowed = threading.Event()  # cleared by pause(): the thread waits outside KVM_RUN
         self._run_allowed.set()
         self.paused = threading.Event()  # set while the thread waits in pause
+        self.sampler: IntervalSampler | None = None  # per-interval snapshots, only for --timeline
+
+    def record_timeline(self) -> IntervalSampler:
+        """Snapshot this vCPU's counters every `timeline.INTERVAL` (call before `start`)."""
+        self.sampler = IntervalSampler(self.stats, self.parts.fallbacks.counts)
+        return self.sampler
 
     @property
     def fallbacks(self) -> EmulationFallbacks:
@@ -100,11 +108,15 @@ class VcpuLoop:
         stats, parts = self.stats, self.parts
         clock = time.perf_counter
         stats.first_run = time.monotonic()
+        sampler = self.sampler
+        due = math.inf if sampler is None else sampler.due  # one float compare per exit when off
         try:
             while not self.stopping:
                 t0 = clock()
                 exit = self.vcpu.run()
                 t1 = clock()
+                if t1 >= due:
+                    due = sampler.sample(t1)  # type: ignore[union-attr]
                 stats.time_in_run += t1 - t0
                 stats.by_kind[exit.kind] += 1
                 if isinstance(exit, InterruptedExit):
@@ -115,6 +127,9 @@ class VcpuLoop:
                 stats.time_outside += clock() - t1
         except Exception as exc:  # a VMM bug: end the run with a reason rather than a dead thread
             self.end(1, f"vCPU {self.vcpu.index} failed: {type(exc).__name__}: {exc}")
+        finally:
+            if sampler is not None:
+                sampler.sample(clock())  # the last, partial interval
 
     def _interrupted(self) -> None:
         self.vcpu.set_immediate_exit(False)

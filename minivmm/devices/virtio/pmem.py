@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from ...errors import report_thread_error
 from ...memory import GuestMemory
 from ...stats import PmemStats
+from ...timeline import FlushRecord
 from .queue import DescriptorChain, Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class VirtioPmem:
         self._flusher: _Flusher | None = None
         self._stopping: list[_Flusher] = []  # asked to stop, maybe still finishing a batch
         self.errors: list[BaseException] = []  # unexpected exceptions in the flusher thread
+        self.flush_log: list[FlushRecord] | None = None  # every served batch, only for --timeline
 
     @classmethod
     def from_backing(cls, backing: PmemBacking, start: int) -> VirtioPmem:
@@ -258,6 +260,8 @@ class VirtioPmem:
             st.batches += 1
             st.service_time_total += done - woke
             st.service_time_max = max(st.service_time_max, done - woke)
+        if self.flush_log is not None and flushes:
+            self.flush_log.append(FlushRecord(woke, done, flushes))
         return healthy
 
 
