@@ -32,6 +32,7 @@ from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.pmem import VirtioPmem
+from .disasm import LazySymbols
 from .errors import UserError
 from .eventloop import EventLoop
 from .fallback import EmulationFallbacks
@@ -70,6 +71,7 @@ class MachineConfig:
     mem_size: int = 256 << 20
     cpus: int = 1
     trace: bool = False
+    trace_only: frozenset[str] = frozenset()  # --trace=LIST: trace only these kinds/devices (empty: all)
     watchdog: float | None = None
     pmem: list[PmemSpec] = field(default_factory=list)
     qmp: str | None = None  # QMP socket path
@@ -351,6 +353,7 @@ class Machine:
                 print(f"map: {region.gpa:#014x} +{region.size:#x} slot {region.slot} {region.name}", file=sys.stderr)
             for line in self.boot.describe():
                 print(line, file=sys.stderr)
+        self.symbols = LazySymbols(cfg.kernel)  # read only if an instruction is ever shown
         supported = self.kvm.supported_cpuid()
         for index in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(index)
@@ -362,7 +365,10 @@ class Machine:
             if index == 0:
                 vcpu_setup.apply_entry(vcpu, self.boot.entry)
             trace = sys.stderr if cfg.trace else None
-            self.loops.append(VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace))
+            self.loops.append(
+                VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace,
+                         trace_only=cfg.trace_only, symbols=self.symbols)
+            )
             if cfg.timeline:
                 self.loops[-1].record_timeline()
 

@@ -81,7 +81,8 @@ class Milestone:
 # (label, substrings any of which marks it), in boot order; each is recorded once, first match.
 MILESTONES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("init started", ("Run /init", "init started")),
-    ("virtio_pmem probed", ("virtio_pmem", "pmem0")),
+    ("pmem0 probed", ("virtio_pmem", "pmem0")),  # the driver's line, or the first use of the disk
+    ("powering off", ("powering off", "reboot: Power down")),
 )
 FIRST_LINE = "first console line"
 
@@ -173,7 +174,7 @@ def intervals(samples: Sequence[Sample], start: float) -> list[Interval]:
 # -- SVG ----------------------------------------------------------------------------------------
 WIDTH = 1100
 LEFT, RIGHT = 90, 200  # margins: axis labels left, legends right
-PANEL_H, GAP, TOP = 130, 42, 70
+PANEL_H, GAP, TOP = 130, 42, 112
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 MAX_SERIES = 8  # more series than this are summed into "other"
 
@@ -229,6 +230,14 @@ class _Svg:
         self.add(f'<polyline class="{cls}" data-name="{escape(name)}" fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
 
 
+def _bucket(iv: Interval, n: float) -> list[tuple[float, float]]:
+    """Step points of `n` exits in an interval. Every exit counted in an interval happened in its
+    first `INTERVAL` (an exit past that takes the next snapshot); a longer interval is one long
+    KVM_RUN after them, drawn as zero."""
+    mid = min(iv.t1, iv.t0 + INTERVAL)
+    return [(iv.t0, n), (mid, n), (mid, 0), (iv.t1, 0)]
+
+
 def _per_interval(ivs: Sequence[Interval], key: Callable[[Interval], dict[str, int]]) -> dict[str, list[tuple[float, float]]]:
     """Series name -> step points of (count per `INTERVAL`), the top MAX_SERIES by total."""
     totals: dict[str, int] = {}
@@ -243,10 +252,21 @@ def _per_interval(ivs: Sequence[Interval], key: Callable[[Interval], dict[str, i
         for iv in ivs:
             d = key(iv)
             n = d.get(name, 0) if name != "other" else sum(v for k, v in d.items() if k not in keep)
-            rate = n * INTERVAL / max(iv.t1 - iv.t0, INTERVAL)  # per INTERVAL, so long intervals do not tower
-            pts += [(iv.t0, rate), (iv.t1, rate)]
+            pts += _bucket(iv, n)
         out[name] = pts
     return out
+
+
+def _label_groups(svg: _Svg, data: TimelineData) -> list[tuple[float, list[Milestone]]]:
+    """Milestones in time order, those closer than 4 px on the picture grouped under one label."""
+    groups: list[tuple[float, list[Milestone]]] = []
+    for m in sorted(data.milestones, key=lambda m: m.t):
+        x = svg.x(m.t - data.start)
+        if groups and x - groups[-1][0] < 4:
+            groups[-1][1].append(m)
+        else:
+            groups.append((x, [m]))
+    return groups
 
 
 def render_svg(data: TimelineData) -> str:
@@ -258,7 +278,7 @@ def render_svg(data: TimelineData) -> str:
     top = TOP
     svg.text(LEFT, 24, f"minivmm run timeline: {data.end - data.start:.2f} s of wall time, {len(data.vcpus)} vCPU(s), "
              f"{int(INTERVAL * 1000)} ms intervals", size=15, extra=' font-weight="bold"')
-    svg.text(LEFT, 42, "dashed lines: guest console milestones; x: seconds after the first KVM_RUN", size=11, extra=' fill="#555"')
+    svg.text(LEFT, 40, "dashed lines: guest console milestones (hover for the line); x: seconds after the first KVM_RUN", size=11, extra=' fill="#555"')
     # exits by kind, exits by device
     for cls, title, key in (("exits-kind", "exits to the VMM by kind", lambda iv: iv.by_kind),
                             ("exits-device", "exits to the VMM by device", lambda iv: iv.by_device)):
@@ -283,10 +303,10 @@ def render_svg(data: TimelineData) -> str:
     top += PANEL_H + GAP
     # emulation fallbacks
     total_fb = sum(iv.fallbacks for iv in ivs)
-    y = svg.panel(top, f"emulation fallbacks ({total_fb} in all)", _nice_max(max((iv.fallbacks for iv in ivs), default=0)), "per interval")
+    y = svg.panel(top, f"emulation fallbacks ({total_fb} in all)", _nice_max(max((iv.fallbacks for iv in ivs), default=0)), f"per {int(INTERVAL * 1000)} ms")
     for iv in ivs:
         if iv.fallbacks:
-            svg.add(f'<rect class="fallback" x="{svg.x(iv.t0):.1f}" y="{y(iv.fallbacks):.1f}" width="{max(svg.x(iv.t1) - svg.x(iv.t0), 1.5):.1f}" '
+            svg.add(f'<rect class="fallback" x="{svg.x(iv.t0):.1f}" y="{y(iv.fallbacks):.1f}" width="{max(svg.x(iv.t0 + INTERVAL) - svg.x(iv.t0), 1.5):.1f}" '
                     f'height="{y(0) - y(iv.fallbacks):.1f}" fill="{PALETTE[4]}"><title>{iv.fallbacks} fallbacks</title></rect>')
     top += PANEL_H + GAP
     # pmem flushes: one mark per served batch, at its wake-up, as high as its service time
@@ -309,13 +329,16 @@ def render_svg(data: TimelineData) -> str:
         svg.text(svg.x(t), bottom + 18, f"{t:g}", anchor="middle")
         t += step
     svg.text(LEFT + svg.plot_w / 2, bottom + 34, "seconds after the first KVM_RUN", anchor="middle")
-    # milestones through every panel, labels staggered so neighbours do not overlap
-    for i, m in enumerate(data.milestones):
-        x = svg.x(m.t - data.start)
-        svg.add(f'<line class="milestone" data-label="{escape(m.label)}" x1="{x:.1f}" y1="{TOP - 12}" x2="{x:.1f}" y2="{bottom}" '
-                f'stroke="#444" stroke-dasharray="4 3"><title>{escape(m.line)}</title></line>')
-        svg.text(x + 3, TOP - 14 + 0 * i, m.label, size=10, cls="milestone-label",
-                 extra=f' fill="#222" transform="rotate(-20 {x + 3:.1f} {TOP - 14:.1f})"')
+    # milestones through every panel; labels on three rows above the panels, neighbours joined
+    for row, (x, group) in enumerate(_label_groups(svg, data)):
+        for m in group:
+            mx = svg.x(m.t - data.start)
+            svg.add(f'<line class="milestone" data-label="{escape(m.label)}" x1="{mx:.1f}" y1="{TOP - 62 + 14 * (row % 3)}" x2="{mx:.1f}" y2="{bottom}" '
+                    f'stroke="#444" stroke-dasharray="4 3"><title>{escape(m.line)}</title></line>')
+        label = " + ".join(m.label for m in group) + f" ({group[0].t - data.start:.1f} s)"
+        anchor = "end" if x > LEFT + svg.plot_w * 0.6 else "start"
+        svg.text(x + (-3 if anchor == "end" else 3), TOP - 64 + 14 * (row % 3), label, size=11, anchor=anchor,
+                 cls="milestone-label", extra=' fill="#222"')
     head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif">'
     return "\n".join([head, f'<rect width="{WIDTH}" height="{height}" fill="white"/>', *svg.parts, "</svg>"]) + "\n"
 

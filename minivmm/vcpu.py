@@ -15,6 +15,7 @@ import time
 from typing import Callable, TextIO
 
 from .bus import Bus
+from .disasm import LazySymbols
 from .exit_handler import ExitParts, Stop, describe, handle_exit
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
@@ -38,11 +39,17 @@ class VcpuLoop:
         fallbacks: EmulationFallbacks,
         on_stop: Callable[[Stop], None],
         trace: TextIO | None = None,
+        *,
+        trace_only: frozenset[str] = frozenset(),
+        symbols: LazySymbols | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.on_stop = on_stop
         self.stats = ExitStats(exit_log=[] if trace is not None else None)  # a traced run keeps every exit
-        self.parts = ExitParts(vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace, log=self.stats.exit_log)
+        self.parts = ExitParts(
+            vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace, log=self.stats.exit_log,
+            trace_only=trace_only, symbols=symbols,
+        )
         self.stopping = False
         self.describe_requested = False
         self.thread: threading.Thread | None = None
