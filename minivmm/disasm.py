@@ -9,6 +9,7 @@ exit pays for it, once. A bzImage carries no symbol table, so it has no symbols.
 from __future__ import annotations
 
 import bisect
+import struct
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,7 +17,9 @@ from pathlib import Path
 
 KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: a vmlinux's text runs early at physical = virtual - this
 
-STT_FUNC, STT_NOTYPE = "STT_FUNC", "STT_NOTYPE"
+STT_NOTYPE, STT_FUNC = 0, 2  # ELF symbol types (gABI, "Symbol Table")
+ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name st_info st_other st_shndx st_value st_size: unpacked
+# by hand, as pyelftools' per-symbol objects take seconds for a vmlinux's tens of thousands
 
 
 @lru_cache(maxsize=3)
@@ -58,21 +61,29 @@ class KernelSymbols:
 
         try:
             with open(path, "rb") as f:
-                symtab = ELFFile(f).get_section_by_name(".symtab")
-                if not isinstance(symtab, SymbolTableSection):
+                elf = ELFFile(f)
+                symtab = elf.get_section_by_name(".symtab")
+                if not isinstance(symtab, SymbolTableSection) or elf.elfclass != 64 or not elf.little_endian:
                     return None
+                strtab = elf.get_section(symtab["sh_link"]).data()
                 rows = sorted(
-                    (s["st_value"], s.name, s["st_size"])
-                    for s in symtab.iter_symbols()
-                    if s.name and s["st_value"] and s["st_info"]["type"] in (STT_FUNC, STT_NOTYPE)
+                    (value, strtab[name : strtab.index(b"\0", name)].decode("ascii", "replace"), size)
+                    for name, info, _, _, value, size in ELF64_SYM.iter_unpack(symtab.data())
+                    if name and value and info & 0xF in (STT_NOTYPE, STT_FUNC)
                 )
-        except (OSError, ELFError):
+        except (OSError, ELFError, ValueError):
             return None
-        return cls([a for a, _, _ in rows], [(n, size) for _, n, size in rows])
+        best: dict[int, tuple[str, int]] = {}  # one name per address: the sized one (a function over its alias labels)
+        for addr, name, size in rows:
+            if addr not in best or size > best[addr][1]:
+                best[addr] = (name, size)
+        return cls(list(best), list(best.values()))
 
     def lookup(self, address: int) -> str | None:
-        """"name+0xoff/0xsize" for `address` (a physical address of early boot is tried at its
-        kernel-map alias too), or None outside every symbol."""
+        """"name+0xoff/0xsize" for `address`, or None outside every symbol. A physical address
+        of early boot is tried at its kernel-map alias too; a sized symbol that contains the
+        address wins over a label (size 0) less than a page before it."""
+        found: list[tuple[bool, str]] = []
         for addr in (address, address + KERNEL_MAP) if address < 1 << 32 else (address,):
             i = bisect.bisect_right(self.addresses, addr) - 1
             if i < 0:
@@ -80,8 +91,8 @@ class KernelSymbols:
             name, size = self.entries[i]
             off = addr - self.addresses[i]
             if off < size or (size == 0 and off < 0x1000):
-                return f"{name}+{off:#x}/{size:#x}"
-        return None
+                found.append((size > 0, f"{name}+{off:#x}/{size:#x}"))
+        return max(found, key=lambda f: f[0])[1] if found else None
 
 
 class LazySymbols:

@@ -80,7 +80,7 @@ class Milestone:
 
 # (label, substrings any of which marks it), in boot order; each is recorded once, first match.
 MILESTONES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("init started", ("Run /init", "init started")),
+    ("init started", (" as init process", "init started")),  # the kernel's "Run /init as init process", or /init's own line
     ("pmem0 probed", ("virtio_pmem", "pmem0")),  # the driver's line, or the first use of the disk
     ("powering off", ("powering off", "reboot: Power down")),
 )

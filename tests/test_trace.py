@@ -158,3 +158,14 @@ def test_symbols_come_from_a_vmlinux_symtab_only(tmp_path: Path) -> None:
     kernel.write_bytes(smoke_pvh_elf())  # an ELF without .symtab
     assert KernelSymbols.from_elf(kernel) is None
     assert KernelSymbols.from_elf(tmp_path / "missing") is None
+
+
+def test_symbols_of_the_default_guest_vmlinux(guest) -> None:
+    symbols = KernelSymbols.from_elf(guest.vmlinux)
+    assert symbols is not None and len(symbols.addresses) > 1000
+    assert symbols.addresses == sorted(set(symbols.addresses))
+    i = next(i for i, (name, _) in enumerate(symbols.entries) if name == "startup_64")
+    start, size = symbols.addresses[i], symbols.entries[i][1]
+    assert start >> 32 == 0xFFFF_FFFF and size > 1  # the kernel map; a sized function
+    assert symbols.lookup(start + 1) == f"startup_64+0x1/{size:#x}"
+    assert symbols.lookup(start + 1 - 0xFFFF_FFFF_8000_0000) == f"startup_64+0x1/{size:#x}"  # its physical alias
