@@ -174,7 +174,7 @@ def intervals(samples: Sequence[Sample], start: float) -> list[Interval]:
 # -- SVG ----------------------------------------------------------------------------------------
 WIDTH = 1100
 LEFT, RIGHT = 90, 200  # margins: axis labels left, legends right
-PANEL_H, GAP, TOP = 130, 42, 112
+PANEL_H, GAP, TOP = 130, 42, 126
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 MAX_SERIES = 8  # more series than this are summed into "other"
 
@@ -278,7 +278,7 @@ def render_svg(data: TimelineData) -> str:
     top = TOP
     svg.text(LEFT, 24, f"minivmm run timeline: {data.end - data.start:.2f} s of wall time, {len(data.vcpus)} vCPU(s), "
              f"{int(INTERVAL * 1000)} ms intervals", size=15, extra=' font-weight="bold"')
-    svg.text(LEFT, 40, "dashed lines: guest console milestones (hover for the line); x: seconds after the first KVM_RUN", size=11, extra=' fill="#555"')
+    svg.text(LEFT, 42, "dashed lines: guest console milestones (hover for the line); x: seconds after the first KVM_RUN", size=11, extra=' fill="#555"')
     # exits by kind, exits by device
     for cls, title, key in (("exits-kind", "exits to the VMM by kind", lambda iv: iv.by_kind),
                             ("exits-device", "exits to the VMM by device", lambda iv: iv.by_device)):
