@@ -122,9 +122,9 @@ class VcpuLoop:
                 t0 = clock()
                 exit = self.vcpu.run()
                 t1 = clock()
-                if t1 >= due:
-                    due = sampler.sample(t1)  # type: ignore[union-attr]
                 stats.time_in_run += t1 - t0
+                if t1 >= due:  # this KVM_RUN's time ends the interval; its exit starts the next
+                    due = sampler.sample(t1)  # type: ignore[union-attr]
                 stats.by_kind[exit.kind] += 1
                 if isinstance(exit, InterruptedExit):
                     self._interrupted()

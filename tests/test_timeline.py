@@ -24,6 +24,7 @@ from minivmm.timeline import (
 )
 from support.synthetic_kernels import smoke_pvh_elf
 from test_pmem import Harness, backing, harness  # noqa: F401  (pytest fixtures, used by name)
+from tinyguest import Asm, kick_handler, make_guest  # noqa: F401  (pytest fixtures, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
 SVG = "{http://www.w3.org/2000/svg}"
@@ -73,6 +74,26 @@ def test_sampler_snapshots_and_intervals_are_differences() -> None:
     (iv,) = intervals(sampler.samples, sampler.samples[0].t)
     assert iv.by_kind == {"io": 3} and iv.by_device == {"serial": 3} and iv.fallbacks == 1
     assert iv.time_in_run == 0.05 and iv.t0 == 0.0 and iv.t1 >= 0
+
+
+def test_the_vcpu_loop_samples_every_exit_into_some_interval(make_guest) -> None:
+    g = make_guest()
+    assert g.loop.sampler is None  # off unless asked
+    sampler = g.loop.record_timeline()
+    a = Asm(16)
+    a.mov_dx_imm(0x80)
+    for _ in range(20):
+        a.out_dx_acc(1)
+    a.done()
+    g.run_ok(a)
+    ivs = intervals(sampler.samples, sampler.samples[0].t)
+    assert sampler.samples[0].by_kind == {}  # the first exit opens the first interval
+    total = Counter[str]()
+    for iv in ivs:
+        total.update(iv.by_kind)
+    assert total == g.loop.stats.by_kind and total["io"] == 21  # the 20 writes and the done port
+    first_run = sampler.samples[0].time_in_run  # the KVM_RUN up to the first exit, before time zero
+    assert first_run > 0 and abs(sum(iv.time_in_run for iv in ivs) + first_run - g.loop.stats.time_in_run) < 1e-9
 
 
 def test_a_pmem_flush_is_logged_only_when_asked(harness) -> None:  # noqa: F811
