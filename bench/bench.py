@@ -28,6 +28,10 @@ figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its
   pmem  a fresh, host-formatted (mkfs.ext4 -b 4096) 256 MiB sparse image as --pmem, steps
         hello,mounts,pmem-mount,flush-bench:200,umount: what flush-bench prints (mean/min/max
         of a guest 4 KiB write + fdatasync) and the host-side pmem counters of --stats-json.
+  pmem-lose  the same with --pmem ...,lose-unflushed=on (power-failure simulation): each flush
+        copies the pages KVM's dirty log names, then fdatasyncs; the host "fdatasync" time
+        of --stats-json is then the whole copy + fdatasync.
+  pmem-lose-log  the same with a flush log too, which also gives the dirty pages per flush.
 
 A section is a row of SECTIONS: a name, a command line, optional set-up (extra VMM
 arguments, files in a per-boot temporary directory) and a parser for its own figures. Later
@@ -304,6 +308,34 @@ def setup_pmem(workdir: Path) -> list[str]:
     return ["--pmem", str(image)]
 
 
+FLUSH_LOG_NAME = "flush.log"
+
+
+def setup_pmem_lose(workdir: Path) -> list[str]:
+    """The `pmem` image as a lose-unflushed device (power-failure simulation, no flush log)."""
+    path = setup_pmem(workdir)[1]
+    return ["--pmem", f"{path},lose-unflushed=on"]
+
+
+def setup_pmem_lose_log(workdir: Path) -> list[str]:
+    """The `pmem` image as a lose-unflushed device with a flush log next to it."""
+    path = setup_pmem(workdir)[1]
+    return ["--pmem", f"{path},lose-unflushed=on,flush-log={workdir / FLUSH_LOG_NAME}"]
+
+
+def parse_pmem_lose_log_section(stdout: str, stats: MachineStats) -> dict:
+    """The `pmem` figures, plus the flush log's: pages the host copied per flush (mean, max)."""
+    from minivmm.flushlog import read_log
+
+    out = parse_pmem_section(stdout, stats)
+    log = read_log(str(Path(first_pmem(stats).path).with_name(FLUSH_LOG_NAME)))
+    if log.warning or not log.records:
+        raise BootFailed(f"flush log: {log.warning or 'no record'}")
+    pages = [len(r.offsets) for r in log.records]
+    out.update(pages_per_flush_mean=statistics.mean(pages), pages_per_flush_max=max(pages), log_flushes=len(pages))
+    return out
+
+
 def first_pmem(stats: MachineStats) -> PmemDeviceStats:
     """The first virtio-pmem device's statistics (the sections use one device)."""
     if not stats.pmem:
@@ -459,6 +491,22 @@ def interact_hotplug(vmm: Minivmm, workdir: Path) -> dict:
     return asyncio.run(drive())
 
 
+
+PMEM_METRICS: tuple[Metric, ...] = (
+    Metric("flush_p50_ms", f"guest 4 KiB write+fdatasync: median of {FLUSH_N}", "ms", "{:.3f}"),
+    Metric("flush_p99_ms", f"guest 4 KiB write+fdatasync: p99 of {FLUSH_N}", "ms", "{:.3f}"),
+    Metric("flush_mean_ms", f"guest 4 KiB write+fdatasync: mean of {FLUSH_N}", "ms", "{:.3f}"),
+    Metric("flush_min_ms", "guest 4 KiB write+fdatasync: min", "ms", "{:.3f}"),
+    Metric("flush_max_ms", "guest 4 KiB write+fdatasync: max", "ms", "{:.3f}"),
+    Metric("pmem_dax", "ext4 mounted with DAX (1 yes, 0 no)", "", "{:.0f}"),
+    Metric("pmem_flush_requests", "host: virtio-pmem flush requests", "", "{:.0f}"),
+    Metric("pmem_host_fsyncs", "host: fdatasyncs of the image", "", "{:.0f}"),
+    Metric("pmem_service_mean_ms", "host: flush service time mean", "ms", "{:.3f}"),
+    Metric("pmem_service_max_ms", "host: flush service time max", "ms", "{:.3f}"),
+    Metric("pmem_fsync_mean_ms", "host: fdatasync mean", "ms", "{:.3f}"),
+    Metric("pmem_overhead_mean_ms", "host: flush service without the fdatasync, mean", "ms", "{:.3f}"),
+)
+
 SECTIONS: dict[str, Section] = {
     s.name: s
     for s in (
@@ -489,21 +537,30 @@ SECTIONS: dict[str, Section] = {
             "virtio-pmem: 256 MiB ext4 (4 KiB blocks) image, 4 KiB write + fdatasync in the guest",
             f"hello,mounts,pmem-mount,flush-bench:{FLUSH_N},umount",
             parse_pmem_section,
-            (
-                Metric("flush_p50_ms", f"guest 4 KiB write+fdatasync: median of {FLUSH_N}", "ms", "{:.3f}"),
-                Metric("flush_p99_ms", f"guest 4 KiB write+fdatasync: p99 of {FLUSH_N}", "ms", "{:.3f}"),
-                Metric("flush_mean_ms", f"guest 4 KiB write+fdatasync: mean of {FLUSH_N}", "ms", "{:.3f}"),
-                Metric("flush_min_ms", "guest 4 KiB write+fdatasync: min", "ms", "{:.3f}"),
-                Metric("flush_max_ms", "guest 4 KiB write+fdatasync: max", "ms", "{:.3f}"),
-                Metric("pmem_dax", "ext4 mounted with DAX (1 yes, 0 no)", "", "{:.0f}"),
-                Metric("pmem_flush_requests", "host: virtio-pmem flush requests", "", "{:.0f}"),
-                Metric("pmem_host_fsyncs", "host: fdatasyncs of the image", "", "{:.0f}"),
-                Metric("pmem_service_mean_ms", "host: flush service time mean", "ms", "{:.3f}"),
-                Metric("pmem_service_max_ms", "host: flush service time max", "ms", "{:.3f}"),
-                Metric("pmem_fsync_mean_ms", "host: fdatasync mean", "ms", "{:.3f}"),
-                Metric("pmem_overhead_mean_ms", "host: flush service without the fdatasync, mean", "ms", "{:.3f}"),
-            ),
+            PMEM_METRICS,
             setup=setup_pmem,
+        ),
+        *(
+            Section(
+                name,
+                f"virtio-pmem lose-unflushed=on{extra}: the `pmem` workload (dirty-log copy + fdatasync per flush)",
+                f"hello,mounts,pmem-mount,flush-bench:{FLUSH_N},umount",
+                parse,
+                PMEM_METRICS + more,
+                setup=setup,
+            )
+            for name, extra, parse, more, setup in (
+                ("pmem-lose", "", parse_pmem_section, (), setup_pmem_lose),
+                (
+                    "pmem-lose-log", ",flush-log=FILE", parse_pmem_lose_log_section,
+                    (
+                        Metric("pages_per_flush_mean", "host: dirty pages copied per flush, mean (flush log)", "", "{:.2f}"),
+                        Metric("pages_per_flush_max", "host: dirty pages copied per flush, max", "", "{:.0f}"),
+                        Metric("log_flushes", "host: flushes in the log", "", "{:.0f}"),
+                    ),
+                    setup_pmem_lose_log,
+                ),
+            )  # fmt: skip
         ),
         *(
             Section(

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pmem",
         action="append",
         default=[],
-        metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on][,prealloc=on]",
+        metavar="PATH[,size=SIZE][,id=ID][,discard-writes=on][,prealloc=on][,lose-unflushed=on[,flush-log=FILE]]",
         help="add a virtio-pmem-pci device backed by PATH (repeatable: /dev/pmem0, /dev/pmem1, ...); "
         "prealloc=on allocates the whole file at start, so a full disk is a start-up error",
     )
@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     guest.add_argument("action", choices=["build", "paths", "prune"])
     guest.add_argument("--force", action="store_true", help="build: rebuild even what is cached")
+    pmem = sub.add_parser("pmem", help="pmem tools", description="Tools for pmem images (see README, Power-failure simulation).")
+    pmem_sub = pmem.add_subparsers(dest="pmem_command", required=True, parser_class=_Parser)
+    replay = pmem_sub.add_parser(
+        "replay", help="rebuild an image at a flush point of a flush log",
+        description="Apply a --pmem ...,flush-log=FILE log to IMAGE, a copy of the image as the run started, "
+        "up to flush (epoch) N; or --list the epochs with their page counts.",
+    )  # fmt: skip
+    replay.add_argument("log", metavar="LOG")
+    replay.add_argument("image", metavar="IMAGE", nargs="?")
+    replay.add_argument("--upto", type=int, metavar="N", help="last epoch to apply (default: every whole record)")
+    replay.add_argument("--list", action="store_true", help="list the epochs and their page counts")
     return parser
 
 
@@ -183,9 +194,31 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pmem(args: argparse.Namespace) -> int:
+    """`minivmm pmem replay LOG IMAGE [--upto N]` / `minivmm pmem replay LOG --list` (minivmm.flushlog)."""
+    from . import flushlog
+
+    def warn(line: str) -> None:
+        print(f"minivmm: warning: {line}", file=sys.stderr)
+
+    if args.list:
+        if args.image is not None or args.upto is not None:
+            raise UserError("pmem replay --list takes only the LOG")
+        for epoch, pages in flushlog.list_epochs(args.log, warn):
+            print(f"epoch {epoch}: {pages} page(s)")
+        return 0
+    if args.image is None:
+        raise UserError("pmem replay: give the IMAGE to rebuild (a copy of the starting image), or --list")
+    if args.upto is not None and args.upto < 0:
+        raise UserError("pmem replay: --upto must be an epoch number >= 0")
+    applied = flushlog.replay(args.log, args.image, args.upto, warn)
+    print(f"{args.image}: as after flush {applied}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: {"run": cmd_run, "guest": cmd_guest}[args.command](args))
+    return run_command(lambda: {"run": cmd_run, "guest": cmd_guest, "pmem": cmd_pmem}[args.command](args))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ ffi.cdef(
         uint32_t slot; uint32_t flags;
         uint64_t guest_phys_addr; uint64_t memory_size; uint64_t userspace_addr;
     };
+    struct kvm_dirty_log { uint32_t slot; uint32_t padding1; uint64_t dirty_bitmap; };  /* union { void *; __u64 } */
     struct kvm_regs {
         uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
         uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
@@ -174,6 +175,7 @@ KVM_GET_VCPU_MMAP_SIZE = _IO(0x04)
 KVM_GET_SUPPORTED_CPUID = _IOWR(0x05, "struct kvm_cpuid2")
 # VM ioctls
 KVM_CREATE_VCPU = _IO(0x41)
+KVM_GET_DIRTY_LOG = _IOW(0x42, "struct kvm_dirty_log")
 KVM_SET_USER_MEMORY_REGION = _IOW(0x46, "struct kvm_userspace_memory_region")
 KVM_SET_TSS_ADDR = _IO(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(0x48, "uint64_t")
@@ -254,7 +256,9 @@ KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_INTERNAL_ERROR_BAD_IO_EXIT = -1  # minivmm's own: a KVM_EXIT_IO whose data lies outside kvm_run
 KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2, 3
 
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+DIRTY_LOG_PAGE_SIZE = 4096  # one bit of a dirty bitmap per 4 KiB guest page (api.rst 4.8)
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI = 1, 2
 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
@@ -355,10 +359,27 @@ class Vm:
         )
         _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
 
-    def map_memory(self, slot: int, gpa: int, mapping: mmap.mmap, size: int, readonly: bool = False) -> None:
-        """Give the guest [gpa, gpa+size) backed by a host mapping (a KVM memory slot)."""
+    def map_memory(
+        self, slot: int, gpa: int, mapping: mmap.mmap, size: int, readonly: bool = False, log_dirty: bool = False
+    ) -> None:
+        """Give the guest [gpa, gpa+size) backed by a host mapping (a KVM memory slot); with
+        `log_dirty` KVM records which pages the guest writes (KVM_MEM_LOG_DIRTY_PAGES)."""
         host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping)))
-        self.set_user_memory_region(slot, gpa, size, host_addr, KVM_MEM_READONLY if readonly else 0)
+        flags = (KVM_MEM_READONLY if readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        self.set_user_memory_region(slot, gpa, size, host_addr, flags)
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG (api.rst 4.8): the bitmap of the slot's pages written since the last
+        call, bit i of byte i // 8 for page i; `npages` rounded up to 64 bits as KVM fills it.
+
+        Without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled (minivmm never enables it) the call
+        gets AND clears the log atomically, write-protecting the pages again: a guest store
+        after it sets its bit anew, so no write between two calls is missed."""
+        nbytes = (npages + 63) // 64 * 8
+        bitmap = ffi.new("uint8_t[]", nbytes)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": int(ffi.cast("uintptr_t", bitmap))})
+        _ioctl(self.fd, KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(bitmap))
 
     def set_tss_addr(self, addr: int) -> None:
         _ioctl(self.fd, KVM_SET_TSS_ADDR, addr)

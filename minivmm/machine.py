@@ -43,6 +43,8 @@ from .monitor.monitor import Monitor
 from .monitor.qmp import QmpServer, listen_unix
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
+from .powerfail import PAGE_SIZE, DirtyPageCopier
+from .flushlog import FlushLogWriter
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
 from .stats import MachineStats, PmemDeviceStats
@@ -98,6 +100,7 @@ class Machine:
         self._stop_lock = threading.Lock()
         self.pmem_backings: list[PmemBacking] = []
         self.pmem_failures: dict[str, str] = {}  # device id -> why its pages could not be backed
+        self.copiers: list[DirtyPageCopier] = []  # flush targets of the lose-unflushed devices
         try:
             self._assemble()
         except BaseException:
@@ -170,7 +173,7 @@ class Machine:
         self.mem.add_region(region)
         self.owned.callback(region.view.release)  # before its mapping closes (LIFO)
         region.slot = self.resources.memory_slots.allocate()
-        self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+        self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly, region.log_dirty)
         return region
 
     # -- devices --------------------------------------------------------------------------
@@ -178,6 +181,7 @@ class Machine:
         self.console = Console(
             self.events,
             on_quit=lambda: self.request_stop(Stop(0, "quit from the console (Ctrl-A x)", "host-ui")),
+            on_power_cut=self.power_cut,
             stdin_fd=self.config.stdin_fd,
             stdout_fd=self.config.stdout_fd,
             monitor=lambda line: self.monitor.hmp.execute(line),
@@ -225,19 +229,22 @@ class Machine:
             window = self.resources.pmem.allocate(backing.size, layout.PMEM_ALIGN, backing.id)
             undo.callback(self.resources.pmem.free, window)
             region = Region(window.base, backing.size, backing.mapping, name=backing.id, readonly=backing.readonly,
-                            file=backing.path)
+                            file=backing.path, log_dirty=backing.lose_unflushed)
             undo.callback(region.view.release)
             region.slot = self.resources.memory_slots.allocate()
             undo.callback(self.resources.memory_slots.free, region.slot)
-            device = VirtioPmem.from_backing(backing, start=window.base)
-            device.flush_log = [] if self.config.timeline else None
+            copier = self._dirty_page_copier(backing, region) if backing.lose_unflushed else None
+            if copier is not None:
+                undo.callback(copier.close)
+            device = VirtioPmem.from_backing(backing, start=window.base, flush_target=copier)
+            device.flush_times = [] if self.config.timeline else None
             region.on_fault = lambda reason: self._pmem_failed(device, backing.id, reason)
             transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
             undo.callback(transport.close)
             pci_slot = self.pci.add_device(transport)
             undo.callback(self.pci.remove_device, pci_slot)
             try:
-                self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly)
+                self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size, region.readonly, region.log_dirty)
             except OSError as exc:
                 raise UserError(f"{backing.id}: KVM refused the memory slot for {backing.path}: {exc.strerror}") from None
             undo.callback(self.vm.set_user_memory_region, region.slot, region.gpa, 0, 0)  # size 0 deletes the slot
@@ -246,6 +253,9 @@ class Machine:
         if own_backing:
             self.owned.callback(backing.close)
         self.owned.callback(region.view.release)  # before its mapping closes (LIFO)
+        if copier is not None:
+            self.owned.callback(copier.close)  # after the device's flusher thread stopped (LIFO)
+            self.copiers.append(copier)
         self.owned.callback(transport.close)  # stops its flusher thread before guest memory goes away
         self.pmem_plugged.append((device, backing))
         return device, pci_slot
@@ -284,6 +294,23 @@ class Machine:
         may be lost, so no later FLUSH may report success: the device's flushes fail from now on."""
         self.pmem_failures.setdefault(ident, reason)
         device.fail_flushes(errno.EIO, "backing a guest page")
+
+    def _dirty_page_copier(self, backing: PmemBacking, region: Region) -> DirtyPageCopier:
+        """The flush target of a lose-unflushed device: copies the pages KVM logged as dirty."""
+        log = FlushLogWriter(backing.flush_log, PAGE_SIZE, backing.size, backing.fd) if backing.flush_log else None
+        npages = region.size // PAGE_SIZE
+        return DirtyPageCopier(backing.fd, region.view, lambda: self.vm.get_dirty_log(region.slot, npages), log)
+
+    def power_cut(self) -> int:
+        """Cut the power (Ctrl-A p, QMP x-power-cut): end the run at once with no final flush;
+        returns how many pages the guest had dirtied in lose-unflushed devices since their last
+        flush, which never reach the files. A flush in progress completes first."""
+        for copier in self.copiers:
+            copier.cut_power()  # from here every flush fails: nothing more reaches a file
+        self.request_stop(Stop(0, "power cut", "host-power-cut"))
+        dropped = sum(copier.dropped_pages() for copier in self.copiers)
+        print(f"minivmm: power cut: {dropped} dirty pmem page(s) dropped", file=sys.stderr)
+        return dropped
 
     def _on_sleep(self, slp_typ: int) -> None:
         if slp_typ == S5_SLP_TYP:
@@ -449,4 +476,12 @@ class Machine:
             pmem=[PmemDeviceStats(b.id, b.path, dev.stats()) for dev, b in self.pmem_plugged],
             stop_status=None if self._stop is None else self._stop.status,
             stop_reason=None if self._stop is None else self._stop.reason,
+            thread_errors=[f"{where}: {type(e).__name__}: {e}" for where, errors in self._thread_error_lists() for e in errors],
         )
+
+    def _thread_error_lists(self) -> list[tuple[str, list[BaseException]]]:
+        """Where the VMM's own threads keep the exceptions they reported (`errors.report_thread_error`)."""
+        lists = [("event loop", self.events.errors)] + [(f"{dev.name} flusher", dev.errors) for dev, _ in self.pmem_plugged]
+        if self.qmp is not None:
+            lists.append(("QMP", self.qmp.errors))
+        return lists

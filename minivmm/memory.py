@@ -25,6 +25,7 @@ class Region:
     mapping: mmap.mmap
     name: str = "ram"
     readonly: bool = False
+    log_dirty: bool = False  # KVM logs the pages the guest writes (a lose-unflushed pmem region)
     slot: int = -1  # KVM slot number, set by the machine when registered
     file: str | None = None  # the backing file mapped from `file_offset` (None: anonymous RAM)
     file_offset: int = 0

@@ -26,6 +26,11 @@ their times) if a later step fails.
 ``discard-writes=on`` opens the file read-only and maps it MAP_PRIVATE with write permission:
 the guest may write, its writes land in private copy-on-write pages and never reach the file;
 a flush then succeeds without syncing anything.
+
+``lose-unflushed=on`` (power-failure simulation, `minivmm.powerfail`) opens the file read/write
+but maps it MAP_PRIVATE too: the guest's writes reach the file only when it flushes, and a
+flush copies the pages it dirtied (KVM's dirty log) into the file. ``flush-log=FILE`` (only
+with lose-unflushed=on) records every flush (`minivmm.flushlog`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class PmemSpec:
     memdev: str | None = None  # the memory-backend object's id (--object / object-add); None: same as id
     plug: bool = True  # False: an --object no --device uses (opened, not plugged)
     prealloc: bool = False
+    lose_unflushed: bool = False  # MAP_PRIVATE; only flushed pages reach the file (powerfail)
+    flush_log: str | None = None  # with lose_unflushed: append a record per flush to this file
 
     @property
     def file_option(self) -> str | None:
@@ -80,6 +87,8 @@ class PmemBacking:
     created: bool = False  # the file did not exist before this run
     readonly: bool = False  # mapped PROT_READ, given to KVM as a read-only slot
     extended_from: os.stat_result | None = field(default=None, repr=False)  # stat before this run extended it
+    lose_unflushed: bool = False  # mapped MAP_PRIVATE from a read/write fd: flushes copy dirty pages
+    flush_log: str | None = None
 
     def rollback(self) -> None:
         """Undo what opening did to the file, after `close()`: remove a file this run created,
@@ -98,13 +107,15 @@ class PmemBacking:
 
 
 def parse_pmem_option(text: str) -> PmemSpec:
-    """Parse ``PATH[,size=SIZE][,id=ID][,discard-writes=on|off][,prealloc=on|off]`` (a path cannot hold a comma)."""
+    """Parse ``PATH[,size=SIZE][,id=ID][,discard-writes=on|off][,prealloc=on|off][,lose-unflushed=on|off]
+    [,flush-log=FILE]`` (a path cannot hold a comma)."""
     path, *options = text.split(",")
     if not path:
         raise UserError(f"--pmem {text!r}: empty path")
     size: int | None = None
     ident: str | None = None
-    discard = prealloc = False
+    discard = prealloc = lose = False
+    flush_log: str | None = None
     seen: set[str] = set()
     for opt in options:
         key, eq, value = opt.partition("=")
@@ -120,19 +131,34 @@ def parse_pmem_option(text: str) -> PmemSpec:
             if not _ID_RE.fullmatch(value):
                 raise UserError(f"--pmem {text!r}: bad id {value!r} (letters, digits, '_', '.', '-')")
             ident = value
-        elif key == "discard-writes":
+        elif key in ("discard-writes", "prealloc", "lose-unflushed"):
             if value not in _BOOL:
-                raise UserError(f"--pmem {text!r}: discard-writes must be on or off, not {value!r}")
-            discard = _BOOL[value]
-        elif key == "prealloc":
-            if value not in _BOOL:
-                raise UserError(f"--pmem {text!r}: prealloc must be on or off, not {value!r}")
-            prealloc = _BOOL[value]
+                raise UserError(f"--pmem {text!r}: {key} must be on or off, not {value!r}")
+            if key == "discard-writes":
+                discard = _BOOL[value]
+            elif key == "prealloc":
+                prealloc = _BOOL[value]
+            else:
+                lose = _BOOL[value]
+        elif key == "flush-log":
+            flush_log = value
         else:
-            raise UserError(f"--pmem {text!r}: unknown option {key!r} (known: size, id, discard-writes, prealloc)")
+            raise UserError(
+                f"--pmem {text!r}: unknown option {key!r} (known: size, id, discard-writes, prealloc, lose-unflushed, flush-log)"
+            )
     if discard and prealloc:
         raise UserError(f"--pmem {text!r}: prealloc=on with discard-writes=on (the file is never written)")
-    return PmemSpec(path, size, ident, discard, prealloc=prealloc)
+    spec = PmemSpec(path, size, ident, discard, prealloc=prealloc, lose_unflushed=lose, flush_log=flush_log)
+    check_powerfail_options(spec, f"--pmem {text!r}")
+    return spec
+
+
+def check_powerfail_options(spec: PmemSpec, what: str) -> None:
+    """lose-unflushed needs a file the guest's flushes may write; flush-log needs lose-unflushed."""
+    if spec.lose_unflushed and spec.file_option:
+        raise UserError(f"{what}: lose-unflushed=on cannot be combined with {spec.file_option}")
+    if spec.flush_log is not None and not spec.lose_unflushed:
+        raise UserError(f"{what}: flush-log= needs lose-unflushed=on")
 
 
 def _check_size(size: int, what: str) -> None:
@@ -355,13 +381,16 @@ def _map(plan: _Plan) -> PmemBacking:
         mapping = mmap.mmap(
             plan.fd,
             plan.size,
-            mmap.MAP_PRIVATE if discard else mmap.MAP_SHARED,
+            mmap.MAP_PRIVATE if discard or spec.lose_unflushed else mmap.MAP_SHARED,
             mmap.PROT_READ if spec.readonly else mmap.PROT_READ | mmap.PROT_WRITE,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"--pmem {path}: cannot map {format_size(plan.size)}: {exc}") from None
     extended_from = plan.old_stat if plan.extended else None
-    return PmemBacking(plan.fd, path, plan.size, mapping, discard, plan.ident, plan.created, spec.readonly, extended_from)
+    return PmemBacking(
+        plan.fd, path, plan.size, mapping, discard, plan.ident, plan.created, spec.readonly, extended_from,
+        spec.lose_unflushed, spec.flush_log,
+    )  # fmt: skip
 
 
 def _undo(plan: _Plan) -> None:

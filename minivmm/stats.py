@@ -169,6 +169,7 @@ class MachineStats:
     pmem: list[PmemDeviceStats] = field(default_factory=list)
     stop_status: int | None = None
     stop_reason: str | None = None
+    thread_errors: list[str] = field(default_factory=list)  # "where: Type: message" of VMM-thread failures
 
     @property
     def startup(self) -> float | None:
@@ -200,6 +201,7 @@ class MachineStats:
             "emulation_fallbacks": dict(self.fallbacks),
             "unclaimed": {bus: dict(ops) for bus, ops in self.unclaimed.items()},
             "pmem": [p.to_dict() for p in self.pmem],
+            "thread_errors": list(self.thread_errors),
         }
 
     def _vcpu_dict(self, index: int, v: VcpuStats) -> dict[str, Any]:
@@ -237,6 +239,7 @@ class MachineStats:
             pmem=[PmemDeviceStats.from_dict(p) for p in d["pmem"]],
             stop_status=None if stop is None else stop["status"],
             stop_reason=None if stop is None else stop["reason"],
+            thread_errors=list(d.get("thread_errors", [])),
         )
 
     def to_json(self) -> str:
@@ -262,4 +265,5 @@ class MachineStats:
         lines += [p.render_text() for p in self.pmem]
         for bus, ops in self.unclaimed.items():
             lines += [f"{bus} unclaimed {op}s: {n}" for op, n in ops.items()]
+        lines += [f"thread error: {e}" for e in self.thread_errors]
         return "\n".join(lines)

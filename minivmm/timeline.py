@@ -10,7 +10,7 @@ What is recorded, and what it costs when `--timeline` is off:
 * `MilestoneScanner` watches the serial console output for the guest's milestones (the first
   line, init started, devices probed); the console calls it only when a timeline is on.
 * a virtio-pmem device keeps a `FlushRecord` per served batch only when a timeline is on
-  (`VirtioPmem.flush_log`).
+  (`VirtioPmem.flush_times`).
 
 `render_svg(data)` draws stacked panels sharing one time axis (seconds after the first
 KVM_RUN): exits per interval by kind, by device, the share of each interval spent inside and
@@ -359,5 +359,5 @@ def from_machine(machine: Machine) -> TimelineData:
         end=end,
         vcpus=vcpus,
         milestones=list(scanner.found) if scanner is not None else [],
-        flushes={b.id: list(dev.flush_log or []) for dev, b in machine.pmem_plugged},
+        flushes={b.id: list(dev.flush_times or []) for dev, b in machine.pmem_plugged},
     )

@@ -26,6 +26,7 @@ STRUCTS = (
     "kvm_dtable",
     "kvm_fpu",
     "kvm_userspace_memory_region",
+    "kvm_dirty_log",
     "kvm_msr_entry",
     "kvm_msrs",
     "kvm_cpuid_entry2",

@@ -113,7 +113,7 @@ def test_sigusr1_dumps_state_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
                 pass
             return b"ready" in out
 
-        wait_until(ready, "the guest's ready line", timeout=30)
+        wait_until(ready, "the guest's ready line", timeout=120)
         proc.send_signal(signal.SIGUSR1)
         seen = ""
         rip = 0x1000000 + len(code)
@@ -130,10 +130,10 @@ def test_sigusr1_dumps_state_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
             seen += read_stderr()
             return f"code at {rip:#x}: eb fe" in seen and f"{rip:#x}: eb fe  jmp {rip:#x}" in seen
 
-        wait_until(dumped, "the vCPU dump", timeout=20)
+        wait_until(dumped, "the vCPU dump", timeout=120)
         assert proc.poll() is None  # still running after the dump
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        proc.wait(timeout=120)
         while chunk := read_stderr():
             seen += chunk
     finally:
@@ -159,7 +159,7 @@ def test_ctrl_a_x_quits_and_restores_the_terminal(tmp_path: Path) -> None:
         assert b"ready" in out
         assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw mode while running
         os.write(master, b"\x01x")
-        proc.wait(timeout=20)
+        proc.wait(timeout=120)
         err = proc.stderr.read() if proc.stderr else ""
     finally:
         proc.kill()

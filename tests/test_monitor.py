@@ -228,3 +228,35 @@ def test_command_line_objects_and_devices_become_specs(tmp_path) -> None:
 def test_command_line_mistakes(objects, devices, message) -> None:
     with pytest.raises(UserError, match=message):
         specs_from_command_line(objects, devices)
+
+
+def test_device_add_plugs_a_backend_and_a_refused_one_changes_nothing(machine, tmp_path) -> None:
+    run(machine, "object-add", {"qom-type": "memory-backend-file", "id": "m1", "share": True,
+                                "mem-path": str(tmp_path / "m1.img"), "size": 2 * MiB})  # fmt: skip
+    run(machine, "device_add", {"driver": "virtio-pmem-pci", "id": "nv1", "memdev": "m1"})
+    devices = {d["data"]["id"]: d["data"] for d in run(machine, "query-memory-devices")}
+    assert set(devices) == {"pmem0", "nv1"} and devices["nv1"]["memdev"] == "/objects/m1"
+    assert {d["qdev_id"] for d in run(machine, "query-pci")[0]["devices"]} == {"host-bridge", "pmem0", "nv1"}
+    assert error(machine, "device_add", {"driver": "virtio-pmem-pci", "id": "nv1", "memdev": "pmem0"})[1].startswith(
+        "can't use already busy memdev")
+    run(machine, "object-add", {"qom-type": "memory-backend-file", "id": "m2", "share": True,
+                                "mem-path": str(tmp_path / "m2.img"), "size": 2 * MiB})  # fmt: skip
+    assert error(machine, "device_add", {"driver": "virtio-pmem-pci", "id": "nv1", "memdev": "m2"}) == (
+        "GenericError", "Duplicate device ID 'nv1'")
+    for n in range(2, 31):  # fill PCI bus 0 (31 slots: pmem0, nv1 and these)
+        run(machine, "object-add", {"qom-type": "memory-backend-file", "id": f"f{n}", "share": True,
+                                    "mem-path": str(tmp_path / f"f{n}.img"), "size": 2 * MiB})  # fmt: skip
+        run(machine, "device_add", {"driver": "virtio-pmem-pci", "id": f"d{n}", "memdev": f"f{n}"})
+    before = run(machine, "query-memory-devices")
+    cls, desc = error(machine, "device_add", {"driver": "virtio-pmem-pci", "id": "late", "memdev": "m2"})
+    assert (cls, desc) == ("GenericError", "late: PCI bus 0 is full (at most 31 devices)")
+    assert run(machine, "query-memory-devices") == before
+    assert machine.monitor.objects.backends["m2"].backing.id == "m2" and machine.monitor.objects.backends["m2"].user is None
+
+
+def test_a_device_thread_error_reaches_the_statistics(machine) -> None:
+    device, _ = machine.pmem_plugged[0]
+    device.errors.append(RuntimeError("boom"))  # what report_thread_error keeps
+    stats = machine.statistics()
+    assert stats.thread_errors == ["pmem0 flusher: RuntimeError: boom"]
+    assert "thread error: pmem0 flusher: RuntimeError: boom" in stats.render_text()

@@ -33,6 +33,7 @@ def sample() -> MachineStats:
         pmem=[PmemDeviceStats("pmem0", "/tmp/a b/pmem.img", pmem)],
         stop_status=1,
         stop_reason="guest kernel panicked (pvpanic)",
+        thread_errors=["pmem0 flusher: RuntimeError: boom"],
     )
 
 
@@ -51,7 +52,8 @@ emulation fallback fwait: 1
 pmem pmem0 (/tmp/a b/pmem.img): 12 flush requests, 10 host fsyncs, service mean 3.000 ms max 9.000 ms, fsync mean 2.500 ms, without fsync mean 0.500 ms
 pio unclaimed reads: 2
 pio unclaimed writes: 1
-mmio unclaimed reads: 1"""
+mmio unclaimed reads: 1
+thread error: pmem0 flusher: RuntimeError: boom"""
 
 
 def test_render_text_is_the_stats_report() -> None:
@@ -69,6 +71,7 @@ def test_json_keys_carry_units_and_values() -> None:
     assert (v1["exits"], v1["first_run_s"], v1["exit_log"]) == (0, None, None)
     assert d["emulation_fallbacks"] == {"int3": 1, "fwait": 1}
     assert d["unclaimed"] == {"pio": {"read": 2, "write": 1}, "mmio": {"read": 1}}
+    assert d["thread_errors"] == ["pmem0 flusher: RuntimeError: boom"]
     (p,) = d["pmem"]
     assert (p["id"], p["path"], p["flush_requests"], p["host_fsyncs"]) == ("pmem0", "/tmp/a b/pmem.img", 12, 10)
     assert round(p["service_time_mean_ms"], 9) == 3.0 and round(p["time_without_fsync_mean_ms"], 9) == 0.5

@@ -102,15 +102,15 @@ def test_a_pmem_flush_is_logged_only_when_asked(harness) -> None:  # noqa: F811
     harness.kick()
     harness.driver.wait_used(1)
     harness.wait_idle()
-    assert harness.dev.flush_log is None  # off by default: nothing per request
-    harness.dev.flush_log = []
+    assert harness.dev.flush_times is None  # off by default: nothing per request
+    harness.dev.flush_times = []
     harness.driver.add()
     harness.driver.add()
     harness.kick()
     harness.driver.wait_used(3)
     harness.wait_idle()
-    assert sum(f.requests for f in harness.dev.flush_log) == 2
-    assert all(0 < f.service_time <= harness.dev.stats().service_time_max for f in harness.dev.flush_log)
+    assert sum(f.requests for f in harness.dev.flush_times) == 2
+    assert all(0 < f.service_time <= harness.dev.stats().service_time_max for f in harness.dev.flush_times)
 
 
 def _sample(t: float, io: int, serial: int, t_in: float, fallbacks: int = 0) -> Sample:

@@ -1,9 +1,10 @@
 """Tiny hand-assembled guests on real KVM: a few bytes of real-mode or long-mode code run
 against test devices on the real buses, through the real exit path (`VcpuLoop`).
 
-A long-mode guest enters long mode through the product's own entry code, as the machine
-boots a bzImage: the boot GDT and identity page tables (`minivmm.boot.entry.setup_entry` for
-`CpuMode.LONG64`), copied into the vCPU by `minivmm.vcpu_setup.apply_entry`.
+Each guest is a `minivmm.api.BareVm` (the public API the tutorial teaches) with the tests'
+conventions on top. A long-mode guest enters long mode through the product's own entry code,
+as the machine boots a bzImage (`BareVm.start_long_mode`: the boot GDT and identity page
+tables of `minivmm.boot.entry.setup_entry`, copied into the vCPU by `vcpu_setup.apply_entry`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from minivmm import layout
-from minivmm.boot.entry import BOOT_CS, BootEntry, CpuMode, Registers, setup_entry
-from minivmm.bus import Bus
-from minivmm.fallback import EmulationFallbacks
-from minivmm.kvm import Kvm
-from minivmm.memory import GuestMemory
-from minivmm.exit_handler import Stop
+from minivmm.api import BareVm, RunTimeout, Stop
+from minivmm.boot.entry import BOOT_CS, BootEntry
 from minivmm.ranges import AddressRange
-from minivmm.vcpu import VcpuLoop, install_kick_handler
-from minivmm.vcpu_setup import apply_entry, setup_cpuid
+from minivmm.vcpu import install_kick_handler
 
 RAM_SIZE = 2 << 20
 # Below 64 KiB, so real mode reaches everything with DS=0, and clear of what the long-mode
@@ -323,8 +319,10 @@ class SequenceDevice:
 
 
 class DoneDevice:
-    def __init__(self, loop_ref: list[VcpuLoop]) -> None:
-        self.loop_ref = loop_ref
+    """The done port: a guest write ends the run (Stop(0, "done")) and is kept in `value`."""
+
+    def __init__(self, vm: BareVm) -> None:
+        self.vm = vm
         self.value: int | None = None
 
     def read(self, offset: int, size: int) -> int:
@@ -332,55 +330,35 @@ class DoneDevice:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.value = value
-        self.loop_ref[0].end(0, "done")
+        self.vm.stop(0, "done")
 
 
 class TinyGuest:
-    """A VM with `RAM_SIZE` of RAM at 0, a PIO and an MMIO bus, and one vCPU."""
+    """A `minivmm.api.BareVm` with `RAM_SIZE` of RAM, the done port, and code run at CODE.
+
+    The VM's parts are the BareVm's (`kvm`, `vm`, `vcpu`, `mem`, `pio`, `mmio`, `loop`,
+    `stops`, `entry`); this class adds the tests' conventions: where code, stack and scratch
+    data live, and the done port that ends a run."""
 
     def __init__(self, long_mode: bool = False, irqchip: bool = True) -> None:
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        self.vm.set_identity_map_addr(0xFFFBC000)
-        self.vm.set_tss_addr(0xFFFBD000)
-        if irqchip:
-            self.vm.create_irqchip()
-        self.mem = GuestMemory.anonymous(RAM_SIZE)
-        region = self.mem.regions[0]
-        self.vm.map_memory(0, 0, region.mapping, region.size)
-        self.pio = Bus("pio")
-        self.mmio = Bus("mmio")
-        self.vcpu = self.vm.create_vcpu(0)
-        self.stops: list[Stop] = []
-        self.loop = VcpuLoop(self.vcpu, self.mem, self.pio, self.mmio, EmulationFallbacks(), self.stops.append)
-        self.done = DoneDevice([self.loop])
-        self.pio.register(DONE_PORT, 1, self.done, "done")
-        self.entry: BootEntry | None = None  # the long-mode entry state, as applied
+        self.bare = BareVm(RAM_SIZE, irqchip=irqchip)
+        b = self.bare
+        self.kvm, self.vm, self.vcpu, self.mem, self.pio, self.mmio = b.kvm, b.vm, b.vcpu, b.mem, b.pio, b.mmio
+        self.loop, self.stops = b.loop, b.stops
+        self.done = DoneDevice(b)
+        b.add_port_device(DONE_PORT, 1, self.done, "done")
         if long_mode:
-            self._long_mode()
+            b.start_long_mode(CODE, STACK_TOP)  # the product's LONG64 entry (boot GDT, identity map)
         else:
-            self._real_mode()
+            b.start_real_mode(CODE, STACK_TOP)  # code at CS:0, data at DS=0
 
-    def _real_mode(self) -> None:
-        sregs = self.vcpu.get_sregs()
-        for seg in (sregs.ds, sregs.es, sregs.ss):
-            seg.base, seg.selector = 0, 0
-        sregs.cs.base, sregs.cs.selector = CODE, CODE >> 4  # code at CS:0, data at DS=0
-        self.vcpu.set_sregs(sregs)
-        regs = self.vcpu.get_regs()
-        regs.rip, regs.rflags, regs.rsp = 0, 2, STACK_TOP
-        self.vcpu.set_regs(regs)
-
-    def _long_mode(self) -> None:
-        """The product's LONG64 entry (boot GDT, identity map of 4 GiB, __BOOT_CS/__BOOT_DS,
-        an empty IDT), entering at CODE with RSP = STACK_TOP."""
-        self.entry = setup_entry(self.mem, CpuMode.LONG64, Registers(rip=CODE, rsp=STACK_TOP))
-        apply_entry(self.vcpu, self.entry)
+    @property
+    def entry(self) -> BootEntry | None:
+        """The long-mode entry state, as applied (None in real mode)."""
+        return self.bare.entry
 
     def set_cpuid(self) -> None:
-        """Give the vCPU the CPUID the machine gives its boot vCPU: what KVM supports (a fresh
-        vCPU has none: no FXSR, no SSE...), plus the hypervisor bit and KVM signature."""
-        setup_cpuid(self.vcpu, self.kvm.supported_cpuid(), 0)
+        self.bare.set_cpuid()
 
     def set_cr0_bits(self, bits: int) -> None:
         sregs = self.vcpu.get_sregs()
@@ -397,15 +375,11 @@ class TinyGuest:
         return 16 * (top + 1) - 1
 
     def run(self, code: "bytes | Asm", timeout: float = 5.0) -> Stop:
-        self.mem.write(CODE, bytes(code))
-        self.loop.start()
-        assert self.loop.thread is not None
-        self.loop.thread.join(timeout)
-        if self.loop.thread.is_alive():
-            self.loop.kick()
-            self.loop.thread.join(5)
-            raise AssertionError("tiny guest did not finish:\n" + self.loop.describe())
-        return self.stops[0]
+        self.bare.load(CODE, bytes(code))
+        try:
+            return self.bare.run(timeout)
+        except RunTimeout as exc:
+            raise AssertionError(f"tiny guest did not finish: {exc}") from None
 
     def run_ok(self, code: "bytes | Asm", timeout: float = 5.0) -> None:
         """Run and require the guest to end at the done port (a diagnosis otherwise)."""
@@ -413,12 +387,7 @@ class TinyGuest:
         assert stop == Stop(0, "done"), f"{stop}\n{self.loop.describe()}"
 
     def close(self) -> None:
-        if self.loop.thread is not None and self.loop.thread.is_alive():
-            self.loop.kick()
-            self.loop.thread.join(5)
-        self.vcpu.close()
-        self.vm.close()
-        self.kvm.close()
+        self.bare.close()
 
 
 # -- pytest fixtures (import them into a test module to use them) -----------------------------

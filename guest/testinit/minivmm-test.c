@@ -510,6 +510,59 @@ static int step_dax_mmap(const char *arg)
 	return 0;
 }
 
+/*
+ * dax-store:FILE:PAGE:TEXT[:msync|:hold]: map page PAGE of FILE (existing, on a DAX mount)
+ * MAP_SHARED and copy TEXT to its start: user-mode stores straight into the pmem. ":msync"
+ * then msync(MS_SYNC)s the page (a virtio-pmem FLUSH); ":hold" says "dax-store holding" and
+ * waits for the VMM to end the run, never flushing (exiting would: finish() syncs).
+ * For the power-failure tests (tests/test_powerfail_boot.py).
+ */
+static int step_dax_store(const char *arg)
+{
+	char buf[256], *save = NULL, *file, *page_s, *text, *flag;
+	long page;
+	char *p;
+	int fd, err = 0;
+
+	snprintf(buf, sizeof buf, "%s", arg ? arg : "");
+	file = strtok_r(buf, ":", &save);
+	page_s = strtok_r(NULL, ":", &save);
+	text = strtok_r(NULL, ":", &save);
+	flag = strtok_r(NULL, ":", &save);
+	page = page_s ? strtol(page_s, NULL, 10) : -1;
+	if (!file || !text || page < 0 || strlen(text) > 4096) {
+		say("dax-store FAILED: bad argument '%s' (FILE:PAGE:TEXT[:msync|:hold])", arg ? arg : "");
+		return -1;
+	}
+	fd = open(file, O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		say("dax-store FAILED: %s: %s", file, strerror(errno));
+		return -1;
+	}
+	p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)page * 4096);
+	if (p == MAP_FAILED) {
+		say("dax-store FAILED: mmap %s: %s", file, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	memcpy(p, text, strlen(text));
+	if (flag && !strcmp(flag, "msync") && msync(p, 4096, MS_SYNC) < 0)
+		err = errno;
+	munmap(p, 4096);
+	close(fd);
+	if (err) {
+		say("dax-store FAILED: msync %s: %s", file, strerror(err));
+		return -1;
+	}
+	say("dax-store file=%s page=%ld bytes=%zu flag=%s", file, page, strlen(text), flag ? flag : "none");
+	if (flag && !strcmp(flag, "hold")) {
+		say("dax-store holding");
+		for (;;)
+			pause();
+	}
+	return 0;
+}
+
 static int step_umount(const char *arg)
 {
 	(void)arg;
@@ -781,6 +834,7 @@ static const struct step steps[] = {
 	{ "flush-bench", step_flush_bench },
 	{ "flush-threads", step_flush_threads },
 	{ "dax-mmap", step_dax_mmap },
+	{ "dax-store", step_dax_store },
 	{ "umount", step_umount },
 	{ "fork-exec", step_fork_exec },
 	{ "serial-poll", step_serial_poll },

@@ -50,6 +50,7 @@ class EscapeAction(enum.Enum):
     STATS = "stats"
     BREAK = "break"
     MONITOR = "monitor"
+    POWER_CUT = "power-cut"
 
 
 # Key after the escape character -> command. The escape character itself (twice) sends
@@ -67,6 +68,8 @@ ESCAPE_COMMANDS: dict[int, EscapeAction] = {
     ord("B"): EscapeAction.BREAK,
     ord("c"): EscapeAction.MONITOR,
     ord("C"): EscapeAction.MONITOR,
+    ord("p"): EscapeAction.POWER_CUT,
+    ord("P"): EscapeAction.POWER_CUT,
 }
 
 HELP_TEXT = (
@@ -77,6 +80,7 @@ HELP_TEXT = (
     "  Ctrl-A s       serial statistics\r\n"
     "  Ctrl-A b       send a BREAK (then, within 5 s, a magic SysRq key)\r\n"
     "  Ctrl-A c       switch between the guest and the (minivmm) monitor\r\n"
+    "  Ctrl-A p       cut the power: stop at once, unflushed pmem writes are lost\r\n"
     "  Ctrl-A Ctrl-A  send Ctrl-A to the guest\r\n"
 )
 
@@ -368,8 +372,10 @@ class Console:
         raw: bool = True,
         install_signal_handlers: bool = True,
         monitor: Callable[[str], str] | None = None,
+        on_power_cut: Callable[[], object] | None = None,
     ) -> None:
         self._loop = loop
+        self._on_power_cut = on_power_cut  # Ctrl-A p; without it the key does nothing
         self._monitor = monitor  # runs one human-monitor line, returns its output
         self.monitor_mode = False
         self._line = bytearray()
@@ -480,6 +486,10 @@ class Console:
             self.quit_requested = True
             self._stop_reading()
             self._on_quit()
+            return True
+        if action is EscapeAction.POWER_CUT and self._on_power_cut is not None:
+            self._stop_reading()
+            self._on_power_cut()
             return True
         if action is EscapeAction.HELP:
             self.write(HELP_TEXT.encode())

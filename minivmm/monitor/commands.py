@@ -121,6 +121,10 @@ def _reset(m: "Monitor", a: dict[str, object]) -> object:
     return {}
 
 
+def _power_cut(m: "Monitor", a: dict[str, object]) -> object:
+    return {"dropped-pages": m.machine.power_cut()}
+
+
 def _hmp(m: "Monitor", a: dict[str, object]) -> object:
     return m.hmp.execute(str(a["command-line"]))
 
@@ -166,6 +170,7 @@ _COMMAND_LIST: tuple[Command, ...] = (
     Command("stop", _stop, help="pause every vCPU"),
     Command("cont", _cont, help="resume every vCPU"),
     Command("quit", _quit, help="end the run"),
+    Command("x-power-cut", _power_cut, help="cut the power: end the run with no final flush (minivmm's own)"),
     Command("human-monitor-command", _hmp, (Param("command-line"), Param("cpu-index", "int", optional=True)),
             "run a human monitor command"),
 )  # fmt: skip

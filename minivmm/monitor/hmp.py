@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 Formatter = Callable[[object], str]
 # Typed properties of object_add/device_add given as text (everything else stays a string).
-OBJECT_PARAMS = (Param("size", "size"), Param("share", "bool"), Param("readonly", "bool"), Param("discard-writes", "bool"))
+OBJECT_PARAMS = (
+    Param("size", "size"), Param("share", "bool"), Param("readonly", "bool"), Param("discard-writes", "bool"),
+    Param("lose-unflushed", "bool"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def _show_version(r: object) -> str:
 
 
 HMP_COMMANDS: dict[str, HmpCommand] = {
-    "object_add": HmpCommand("object-add", "object_add memory-backend-file,id=ID,mem-path=PATH[,size=SIZE][,share=on][,readonly=on]",
+    "object_add": HmpCommand("object-add", "object_add memory-backend-file,id=ID,mem-path=PATH[,size=SIZE][,share=on][,readonly=on][,lose-unflushed=on]",
                              "add a memory backend", _keyval("qom-type")),
     "object_del": HmpCommand("object-del", "object_del ID", "remove an unused memory backend", _one_id),
     "device_add": HmpCommand("device_add", "device_add virtio-pmem-pci,memdev=ID[,id=ID]", "hot-add a virtio-pmem-pci device",
@@ -128,6 +131,8 @@ HMP_COMMANDS: dict[str, HmpCommand] = {
     "stop": HmpCommand("stop", "stop", "pause every vCPU"),
     "cont": HmpCommand("cont", "cont", "resume every vCPU"),
     "quit": HmpCommand("quit", "quit", "end the run"),
+    "power_cut": HmpCommand("x-power-cut", "power_cut", "cut the power: unflushed pmem writes are lost",
+                            show=lambda r: f"power cut: {r['dropped-pages']} dirty page(s) dropped\n"),  # type: ignore[index]
 }  # fmt: skip
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MEMORY_BACKEND_FILE = "memory-backend-file"
 VIRTIO_PMEM_PCI = "virtio-pmem-pci"
 # object-add's memory-backend-file properties: QEMU's, then minivmm's own.
-BACKEND_PROPERTIES = {"qom-type", "id", "mem-path", "size", "share", "readonly", "discard-writes"}
+BACKEND_PROPERTIES = {"qom-type", "id", "mem-path", "size", "share", "readonly", "discard-writes", "lose-unflushed", "flush-log"}
 DEVICE_PROPERTIES = {"driver", "id", "memdev"}
 
 
@@ -53,7 +53,7 @@ def spec_from_object(props: dict[str, object]) -> PmemSpec:
         raise UserError(f"Property '{MEMORY_BACKEND_FILE}.{unknown[0]}' not found")
     if "mem-path" not in props:
         raise UserError("Parameter 'mem-path' is missing")
-    for key in ("share", "readonly", "discard-writes"):
+    for key in ("share", "readonly", "discard-writes", "lose-unflushed"):
         if not isinstance(props.get(key, False), bool):
             raise UserError(f"Parameter '{key}' expects a boolean")
     size = props.get("size")
@@ -61,19 +61,25 @@ def spec_from_object(props: dict[str, object]) -> PmemSpec:
         raise UserError("Parameter 'size' expects a size")
     share = bool(props.get("share", False))
     ident = str(props["id"])
+    if props.get("lose-unflushed") and not share:
+        raise UserError("lose-unflushed=on needs share=on (share=off never writes the file at all)")
     if not share and not os.path.exists(str(props["mem-path"])):
         raise UserError(
             f"mem-path {props['mem-path']} does not exist: share=off (the default) maps an existing file privately "
             "and minivmm never creates a file whose writes are discarded; give share=on to create it"
         )
-    return PmemSpec(
+    spec = PmemSpec(
         path=str(props["mem-path"]),
         size=size,
         id=ident,
         discard_writes=not share or bool(props.get("discard-writes", False)),
         readonly=bool(props.get("readonly", False)),
         memdev=ident,
+        lose_unflushed=bool(props.get("lose-unflushed", False)),
+        flush_log=None if props.get("flush-log") is None else str(props["flush-log"]),
     )
+    pmemfile.check_powerfail_options(spec, f"{MEMORY_BACKEND_FILE} '{ident}'")
+    return spec
 
 
 def check_qom_type(props: dict[str, object]) -> None:
@@ -149,8 +155,12 @@ class MachineObjects:
         ident = str(props.get("id") or self._next_id())
         if ident in self.devices:
             raise UserError(f"Duplicate device ID '{ident}'")
-        backend.backing.id = ident  # the function, its region and its statistics carry the device id
-        device = self.machine.hotplug_pmem(backend.backing)
+        memdev_id, backend.backing.id = backend.backing.id, ident  # the function, region and stats carry the device id
+        try:
+            device = self.machine.hotplug_pmem(backend.backing)
+        except BaseException:
+            backend.backing.id = memdev_id  # refused: nothing changed
+            raise
         backend.user = ident
         self.devices[ident] = PmemDevice(ident, memdev, device.start, device.size)
 

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from ...errors import report_thread_error
 from ...memory import GuestMemory
@@ -75,6 +75,13 @@ virtio_pmem_req = struct.Struct("<I")
 virtio_pmem_resp = struct.Struct("<I")
 
 
+class FlushTarget(Protocol):
+    """What a FLUSH does instead of fdatasync(fd) (e.g. `minivmm.powerfail.DirtyPageCopier`):
+    returns once every guest write made before the call is durable; OSError if not."""
+
+    def flush(self) -> None: ...
+
+
 class VirtioPmem:
     """A virtio-pmem device for one backing file (implements `VirtioDevice`).
 
@@ -88,10 +95,12 @@ class VirtioPmem:
     queue_max_sizes: Sequence[int] = (PMEM_QUEUE_SIZE,)
 
     def __init__(
-        self, fd: int, start: int, size: int, *, discard_writes: bool = False, name: str = "pmem", path: str = ""
-    ) -> None:
+        self, fd: int, start: int, size: int, *, discard_writes: bool = False, name: str = "pmem", path: str = "",
+        flush_target: FlushTarget | None = None,
+    ) -> None:  # fmt: skip
         self.fd = fd
         self.path = path
+        self.flush_target = flush_target  # lose-unflushed: copies the dirtied pages, then fdatasync
         self.start = start
         self.size = size
         self.discard_writes = discard_writes
@@ -102,14 +111,13 @@ class VirtioPmem:
         self._flusher: _Flusher | None = None
         self._stopping: list[_Flusher] = []  # asked to stop, maybe still finishing a batch
         self.errors: list[BaseException] = []  # unexpected exceptions in the flusher thread
-        self.flush_log: list[FlushRecord] | None = None  # every served batch, only for --timeline
+        self.flush_times: list[FlushRecord] | None = None  # every served batch, only for --timeline
 
     @classmethod
-    def from_backing(cls, backing: PmemBacking, start: int) -> VirtioPmem:
+    def from_backing(cls, backing: PmemBacking, start: int, flush_target: FlushTarget | None = None) -> VirtioPmem:
         """The device for a `minivmm.pmemfile.PmemBacking` mapped at guest address `start`."""
-        return cls(
-            backing.fd, start, backing.size, discard_writes=backing.discard_writes, name=backing.id, path=str(backing.path)
-        )
+        return cls(backing.fd, start, backing.size, discard_writes=backing.discard_writes, name=backing.id,
+                   path=str(backing.path), flush_target=flush_target)  # fmt: skip
 
     # -- configuration space (5.19.4) -------------------------------------------------
 
@@ -202,7 +210,10 @@ class VirtioPmem:
         t0 = time.monotonic()
         failure: OSError | None = None
         try:
-            os.fdatasync(self.fd)
+            if self.flush_target is not None:
+                self.flush_target.flush()  # lose-unflushed: copy the dirtied pages, then fdatasync
+            else:
+                os.fdatasync(self.fd)
         except OSError as exc:
             failure = exc
         took = time.monotonic() - t0
@@ -260,8 +271,8 @@ class VirtioPmem:
             st.batches += 1
             st.service_time_total += done - woke
             st.service_time_max = max(st.service_time_max, done - woke)
-        if self.flush_log is not None and flushes:
-            self.flush_log.append(FlushRecord(woke, done, flushes))
+        if self.flush_times is not None and flushes:
+            self.flush_times.append(FlushRecord(woke, done, flushes))
         return healthy
 
 
