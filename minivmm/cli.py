@@ -59,13 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", "-device", action="append", default=[], metavar="virtio-pmem-pci,memdev=ID[,id=ID]",
         help="a virtio-pmem-pci device on a --object backend, as QEMU's -device (repeatable)",
     )
-    run.add_argument("--trace", action="store_true", help="print every exit to userspace, in words, on stderr")
+    run.add_argument(
+        "--trace", nargs="?", const="", default=None, metavar="LIST",
+        help="print every exit to userspace, in words, on stderr; --trace=LIST only those whose kind (io, mmio, "
+        "emulation-fallback) or device (serial, pci, virtio, pmem0, acpi-sleep, unclaimed, ...) LIST names, comma-separated",
+    )
     run.add_argument("--stats", action="store_true", help="print exit counts and time inside/outside KVM_RUN at exit")
     run.add_argument(
         "--stats-json",
         type=Path,
         metavar="FILE",
         help="write the same statistics as JSON to FILE at exit (with --trace: every exit too)",
+    )
+    run.add_argument(
+        "--timeline", type=Path, metavar="FILE",
+        help="write an SVG picture of the run to FILE at exit: exits per 100 ms by kind and device, time in/out of "
+        "KVM_RUN, emulation fallbacks, pmem flushes, guest console milestones",
     )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
     guest = sub.add_parser(
@@ -115,16 +124,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--watchdog must be a positive number of seconds")
     if args.stats_json is not None:
         _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
+    if args.timeline is not None:
+        _write_file("--timeline", args.timeline, "")  # likewise
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
         cmdline=args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE,
         mem_size=args.mem,
         cpus=args.cpus,
-        trace=args.trace,
+        trace=args.trace is not None,
+        trace_only=_trace_list(args.trace),
         watchdog=args.watchdog,
         pmem=[parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device),
         qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
+        timeline=args.timeline is not None,
     )
     with Machine(config) as machine:
         try:
@@ -135,15 +148,33 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(stats.render_text(), file=sys.stderr)
             if args.stats_json is not None:
                 _write_stats_json(args.stats_json, stats.to_json())
+            if args.timeline is not None:
+                from .timeline import from_machine, render_svg
+
+                _write_file("--timeline", args.timeline, render_svg(from_machine(machine)))
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
 
 
+def _trace_list(text: str | None) -> frozenset[str]:
+    """--trace=LIST as a set of lower-case names (empty: trace everything)."""
+    if not text:
+        return frozenset()
+    names = [n.strip().lower() for n in text.split(",")]
+    if not all(names):
+        raise UserError(f"--trace={text}: an empty name in the list")
+    return frozenset(names)
+
+
 def _write_stats_json(path: Path, text: str) -> None:
+    _write_file("--stats-json", path, text)
+
+
+def _write_file(option: str, path: Path, text: str) -> None:
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise UserError(f"--stats-json {path}: {exc.strerror}") from None
+        raise UserError(f"{option} {path}: {exc.strerror}") from None
 
 
 def cmd_guest(args: argparse.Namespace) -> int:

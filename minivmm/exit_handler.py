@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import sys
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 from . import kvm, pmemfile
-from .bus import Bus
+from .bus import Bus, BusDeviceRange
+from .disasm import LazySymbols, cpu_mode, describe_code, instruction_words
 from .errors import GuestMemoryError
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
@@ -67,10 +68,14 @@ class ExitParts:
     trace: TextIO | None = None
     log: list[ExitRecord] | None = None  # every exit, when the run is traced (for --stats-json)
     diagnostics: TextIO = field(default_factory=lambda: sys.stderr)  # where the state dump of a failing vCPU goes
+    trace_only: frozenset[str] = frozenset()  # --trace=pci,serial,...: the traced kinds/devices (empty: all)
+    symbols: LazySymbols | None = None  # the guest kernel's, for instruction dumps
 
-    def record(self, record: ExitRecord) -> None:
-        """Count a device access, remember it and trace it."""
+    def record(self, record: ExitRecord, rng: BusDeviceRange | None = None, offset: int = 0) -> None:
+        """Count a device access, remember it and trace it (with what it meant, when traced)."""
         self.by_device[record.device] += 1
+        if self.trace is not None:
+            record = replace(record, meaning=self._meaning(record, rng, offset))
         self.remember(record)
 
     def remember(self, record: ExitRecord) -> None:
@@ -78,8 +83,30 @@ class ExitParts:
         self.recent.append(record)
         if self.log is not None:
             self.log.append(record)
-        if self.trace is not None:
+        if self.trace is not None and trace_wanted(self.trace_only, record):
             print(f"[vcpu{self.vcpu.index}] {record}", file=self.trace, flush=True)
+
+    def _meaning(self, record: ExitRecord, rng: BusDeviceRange | None, offset: int) -> str:
+        """The device's words for an access (`describe`), and for an MMIO exit the instruction."""
+        describe_access = getattr(rng.device, "describe", None) if rng is not None else None
+        words = describe_access(offset, record.size, record.value, record.op in ("out", "write")) if describe_access else None
+        if record.kind == "mmio":
+            # KVM exits for a write once the instruction is done (RIP is past it); a read's
+            # instruction waits at RIP for the data (api.rst, KVM_EXIT_MMIO; x86 emulator).
+            where = "rip after the write" if record.op == "write" else "at rip"
+            code = f"[{where}: {describe_code_at(self)}]"
+            words = f"{words} {code}" if words else code
+        return words or ""
+
+
+def trace_wanted(only: frozenset[str], record: ExitRecord) -> bool:
+    """Whether `--trace=LIST` shows this exit: LIST names exit kinds (io, mmio,
+    emulation-fallback), device names or their dash-separated words (serial, pci, pmem0,
+    acpi-sleep, unclaimed), or the first word of what the access meant (virtio)."""
+    if not only:
+        return True
+    names = {record.kind, record.device, *record.device.split("-"), record.meaning.split(" ", 1)[0].lower()}
+    return not only.isdisjoint(names)
 
 
 def handle_exit(exit: VcpuExit, parts: ExitParts) -> Stop | None:
@@ -122,7 +149,8 @@ def _io(exit: IoExit, parts: ExitParts) -> None:
         else:
             value, rng = parts.pio.read(port, size)
             chunk[:] = value.to_bytes(size, "little")
-        parts.record(ExitRecord("io", "out" if exit.is_out else "in", port, size, value, rng.name if rng else "unclaimed"))
+        record = ExitRecord("io", "out" if exit.is_out else "in", port, size, value, rng.name if rng else "unclaimed")
+        parts.record(record, rng, port - rng.base if rng else 0)
 
 
 def _mmio(exit: MmioExit, parts: ExitParts) -> Stop | None:
@@ -140,7 +168,8 @@ def _mmio(exit: MmioExit, parts: ExitParts) -> Stop | None:
     else:
         value, rng = parts.mmio.read(addr, size)
         exit.data[:] = value.to_bytes(size, "little")
-    parts.record(ExitRecord("mmio", "write" if exit.is_write else "read", addr, size, value, rng.name if rng else "unclaimed"))
+    record = ExitRecord("mmio", "write" if exit.is_write else "read", addr, size, value, rng.name if rng else "unclaimed")
+    parts.record(record, rng, addr - rng.base if rng else 0)
     return None
 
 
@@ -182,7 +211,7 @@ def _internal_error(exit: InternalErrorExit, parts: ExitParts) -> Stop | None:
     if exit.suberror == kvm.KVM_INTERNAL_ERROR_EMULATION and parts.fallbacks.handle(parts.vcpu, insn):
         parts.remember(ExitRecord("emulation-fallback", insn[:1].hex(), linear, 0, 0, "fallback"))
         return None
-    return _fail(parts, f"KVM internal error (suberror {exit.suberror}) at rip={linear:#x} insn={insn.hex(' ') or '?'}")
+    return _fail(parts, f"KVM internal error (suberror {exit.suberror}) at {_where(parts)}")
 
 
 def _fail(parts: ExitParts, reason: str) -> Stop:
@@ -191,8 +220,18 @@ def _fail(parts: ExitParts, reason: str) -> Stop:
 
 
 def _where(parts: ExitParts) -> str:
+    """rip, the instruction bytes there and, on one line, their disassembly."""
     linear, insn = fetch_instruction(parts.vcpu, parts.mem)
-    return f"rip={linear:#x} insn={insn.hex(' ') or '?'}"
+    cs = parts.vcpu.get_sregs().cs
+    return f"rip={linear:#x} insn={insn.hex(' ') or '?'} ({instruction_words(insn, linear, cpu_mode(cs.l, cs.db), parts.symbols)})"
+
+
+def describe_code_at(parts: ExitParts, linear: int | None = None, insn: bytes | None = None, count: int = 1) -> str:
+    """The instruction(s) at the vCPU's RIP disassembled, with the kernel symbol when known."""
+    if linear is None or insn is None:
+        linear, insn = fetch_instruction(parts.vcpu, parts.mem)
+    cs = parts.vcpu.get_sregs().cs
+    return describe_code(insn, linear, cpu_mode(cs.l, cs.db), parts.symbols, count)
 
 
 # -- diagnostics -----------------------------------------------------------------------------
@@ -234,6 +273,7 @@ def describe(parts: ExitParts) -> str:
     Only the vCPU's own thread (or anyone while it is stopped) may call this."""
     linear, insn = fetch_instruction(parts.vcpu, parts.mem)
     lines = [f"vCPU {parts.vcpu.index}:", describe_registers(parts.vcpu), f"code at {linear:#x}: {insn.hex(' ') or '?'}"]
+    lines += [f"  {line}" for line in describe_code_at(parts, linear, insn, count=3).splitlines()]
     lines.append("last exits:")
     lines += [f"  {r}" for r in parts.recent] or ["  (none)"]
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from .devices.pvpanic import PvPanic
 from .devices.serial import Serial16550
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.pmem import VirtioPmem
+from .disasm import LazySymbols
 from .errors import UserError
 from .eventloop import EventLoop
 from .fallback import EmulationFallbacks
@@ -47,6 +48,7 @@ from .flushlog import FlushLogWriter
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
 from .stats import MachineStats, PmemDeviceStats
+from .timeline import MilestoneScanner
 from .vcpu import VcpuLoop, install_kick_handler
 
 # Guest RAM is reserved lazily, page by page as the guest touches it (Python < 3.12 lacks the name).
@@ -71,9 +73,11 @@ class MachineConfig:
     mem_size: int = 256 << 20
     cpus: int = 1
     trace: bool = False
+    trace_only: frozenset[str] = frozenset()  # --trace=LIST: trace only these kinds/devices (empty: all)
     watchdog: float | None = None
     pmem: list[PmemSpec] = field(default_factory=list)
     qmp: str | None = None  # QMP socket path
+    timeline: bool = False  # record per-interval counters, console milestones and pmem flushes (--timeline)
     stdin_fd: int = 0
     stdout_fd: int = 1
 
@@ -184,6 +188,8 @@ class Machine:
         )
         self.serial = Serial16550(self.interrupts.irq_line(layout.COM1_IRQ), output=self.console.write)
         self.console.attach(self.serial)
+        if self.config.timeline:
+            self.console.milestones = MilestoneScanner()
         self.pio.register(layout.COM1_PORT, layout.COM1_PORT_COUNT, self.serial, "serial")
         self.i8042 = I8042(on_reset=lambda: self.request_stop(Stop(0, "guest rebooted (i8042 reset)", "guest-reset")))
         self.pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
@@ -231,6 +237,7 @@ class Machine:
             if copier is not None:
                 undo.callback(copier.close)
             device = VirtioPmem.from_backing(backing, start=window.base, flush_target=copier)
+            device.flush_times = [] if self.config.timeline else None
             region.on_fault = lambda reason: self._pmem_failed(device, backing.id, reason)
             transport = VirtioPciDevice(device, self.mem, self.interrupts, name=backing.id)
             undo.callback(transport.close)
@@ -373,6 +380,7 @@ class Machine:
                 print(f"map: {region.gpa:#014x} +{region.size:#x} slot {region.slot} {region.name}", file=sys.stderr)
             for line in self.boot.describe():
                 print(line, file=sys.stderr)
+        self.symbols = LazySymbols(cfg.kernel)  # read only if an instruction is ever shown
         supported = self.kvm.supported_cpuid()
         for index in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(index)
@@ -384,7 +392,12 @@ class Machine:
             if index == 0:
                 vcpu_setup.apply_entry(vcpu, self.boot.entry)
             trace = sys.stderr if cfg.trace else None
-            self.loops.append(VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace))
+            self.loops.append(
+                VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace,
+                         trace_only=cfg.trace_only, symbols=self.symbols)
+            )
+            if cfg.timeline:
+                self.loops[-1].record_timeline()
 
     def run(self) -> Stop:
         """Boot and run the guest until it ends; returns why it ended."""

@@ -111,3 +111,21 @@ class RegisterBlock:
             part = (value >> (8 * (lo - offset)) << (8 * (lo - r.offset))) & part_mask
             old = 0 if part_mask == _mask(r.size) else r.read() & _mask(r.size)
             r.write(old & ~part_mask | part)
+
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        """An access in register names, for `--trace`: "queue_select = 0" (a write),
+        "LSR -> 0x60" (a read); a part of a register is named with its byte range
+        ("queue_desc[4:8]"). None when the access touches no register."""
+        touched = self._touched(offset, size)
+        if not touched:
+            return None
+        names = []
+        for r in touched:
+            lo, hi = max(offset, r.offset) - r.offset, min(offset + size, r.end) - r.offset
+            names.append(r.name if (lo, hi) == (0, r.size) else f"{r.name}[{lo}:{hi}]")
+        return f"{'/'.join(names)} {'=' if is_write else '->'} {format_value(value)}"
+
+
+def format_value(value: int) -> str:
+    """Small numbers in decimal (a queue index, a status bit count), the rest in hex."""
+    return str(value) if value < 10 else f"{value:#x}"

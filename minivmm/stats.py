@@ -31,7 +31,7 @@ class ExitRecord:
 
     `kind` is the KVM exit name ("io", "mmio", "emulation-fallback"), `op` the access
     ("in"/"out", "read"/"write"), `addr` the port or guest-physical address and `device` the
-    name of the bus range that took it ("unclaimed" if none)."""
+    name of the bus range that took it ("unclaimed" if none). `str()` is the `--trace` line."""
 
     kind: str
     op: str
@@ -39,10 +39,14 @@ class ExitRecord:
     size: int
     value: int
     device: str
+    # What the access meant, in the device's words ("THR write 'h'"), and for an MMIO exit the
+    # instruction that made it; filled only in a traced run (not part of an exit's identity).
+    meaning: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         where = f"port={self.addr:#06x}" if self.kind == "io" else f"addr={self.addr:#x}"
-        return f"{self.kind} {self.op} {where} size={self.size} value={self.value:#x} -> {self.device}"
+        text = f"{self.kind} {self.op} {where} size={self.size} value={self.value:#x} -> {self.device}"
+        return f"{text}: {self.meaning}" if self.meaning else text
 
 
 @dataclass

@@ -8,17 +8,20 @@ delivers them through irqfd/ioeventfd.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
 from typing import Callable, TextIO
 
 from .bus import Bus
+from .disasm import LazySymbols
 from .exit_handler import ExitParts, Stop, describe, handle_exit
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
 from .stats import VcpuStats as ExitStats
+from .timeline import IntervalSampler
 from .vcpu_exit import InterruptedExit
 
 KICK_SIGNAL = signal.SIGUSR2  # interrupts KVM_RUN on a vCPU thread (its handler does nothing)
@@ -36,17 +39,29 @@ class VcpuLoop:
         fallbacks: EmulationFallbacks,
         on_stop: Callable[[Stop], None],
         trace: TextIO | None = None,
+        *,
+        trace_only: frozenset[str] = frozenset(),
+        symbols: LazySymbols | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.on_stop = on_stop
         self.stats = ExitStats(exit_log=[] if trace is not None else None)  # a traced run keeps every exit
-        self.parts = ExitParts(vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace, log=self.stats.exit_log)
+        self.parts = ExitParts(
+            vcpu, mem, pio, mmio, fallbacks, by_device=self.stats.by_device, trace=trace, log=self.stats.exit_log,
+            trace_only=trace_only, symbols=symbols,
+        )
         self.stopping = False
         self.describe_requested = False
         self.thread: threading.Thread | None = None
         self._run_allowed = threading.Event()  # cleared by pause(): the thread waits outside KVM_RUN
         self._run_allowed.set()
         self.paused = threading.Event()  # set while the thread waits in pause
+        self.sampler: IntervalSampler | None = None  # per-interval snapshots, only for --timeline
+
+    def record_timeline(self) -> IntervalSampler:
+        """Snapshot this vCPU's counters every `timeline.INTERVAL` (call before `start`)."""
+        self.sampler = IntervalSampler(self.stats, self.parts.fallbacks.counts)
+        return self.sampler
 
     @property
     def fallbacks(self) -> EmulationFallbacks:
@@ -100,12 +115,16 @@ class VcpuLoop:
         stats, parts = self.stats, self.parts
         clock = time.perf_counter
         stats.first_run = time.monotonic()
+        sampler = self.sampler
+        due = math.inf if sampler is None else sampler.due  # one float compare per exit when off
         try:
             while not self.stopping:
                 t0 = clock()
                 exit = self.vcpu.run()
                 t1 = clock()
                 stats.time_in_run += t1 - t0
+                if t1 >= due:  # this KVM_RUN's time ends the interval; its exit starts the next
+                    due = sampler.sample(t1)  # type: ignore[union-attr]
                 stats.by_kind[exit.kind] += 1
                 if isinstance(exit, InterruptedExit):
                     self._interrupted()
@@ -115,6 +134,9 @@ class VcpuLoop:
                 stats.time_outside += clock() - t1
         except Exception as exc:  # a VMM bug: end the run with a reason rather than a dead thread
             self.end(1, f"vCPU {self.vcpu.index} failed: {type(exc).__name__}: {exc}")
+        finally:
+            if sampler is not None:
+                sampler.sample(clock())  # the last, partial interval
 
     def _interrupted(self) -> None:
         self.vcpu.set_immediate_exit(False)

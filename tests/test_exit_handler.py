@@ -171,7 +171,7 @@ def test_exits_that_end_the_run(stopped, exit, status: int, reason: str) -> None
 def test_a_triple_fault_and_an_unknown_exit_name_where_the_guest_was(stopped) -> None:
     g, parts = stopped
     g.mem.write(CODE, b"\xf4")
-    assert handle_exit(ShutdownExit(), parts) == Stop(1, f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip={CODE:#x} insn=f4" + " 00" * 14)
+    assert handle_exit(ShutdownExit(), parts) == Stop(1, f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip={CODE:#x} insn=f4" + " 00" * 14 + " (hlt)")
     stop = handle_exit(UnknownExit(kvm.KVM_EXIT_DEBUG, "debug"), parts)
     assert stop is not None and stop.reason.startswith(f"unexpected KVM exit debug at rip={CODE:#x}")
     assert parts.diagnostics.getvalue().count("vCPU 0:") == 2

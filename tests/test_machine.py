@@ -118,16 +118,24 @@ def test_sigusr1_dumps_state_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
         seen = ""
         rip = 0x1000000 + len(code)
 
+        def read_stderr() -> str:
+            # os.read, not the text wrapper: its read() raises TypeError on an empty non-blocking pipe
+            try:
+                return os.read(proc.stderr.fileno(), 65536).decode(errors="replace")
+            except BlockingIOError:
+                return ""
+
         def dumped() -> bool:
             nonlocal seen
-            seen += proc.stderr.read() or ""
-            return f"code at {rip:#x}: eb fe" in seen
+            seen += read_stderr()
+            return f"code at {rip:#x}: eb fe" in seen and f"{rip:#x}: eb fe  jmp {rip:#x}" in seen
 
         wait_until(dumped, "the vCPU dump", timeout=120)
         assert proc.poll() is None  # still running after the dump
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
-        seen += proc.stderr.read() or ""
+        while chunk := read_stderr():
+            seen += chunk
     finally:
         proc.kill()
         proc.wait()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import xml.etree.ElementTree as ET
 
 import pytest
 from pmembootutil import (
@@ -63,6 +64,7 @@ def test_kernel_mounts_pmem_root_and_flushes(tmp_path, kernel_kind):
             "--pmem", str(image),
             "--cmdline",
             f"{BASE_CMDLINE} root=/dev/pmem0 rootfstype=ext4 rw minivmm.steps=hello minivmm.end=poweroff",
+            "--timeline", str(tmp_path / "timeline.svg"),
         ],
     )  # fmt: skip
 
@@ -102,6 +104,24 @@ def test_kernel_mounts_pmem_root_and_flushes(tmp_path, kernel_kind):
     check(run, st.counters.flush_requests >= 1, f"no flush requests for pmem0 ({st})")
     check(run, st.counters.host_fsyncs >= 1, f"no host fsyncs for pmem0 ({st})")
     check(run, st.counters.host_fsyncs <= st.counters.flush_requests, f"more host fsyncs than flush requests ({st})")
+    _check_timeline(run, tmp_path / "timeline.svg", st)
+
+
+def _check_timeline(run, path, st) -> None:
+    """--timeline drew the boot: exits, the console milestones in order, and every flush batch."""
+    svg = "{http://www.w3.org/2000/svg}"
+    root = ET.parse(path).getroot()
+    lines = {el.get("class"): [] for el in root.iter(f"{svg}line")}
+    for el in root.iter(f"{svg}line"):
+        lines[el.get("class")].append(el)
+    labels = [el.get("data-label") for el in lines.get("milestone", [])]
+    # in time order: the root file system on pmem0 is mounted before its init runs
+    check(run, labels[:1] == ["first console line"] and "pmem0 probed" in labels and "init started" in labels
+          and labels.index("pmem0 probed") < labels.index("init started"), f"timeline milestones {labels}")
+    flushes = lines.get("flush", [])
+    check(run, 1 <= len(flushes) <= st.counters.batches, f"{len(flushes)} flush marks for {st.counters.batches} batches")
+    drawn = {el.get("data-name") for el in root.iter(f"{svg}polyline") if el.get("class") == "exits-device"}
+    check(run, {"serial", "pci-conf1"} <= drawn, f"timeline devices {drawn}")
 
 
 def _check_poweroff(run) -> None:

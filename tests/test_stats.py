@@ -67,7 +67,7 @@ def test_json_keys_carry_units_and_values() -> None:
     v0, v1 = d["vcpus"]
     assert (v0["index"], v0["exits"], v0["time_in_run_s"], v0["time_outside_s"], v0["first_run_s"]) == (0, 743, 12.5, 0.75, 0.625)
     assert list(v0["exits_by_kind"].items()) == [("io", 700), ("mmio", 41), ("internal_error", 2)]  # most common first
-    assert v0["exit_log"][0] == {"kind": "io", "op": "out", "addr": 0x3F8, "size": 1, "value": 0x41, "device": "serial"}
+    assert v0["exit_log"][0] == {"kind": "io", "op": "out", "addr": 0x3F8, "size": 1, "value": 0x41, "device": "serial", "meaning": ""}
     assert (v1["exits"], v1["first_run_s"], v1["exit_log"]) == (0, None, None)
     assert d["emulation_fallbacks"] == {"int3": 1, "fwait": 1}
     assert d["unclaimed"] == {"pio": {"read": 2, "write": 1}, "mmio": {"read": 1}}

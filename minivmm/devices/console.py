@@ -31,7 +31,10 @@ import stat
 import termios
 import threading
 from types import FrameType
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:
+    from ..timeline import MilestoneScanner
 
 CTRL_A = 0x01
 READ_CHUNK = 4096
@@ -389,6 +392,7 @@ class Console:
         self.stdin_eof = False
         self.quit_requested = False
         self.bytes_in = 0  # keystrokes forwarded to the guest
+        self.milestones: MilestoneScanner | None = None  # set for --timeline: scans guest output
 
     def attach(self, port: GuestPort) -> None:
         """Connect the serial device that receives stdin."""
@@ -396,6 +400,8 @@ class Console:
 
     def write(self, data: bytes) -> None:
         """Guest output to stdout (any thread; never raises on a closed stdout)."""
+        if self.milestones is not None:
+            self.milestones.feed(data)
         self.writer.write(data)
 
     @property

@@ -239,6 +239,13 @@ class Serial16550:
         # still be able to queue input (and the user to quit) meanwhile.
         self._output(out)
 
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        """For `--trace`: "THR write 'h'", "RBR read 'x'", else the register ("LCR = 0x3")."""
+        bank = self._bank()
+        if offset == UART_RX and size == 1 and bank is self._bank0:
+            return f"THR write {chr(value)!r}" if is_write else f"RBR read {chr(value)!r}"
+        return bank.describe(offset, size, value, is_write)
+
     def _bank(self) -> RegisterBlock:
         return self._bank_dlab if self._lcr & UART_LCR_DLAB else self._bank0
 

@@ -82,8 +82,9 @@ class BarRouter:
     Accesses outside every sub-region, or straddling a sub-region's end, read as zero and
     are dropped (a BAR's reserved space)."""
 
-    def __init__(self, size: int, regions: Sequence[SubRegion] = ()) -> None:
+    def __init__(self, size: int, regions: Sequence[SubRegion] = (), label: str = "") -> None:
         self.size = size
+        self.label = label  # what the BAR belongs to, for `describe` ("virtio")
         self._regions: list[SubRegion] = []
         self._offsets: list[int] = []
         for r in regions:
@@ -113,6 +114,15 @@ class BarRouter:
     def read(self, offset: int, size: int) -> int:
         r = self._find(offset, size)
         return 0 if r is None else r.handler.read(offset - r.offset, size)
+
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        """For `--trace`: the sub-region and what its handler says ("virtio common_cfg queue_select = 0")."""
+        r = self._find(offset, size)
+        if r is None:
+            return f"{self.label} reserved +{offset:#x}".strip()
+        inner = getattr(r.handler, "describe", None)
+        words = inner(offset - r.offset, size, value, is_write) if inner else None
+        return " ".join(w for w in (self.label, r.name, words or f"+{offset - r.offset:#x}") if w)
 
     def write(self, offset: int, size: int, value: int) -> None:
         r = self._find(offset, size)

@@ -46,7 +46,7 @@ from ..interrupts import InterruptController, InterruptLine, IoEventRegistry
 from .config import BarInfo, PciConfigSpace
 from .device import PciDevice
 from ..ranges import AddressRange
-from .pci_regs import PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY
+from .pci_regs import PCI_BASE_ADDRESS_0, PCI_CLASS_BRIDGE_HOST, PCI_COMMAND, PCI_COMMAND_MEMORY, PCI_NUM_BARS
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,45 @@ class Conf1:
             self.address = value & PCI_CONF1_ADDRESS_MASK
         elif offset >= PCI_CONF1_DATA_OFFSET:
             self._bridge.write_config_at(self.address, offset - PCI_CONF1_DATA_OFFSET, size, value)
+
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        """For `--trace`: "PCI conf1 select 00:02.0 0x10", "PCI conf1 00:02.0 BAR0 sizing",
+        "PCI conf1 00:01.0 vendor_id -> 0x1af4" (the address register, then the data port)."""
+        if offset == 0 and size == 4:
+            return f"PCI conf1 {'select ' + _conf1_where(value) if is_write else 'CONFIG_ADDRESS read'}"
+        if offset < PCI_CONF1_DATA_OFFSET:
+            return None
+        where = _conf1_where(self.address)
+        if self._bridge._function(self.address) is None:
+            return f"PCI conf1 {where.split()[0]} (no device) {'write dropped' if is_write else '-> all ones'}"
+        register = (self.address & 0xFC) + offset - PCI_CONF1_DATA_OFFSET
+        name = config_register_name(register)
+        if is_write and PCI_BASE_ADDRESS_0 <= register < PCI_BASE_ADDRESS_0 + 4 * PCI_NUM_BARS and value == (1 << (8 * size)) - 1:
+            return f"PCI conf1 {where.split()[0]} {name} sizing"
+        return f"PCI conf1 {where.split()[0]} {name} {'=' if is_write else '->'} {value:#x}"
+
+
+CONFIG_HEADER_NAMES = {  # the type-0 header (PCI 3.0 figure 6-1), offset -> field
+    0x00: "vendor_id", 0x02: "device_id", 0x04: "command", 0x06: "status", 0x08: "revision_id",
+    0x09: "class_prog", 0x0A: "class_device", 0x0C: "cache_line_size", 0x0D: "latency_timer",
+    0x0E: "header_type", 0x0F: "bist", 0x28: "cardbus_cis", 0x2C: "subsystem_vendor_id",
+    0x2E: "subsystem_id", 0x30: "rom_address", 0x34: "capabilities_pointer",
+    0x3C: "interrupt_line", 0x3D: "interrupt_pin", 0x3E: "min_gnt", 0x3F: "max_lat",
+}
+
+
+def config_register_name(register: int) -> str:
+    """A config-space offset in the header's words (BARn, vendor_id, ...), else "config 0x48"."""
+    if PCI_BASE_ADDRESS_0 <= register < PCI_BASE_ADDRESS_0 + 4 * PCI_NUM_BARS:
+        bar, byte = divmod(register - PCI_BASE_ADDRESS_0, 4)
+        return f"BAR{bar}" + (f"+{byte}" if byte else "")
+    return CONFIG_HEADER_NAMES.get(register, f"config {register:#04x}")
+
+
+def _conf1_where(address: int) -> str:
+    """A CONFIG_ADDRESS value as "bb:dd.f 0xrr" (PCI 3.0 section 3.2.2.3.2)."""
+    bus, dev, fn = (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 0x7
+    return f"{bus:02x}:{dev:02x}.{fn} {address & 0xFC:#04x}"
 
 
 @dataclass

@@ -54,6 +54,9 @@ def pba_size(nvectors: int) -> int:
     return (nvectors + 63) // 64 * 8
 
 
+MSIX_ENTRY_FIELDS = ("message_address", "message_upper_address", "message_data", "vector_control")
+
+
 class _TableRegion:
     def __init__(self, msix: MsixTable) -> None:
         self._msix = msix
@@ -63,6 +66,11 @@ class _TableRegion:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._msix.write_table(offset, size, value)
+
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        """For `--trace`: "vector 1 message_data = 0x22" (PCI 3.0 section 6.8.2.6-9)."""
+        name = MSIX_ENTRY_FIELDS[offset % 16 // 4]
+        return f"vector {offset // 16} {name} {'=' if is_write else '->'} {value:#x}"
 
 
 class _PbaRegion:

@@ -138,6 +138,9 @@ class _Locked:
         with self._lock:
             self._block.write(offset, size, value)
 
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        return self._block.describe(offset, size, value, is_write)
+
 
 class _DeviceCfg:
     """The device-specific configuration (4.1.4.6), forwarded to the device."""
@@ -150,6 +153,9 @@ class _DeviceCfg:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._device.write_config(offset, size, value)
+
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        return f"+{offset:#x} {'=' if is_write else '->'} {value:#x}"
 
 
 class _Notify:
@@ -164,6 +170,9 @@ class _Notify:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset % NOTIFY_OFF_MULTIPLIER == 0:
             self._notify(offset // NOTIFY_OFF_MULTIPLIER)
+
+    def describe(self, offset: int, size: int, value: int, is_write: bool) -> str | None:
+        return f"queue {offset // NOTIFY_OFF_MULTIPLIER} notified (no ioeventfd caught it)" if is_write else None
 
 
 class VirtioPciDevice(PciDevice):
@@ -224,13 +233,14 @@ class VirtioPciDevice(PciDevice):
         self.router = BarRouter(
             VIRTIO_BAR_SIZE,
             (
-                SubRegion(COMMON_CFG_OFFSET, PAGE, _Locked(self._lock, self.common_cfg.registers), "common"),
-                SubRegion(ISR_CFG_OFFSET, PAGE, isr, "isr"),
-                SubRegion(DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, _DeviceCfg(device), "device"),
-                SubRegion(NOTIFY_CFG_OFFSET, PAGE, _Notify(self._notify_from_python), "notify"),
+                SubRegion(COMMON_CFG_OFFSET, PAGE, _Locked(self._lock, self.common_cfg.registers), "common_cfg"),
+                SubRegion(ISR_CFG_OFFSET, PAGE, isr, "isr_cfg"),
+                SubRegion(DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, _DeviceCfg(device), "device_cfg"),
+                SubRegion(NOTIFY_CFG_OFFSET, PAGE, _Notify(self._notify_from_python), "notify_cfg"),
                 SubRegion(MSIX_TABLE_OFFSET, self.msix.table_size, self.msix.table, "msix-table"),
                 SubRegion(MSIX_PBA_OFFSET, self.msix.pba_size, self.msix.pba, "msix-pba"),
             ),
+            label="virtio",
         )
         self.add_bar(VIRTIO_BAR, VIRTIO_BAR_SIZE, self.router, mem64=True, prefetchable=False)
         self._add_virtio_caps()

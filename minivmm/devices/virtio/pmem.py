@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 from ...errors import report_thread_error
 from ...memory import GuestMemory
 from ...stats import PmemStats
+from ...timeline import FlushRecord
 from .queue import DescriptorChain, Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class VirtioPmem:
         self._flusher: _Flusher | None = None
         self._stopping: list[_Flusher] = []  # asked to stop, maybe still finishing a batch
         self.errors: list[BaseException] = []  # unexpected exceptions in the flusher thread
+        self.flush_times: list[FlushRecord] | None = None  # every served batch, only for --timeline
 
     @classmethod
     def from_backing(cls, backing: PmemBacking, start: int, flush_target: FlushTarget | None = None) -> VirtioPmem:
@@ -269,6 +271,8 @@ class VirtioPmem:
             st.batches += 1
             st.service_time_total += done - woke
             st.service_time_max = max(st.service_time_max, done - woke)
+        if self.flush_times is not None and flushes:
+            self.flush_times.append(FlushRecord(woke, done, flushes))
         return healthy
 
 
