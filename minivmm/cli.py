@@ -7,6 +7,8 @@ a host without a usable KVM exits with status 1; neither prints a traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -118,14 +120,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     kernel, initrd = _default_guest(args)
     for what, path in (("kernel", kernel), ("initrd", initrd)):
-        if path is not None and not path.is_file():
+        if path is not None and not path.exists():
             raise UserError(f"{what} {path}: no such file")
-    if args.watchdog is not None and args.watchdog <= 0:
+        if path is not None and not path.is_file():
+            raise UserError(f"{what} {path}: not a regular file")
+    if args.watchdog is not None and not (math.isfinite(args.watchdog) and args.watchdog > 0):
         raise UserError("--watchdog must be a positive number of seconds")
-    if args.stats_json is not None:
-        _write_stats_json(args.stats_json, "")  # a FILE that cannot be written fails before the guest boots
-    if args.timeline is not None:
-        _write_file("--timeline", args.timeline, "")  # likewise
+    for option, path in (("--stats-json", args.stats_json), ("--timeline", args.timeline)):
+        if path is not None:
+            _check_writable(option, path)  # fails before the guest boots, and leaves the file alone
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -168,6 +171,22 @@ def _trace_list(text: str | None) -> frozenset[str]:
 
 def _write_stats_json(path: Path, text: str) -> None:
     _write_file("--stats-json", path, text)
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """UserError unless `path` is a regular file we may write, or can be created: checked
+    without creating, truncating or touching it (a later user error must leave it as it was)."""
+    if path.exists():
+        if path.is_dir():
+            raise UserError(f"{option} {path}: Is a directory")
+        if not os.access(path, os.W_OK):  # a file, or a pipe or terminal such as /dev/stdout
+            raise UserError(f"{option} {path}: Permission denied")
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: No such file or directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: Permission denied")
 
 
 def _write_file(option: str, path: Path, text: str) -> None:

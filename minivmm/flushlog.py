@@ -141,6 +141,10 @@ def _records(f: BinaryIO, page_size: int) -> Iterator[tuple[FlushRecord | None, 
         if magic != RECORD_MAGIC:
             yield None, f"bad record magic at offset {at}"
             return
+        left = os.fstat(f.fileno()).st_size - f.tell()
+        if npages * (8 + page_size) > left:  # never trust a count to size a read
+            yield None, f"truncated record (epoch {epoch}) at offset {at}"
+            return
         body = _read_exact(f, npages * (8 + page_size))
         if body is None:
             yield None, f"truncated record (epoch {epoch}) at offset {at}"

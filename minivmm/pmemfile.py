@@ -161,6 +161,11 @@ def check_powerfail_options(spec: PmemSpec, what: str) -> None:
         raise UserError(f"{what}: flush-log= needs lose-unflushed=on")
 
 
+def valid_id(ident: str) -> bool:
+    """Whether `ident` may name a device or a memory backend."""
+    return _ID_RE.fullmatch(ident) is not None
+
+
 def _check_size(size: int, what: str) -> None:
     if size <= 0 or size % PMEM_SIZE_ALIGN:
         raise UserError(f"{what}: size {format_size(size)} is not a positive multiple of 2M")
@@ -366,6 +371,13 @@ def _create_or_extend(plan: _Plan) -> None:
 def _preallocate(plan: _Plan) -> None:
     """Allocate every block of the file (posix_fallocate never changes data, nor the length
     here: the file is already `plan.size` long), so no guest write can find the disk full."""
+    free = _free_bytes(plan.spec.path)
+    allocated = os.fstat(plan.fd).st_blocks * 512
+    if free is not None and plan.size - allocated > free:  # never fill the host's disk to find out
+        raise UserError(
+            f"--pmem {plan.spec.path}: prealloc=on cannot allocate {format_size(plan.size)} "
+            f"({format_size(free)} free on its filesystem)"
+        )
     try:
         os.posix_fallocate(plan.fd, 0, plan.size)
     except OSError as exc:

@@ -389,3 +389,17 @@ def test_pmem_prealloc_with_discard_writes(pmem_file, guest, tmp_path):
     run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{pmem_file},discard-writes=on,prealloc=on", workdir=tmp_path)
     assert_user_error(run, r"prealloc=on with discard-writes=on")
     assert _snapshot(pmem_file) == before
+
+
+def test_a_pmem_id_and_an_object_id_may_not_collide(guest, tmp_path):
+    new = tmp_path / "new.img"
+    run = cli("run", "--kernel", guest.vmlinux, "--pmem", f"{new},size=2M,id=x", "--object",
+              f"memory-backend-file,id=x,mem-path={tmp_path / 'o.img'},share=on,size=2M",
+              "--device", "virtio-pmem-pci,memdev=x", workdir=tmp_path)  # fmt: skip
+    assert_user_error(run, r"id 'x' names two memory backends")
+    assert not new.exists() and not (tmp_path / "o.img").exists()
+
+
+def test_watchdog_must_be_finite_and_a_kernel_must_be_a_file(guest, tmp_path):
+    assert_user_error(cli("run", "--kernel", guest.vmlinux, "--watchdog", "nan", workdir=tmp_path), r"--watchdog must be a positive")
+    assert_user_error(cli("run", "--kernel", tmp_path, workdir=tmp_path), r"not a regular file")

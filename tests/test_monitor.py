@@ -98,6 +98,12 @@ def test_queries_describe_the_machine(machine: Machine) -> None:
          "Device 'virtio-pmem-pci' can't find value 'nope' for property 'memdev'"),
         ("device_add", {"driver": "virtio-pmem-pci", "memdev": "pmem0"}, "GenericError",
          "can't use already busy memdev: pmem0 (used by 'pmem0')"),
+        ("object-add", {"qom-type": "memory-backend-file", "id": "m", "mem-path": "x", "size": -1}, "GenericError",
+         "Parameter 'size' expects a size from 1 byte to 512G"),
+        ("object-add", {"qom-type": "memory-backend-file", "id": "m", "mem-path": "x", "size": 10**30}, "GenericError",
+         "Parameter 'size' expects a size from 1 byte to 512G"),
+        ("object-add", {"qom-type": "memory-backend-file", "id": "m 1", "mem-path": "x", "share": True}, "GenericError",
+         "Parameter 'id' expects an identifier (letters, digits, '_', '.', '-'), not 'm 1'"),
     ],
 )  # fmt: skip
 def test_every_mistake_is_one_qemu_style_error_and_changes_nothing(machine, name, args, cls, desc) -> None:
@@ -223,6 +229,7 @@ def test_command_line_objects_and_devices_become_specs(tmp_path) -> None:
          "already busy memdev: a"),
         ([], ["virtio-blk-pci,drive=x"], "'virtio-blk-pci' is not a valid device model name"),
         ([], ["virtio-pmem-pci"], "'memdev' property is not set"),
+        (["memory-backend-file,id=a,mem-path=a,share=on,size=99999999999999999999G"], [], "expects a size from 1 byte"),
     ],
 )
 def test_command_line_mistakes(objects, devices, message) -> None:

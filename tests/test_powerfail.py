@@ -440,3 +440,15 @@ def test_bench_lose_unflushed_sections(tmp_path: Path) -> None:
     (tmp_path / bench.FLUSH_LOG_NAME).write_bytes((tmp_path / bench.FLUSH_LOG_NAME).read_bytes()[:-1])
     with pytest.raises(bench.BootFailed, match="truncated"):
         bench.parse_pmem_lose_log_section(PMEM_CONSOLE, stats)
+
+
+def test_a_hostile_page_count_is_a_truncated_record_not_a_huge_read(tmp_path: Path) -> None:
+    log, image = tmp_path / "log", tmp_path / "image"
+    write_log(log)
+    data = bytearray(log.read_bytes())
+    struct.pack_into("<I", data, flushlog_header.size + 4, 0x7FFFFFFF)  # record 1's page count
+    log.write_bytes(bytes(data))
+    image.write_bytes(page(0xEE) * 8)
+    warnings: list[str] = []
+    assert list_epochs(str(log), warnings.append) == []
+    assert len(warnings) == 1 and "truncated record" in warnings[0] and "up to epoch 0" in warnings[0]

@@ -111,12 +111,23 @@ def test_values_split_across_reads_and_pipelined_without_separators(wire) -> Non
     assert wire.send('cute": "query-version", "id": "}{"}')[0]["id"] == "}{"  # brackets inside strings
 
 
+def test_one_answer_per_stretch_of_garbage_and_no_infinity_in_a_reply(wire) -> None:
+    wire.negotiate()
+    (err,) = wire.send("not json at all " + "z" * 70_000 + " ")
+    assert err["error"]["desc"].startswith("JSON parse error")
+    assert wire.send('{"execute": "query-status", "id": 4}')[0]["id"] == 4
+    (err,) = wire.send('{"execute": "query-status", "id": 1e999999}')
+    assert err["error"]["desc"].startswith("JSON parse error") and "id" not in err
+    assert json.dumps(err, allow_nan=False)
+
+
 def test_input_is_bounded(wire) -> None:
     wire.negotiate()
     assert wire.send('{"execute": "' + "x" * (MAX_INPUT // 2)) == []  # may still complete
     (err,) = wire.send("y" * MAX_INPUT)
     assert err["error"]["desc"] == f"JSON parse error, input exceeds {MAX_INPUT} bytes"
-    assert wire.send('{"execute": "query-status", "id": 3}')[0]["id"] == 3
+    assert wire.send("y" * MAX_INPUT) == []  # the rest of the same value: dropped, not answered again
+    assert wire.send('"}\n{"execute": "query-status", "id": 3}')[0]["id"] == 3
 
 
 def test_value_end() -> None:
@@ -251,6 +262,10 @@ def test_socket_is_owner_only_and_never_replaces_a_file(tmp_path, machine) -> No
     assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
     sock.close()
     listen_unix(str(path)).close()  # a stale socket is replaced
+    live = listen_unix(str(path))
+    with pytest.raises(UserError, match="in use: another process serves this socket"):
+        listen_unix(str(path))  # another minivmm's live socket is never taken over
+    live.close()
     regular = tmp_path / "notes.txt"
     regular.write_text("keep me")
     with pytest.raises(UserError, match="exists and is not a socket; refusing to replace it"):

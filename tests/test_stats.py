@@ -156,3 +156,13 @@ def test_trace_puts_every_exit_in_the_json(tmp_path: Path) -> None:
     assert log[-1].device == "acpi-sleep" and len(log) == sum(run.stats.vcpus[0].by_device.values())
     traced = [line.split("] ", 1)[1] for line in run.stderr.splitlines() if line.startswith("[vcpu0] ")]
     assert traced == [str(r) for r in log]  # the JSON log is the --trace log, exit for exit
+
+
+def test_a_refused_run_leaves_an_existing_stats_file_alone(tmp_path: Path) -> None:
+    k = tmp_path / "k"
+    k.write_bytes(smoke_pvh_elf(b"booted\n"))
+    target = tmp_path / "s.json"
+    target.write_text("from an earlier run\n")
+    run = run_minivmm(["--kernel", k, "--stats-json", target, "--pmem", tmp_path / "missing.img"], tmp_path / "w", timeout=60, stats=False)
+    assert run.status == 2 and "missing.img" in run.stderr, run.describe()
+    assert target.read_text() == "from an earlier run\n"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .. import pmemfile
 from ..errors import UserError
+from ..units import format_size
 from ..pci.pci_regs import PCI_CLASS_DEVICE, PCI_DEVICE_ID, PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID
 from ..pmemfile import PmemBacking, PmemSpec
 from .commands import DEVICE_NOT_FOUND, CommandError
@@ -27,6 +28,7 @@ VIRTIO_PMEM_PCI = "virtio-pmem-pci"
 # object-add's memory-backend-file properties: QEMU's, then minivmm's own.
 BACKEND_PROPERTIES = {"qom-type", "id", "mem-path", "size", "share", "readonly", "discard-writes", "lose-unflushed", "flush-log"}
 DEVICE_PROPERTIES = {"driver", "id", "memdev"}
+MAX_BACKEND_SIZE = 1 << 39  # the guest-physical address limit: no larger backend can ever be plugged
 
 
 @dataclass
@@ -57,8 +59,10 @@ def spec_from_object(props: dict[str, object]) -> PmemSpec:
         if not isinstance(props.get(key, False), bool):
             raise UserError(f"Parameter '{key}' expects a boolean")
     size = props.get("size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
-        raise UserError("Parameter 'size' expects a size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_BACKEND_SIZE):
+        raise UserError(f"Parameter 'size' expects a size from 1 byte to {format_size(MAX_BACKEND_SIZE)}")
+    if not pmemfile.valid_id(str(props["id"])):
+        raise UserError(f"Parameter 'id' expects an identifier (letters, digits, '_', '.', '-'), not {props['id']!r}")
     share = bool(props.get("share", False))
     ident = str(props["id"])
     if props.get("lose-unflushed") and not share:
@@ -106,6 +110,8 @@ class MachineObjects:
         self.devices: dict[str, PmemDevice] = {}
         for spec, backing in zip(machine.config.pmem, machine.pmem_backings):
             memdev = spec.memdev or backing.id
+            if memdev in self.backends:
+                raise UserError(f"id '{memdev}' names two memory backends (a --pmem id and an --object id)")
             self.backends[memdev] = MemoryBackend(memdev, backing, share=not spec.discard_writes)
         for device, backing in machine.pmem_plugged:
             memdev = next(b.id for b in self.backends.values() if b.backing is backing)
@@ -153,6 +159,8 @@ class MachineObjects:
         if backend.user is not None:
             raise UserError(f"can't use already busy memdev: {memdev} (used by '{backend.user}')")
         ident = str(props.get("id") or self._next_id())
+        if not pmemfile.valid_id(ident):
+            raise UserError(f"Parameter 'id' expects an identifier (letters, digits, '_', '.', '-'), not {ident!r}")
         if ident in self.devices:
             raise UserError(f"Duplicate device ID '{ident}'")
         memdev_id, backend.backing.id = backend.backing.id, ident  # the function, region and stats carry the device id

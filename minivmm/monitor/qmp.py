@@ -29,7 +29,7 @@ from .commands import COMMAND_NOT_FOUND, GENERIC_ERROR, CommandError, dispatch
 from .monitor import Monitor
 
 MAX_INPUT = 64 * 1024  # bytes of one pending JSON value
-_decoder = json.JSONDecoder(parse_constant=lambda name: _reject(name))
+_decoder = json.JSONDecoder(parse_constant=lambda name: _reject(name), parse_float=lambda text: _finite(text))
 REQUEST_MEMBERS = {"execute", "arguments", "id"}
 
 
@@ -37,9 +37,18 @@ def _reject(name: str) -> object:
     raise ValueError(f"invalid JSON value {name}")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} out of range")
+    return value
+
+
 def parse_qmp_path(text: str) -> str:
     """``PATH`` or QEMU's ``unix:PATH,server=on,wait=off`` (``server``/``wait`` as QEMU
     spells them, on/off); other forms are a UserError."""
+    if not text:
+        raise UserError("--qmp: empty socket path")
     if not text.startswith("unix:"):
         if "," in text or ":" in text.split("/")[0]:
             raise UserError(f"--qmp {text!r}: expected a socket path or unix:PATH,server=on,wait=off")
@@ -66,14 +75,16 @@ def listen_unix(path: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise UserError(f"--qmp {path}: exists and is not a socket; refusing to replace it")
-        os.unlink(path)
+        if _someone_listens(path):
+            raise UserError(f"--qmp {path}: in use: another process serves this socket")
+        os.unlink(path)  # a stale socket of a process that is gone
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o077)  # owner-only from the first moment the path exists
     try:
         sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise UserError(f"--qmp {path}: cannot listen: {exc.strerror}") from None
+        raise UserError(f"--qmp {path}: cannot listen: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
     sock.listen(4)
@@ -117,6 +128,17 @@ def value_end(text: str) -> int | None:
     return None
 
 
+def _someone_listens(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def timestamp() -> dict[str, int]:
     now = time.time()
     return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
@@ -131,6 +153,7 @@ class QmpSession:
         self.send = send
         self.negotiated = False
         self._buffer = ""
+        self._skipping = False  # after an error, input up to the next "{" is dropped unanswered
 
     def greeting(self) -> dict[str, object]:
         version = dispatch(self.monitor, "query-version", {})
@@ -141,12 +164,19 @@ class QmpSession:
         by bracket nesting the same way, so values need no separator)."""
         self._buffer += data
         while True:
+            if self._skipping:  # one answer per stretch of garbage: resume at the next object
+                cut = self._buffer.find("{")
+                if cut < 0:
+                    self._buffer = ""
+                    return
+                self._buffer, self._skipping = self._buffer[cut:], False
             text = self._buffer.lstrip()
             end = value_end(text)
             if end is None:
                 if len(text) > MAX_INPUT:
-                    self._buffer = ""
+                    self._buffer, self._skipping = text, True
                     self.send(self._error(GENERIC_ERROR, f"JSON parse error, input exceeds {MAX_INPUT} bytes"))
+                    continue
                 else:
                     self._buffer = text  # incomplete: wait for more
                 return
@@ -155,6 +185,7 @@ class QmpSession:
                 value = _decoder.decode(text[:end])
             except (ValueError, RecursionError) as exc:
                 self.send(self._error(GENERIC_ERROR, f"JSON parse error, {exc}"))
+                self._skipping = True
                 continue
             self.send(self.handle(value))
 
