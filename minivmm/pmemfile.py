@@ -376,7 +376,7 @@ def _preallocate(plan: _Plan) -> None:
     if free is not None and plan.size - allocated > free:  # never fill the host's disk to find out
         raise UserError(
             f"--pmem {plan.spec.path}: prealloc=on cannot allocate {format_size(plan.size)} "
-            f"({format_size(free)} free on its filesystem)"
+            f"({format_size(free)} free on its filesystem): {os.strerror(errno.ENOSPC)}"
         )
     try:
         os.posix_fallocate(plan.fd, 0, plan.size)
