@@ -173,8 +173,8 @@ class QmpSession:
             text = self._buffer.lstrip()
             end = value_end(text)
             if end is None:
-                if len(text) > MAX_INPUT:
-                    self._buffer, self._skipping = text, True
+                if len(text) > MAX_INPUT:  # drop it: resume at the next object after its start
+                    self._buffer, self._skipping = text[1:], True
                     self.send(self._error(GENERIC_ERROR, f"JSON parse error, input exceeds {MAX_INPUT} bytes"))
                     continue
                 else:
