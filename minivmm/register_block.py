@@ -22,6 +22,7 @@ LCR.DLAB, are one block per bank; a read-only and a write-only register at one o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -40,6 +41,39 @@ class Register:
     @property
     def end(self) -> int:
         return self.offset + self.size
+
+
+class ReadToClearBits:
+    """A bitmap register's state whose read returns every pending bit and clears them.
+
+    Bits are set from any thread (`set`) and taken by the guest's read (`take`, on a vCPU
+    thread); `on_change(pending)` runs under the same lock after each, so a device can keep an
+    interrupt line's level equal to "some bit is pending" without a race between the two.
+    """
+
+    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._bits = 0
+        self._on_change = on_change
+
+    def set(self, bits: int) -> None:
+        with self._lock:
+            self._bits |= bits
+            if self._on_change is not None:
+                self._on_change(True)
+
+    def take(self) -> int:
+        """The pending bits, now cleared (the register's read)."""
+        with self._lock:
+            bits, self._bits = self._bits, 0
+            if self._on_change is not None:
+                self._on_change(False)
+        return bits
+
+    def peek(self) -> int:
+        """The pending bits, left pending (statistics and tests)."""
+        with self._lock:
+            return self._bits
 
 
 def _mask(size: int) -> int:

@@ -3,11 +3,13 @@ writes (read-modify-write), holes, against a byte-array model of the registers."
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivmm.register_block import Register, RegisterBlock
+from minivmm.register_block import ReadToClearBits, Register, RegisterBlock
 
 # (offset, size, writable): a hole at 3, registers of every width, a read-only one, a hole
 # at 0x14-0x17 between two registers, and nothing past 0x20.
@@ -153,3 +155,32 @@ def test_overlapping_registers_are_refused() -> None:
         RegisterBlock([Register(0, 0, "empty", lambda: 0)])
     with pytest.raises(ValueError):
         RegisterBlock([Register(0, 1, "a", lambda: 0)], fill=0x100)
+
+
+def test_read_to_clear_bits_return_each_set_bit_once_and_track_the_level():
+    levels: list[bool] = []
+    bits = ReadToClearBits(levels.append)
+    bits.set(0b001)
+    bits.set(0b100)
+    assert bits.peek() == 0b101 and levels == [True, True]
+    assert bits.take() == 0b101
+    assert bits.take() == 0 and bits.peek() == 0 and levels[-1] is False
+
+
+def test_read_to_clear_bits_lose_nothing_set_while_another_thread_reads():
+    bits = ReadToClearBits()
+    seen = 0
+    done = threading.Event()
+
+    def setter() -> None:
+        for i in range(32):
+            bits.set(1 << i)
+        done.set()
+
+    t = threading.Thread(target=setter)
+    t.start()
+    while not done.is_set():
+        seen |= bits.take()
+    t.join()
+    seen |= bits.take()
+    assert seen == (1 << 32) - 1

@@ -19,10 +19,8 @@ Threads: `notify` is called from any thread (the monitor's); GEVT is read on a v
 
 from __future__ import annotations
 
-import threading
-
 from ..interrupts import InterruptLine
-from ..register_block import Register, RegisterBlock
+from ..register_block import ReadToClearBits, Register, RegisterBlock
 
 # GEVT bits; the DSDT's _EVT tests the same values (boot/acpi.py imports them).
 GED_EVENT_PCI_HOTPLUG = 1 << 0  # _EVT calls \_SB.PCI0.PSCN (devices/pci_hotplug.py)
@@ -37,11 +35,11 @@ class GenericEventDevice(RegisterBlock):
     """The GED's event register; `line` is its interrupt (`layout.GED_GSI`)."""
 
     def __init__(self, line: InterruptLine) -> None:
-        self._line = line
-        self._lock = threading.Lock()  # orders notify() and the read-and-clear with the line level
-        self._pending = 0
+        # The line's level follows "an event is pending", set under the bitmap's lock.
+        self._events = ReadToClearBits(line.set_level)
         self.raised = 0  # events ever notified, by count (statistics and tests)
-        super().__init__((Register(GEVT_OFFSET, GEVT_SIZE, "GEVT", self._read_events),))
+        # Read-to-clear: _EVT reads GEVT once and handles every bit it got.
+        super().__init__((Register(GEVT_OFFSET, GEVT_SIZE, "GEVT", self._events.take),))
 
     def notify(self, events: int) -> None:
         """Make `events` (GED_EVENT_* bits) pending and raise the interrupt.
@@ -49,19 +47,9 @@ class GenericEventDevice(RegisterBlock):
         Raises ValueError for bits the DSDT does not dispatch (a VMM bug)."""
         if not events or events & ~GED_EVENTS:
             raise ValueError(f"bad GED events {events:#x}")
-        with self._lock:
-            self._pending |= events
-            self.raised += 1
-            self._line.set_level(True)
+        self.raised += 1
+        self._events.set(events)
 
     @property
     def pending(self) -> int:
-        with self._lock:
-            return self._pending
-
-    def _read_events(self) -> int:
-        # Read-to-clear: _EVT reads GEVT once and handles every bit it got.
-        with self._lock:
-            events, self._pending = self._pending, 0
-            self._line.set_level(False)
-        return events
+        return self._events.peek()

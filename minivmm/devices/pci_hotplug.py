@@ -21,10 +21,8 @@ Threads: `slot_added` is called from any thread (the monitor's); PCIU is read on
 
 from __future__ import annotations
 
-import threading
-
 from ..pci.host import PCI_SLOTS
-from ..register_block import Register, RegisterBlock
+from ..register_block import ReadToClearBits, Register, RegisterBlock
 
 PCIU_OFFSET = 0
 PCIU_SIZE = 4
@@ -36,24 +34,16 @@ class PciHotplugController(RegisterBlock):
     """The PCIU register: slots added since the guest last read it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._added = 0
-        super().__init__((Register(PCIU_OFFSET, PCIU_SIZE, "PCIU", self._read_added),))
+        self._added = ReadToClearBits()
+        super().__init__((Register(PCIU_OFFSET, PCIU_SIZE, "PCIU", self._added.take),))
 
     def slot_added(self, slot: int) -> None:
         """Record that a device was plugged into `slot` (1-31; ValueError otherwise)."""
         if slot not in HOTPLUG_SLOTS:
             raise ValueError(f"PCI slot {slot} cannot be hot-added")
-        with self._lock:
-            self._added |= 1 << slot
+        self._added.set(1 << slot)
 
     @property
     def added(self) -> int:
         """The bitmap the next PCIU read returns (without clearing it)."""
-        with self._lock:
-            return self._added
-
-    def _read_added(self) -> int:
-        with self._lock:
-            added, self._added = self._added, 0
-        return added
+        return self._added.peek()
