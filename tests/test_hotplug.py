@@ -72,7 +72,7 @@ def test_hotplug_places_maps_plugs_and_raises_the_ged_event(machine: Machine, tm
 def test_the_dsdt_evt_on_the_machine_bus_notifies_the_new_slot(machine: Machine, tmp_path: Path) -> None:
     """The guest's view end to end, short of a guest: _EVT and PSCN run against the machine's
     own PIO bus find the GED and the controller where the machine put them."""
-    assert machine.ged._line.pin == layout.GED_GSI  # the line the DSDT's _CRS names
+    assert machine.ged.line.pin == layout.GED_GSI  # the line the DSDT's _CRS names
     before = set(machine.pci.devices)
     machine.hotplug_pmem(backing(tmp_path, "evt"))
     (slot,) = set(machine.pci.devices) - before

@@ -35,6 +35,7 @@ class GenericEventDevice(RegisterBlock):
     """The GED's event register; `line` is its interrupt (`layout.GED_GSI`)."""
 
     def __init__(self, line: InterruptLine) -> None:
+        self.line = line
         # The line's level follows "an event is pending", set under the bitmap's lock.
         self._events = ReadToClearBits(line.set_level)
         self.raised = 0  # events ever notified, by count (statistics and tests)
