@@ -176,6 +176,8 @@ def test_hmp_info_commands(machine) -> None:
     assert hmp(machine, "info memdev").startswith("memory backend: pmem0\n  size: 4194304\n")
     assert 'id "pmem0"' in hmp(machine, "info pci") and "BAR0: 64 bit memory at 0x" in hmp(machine, "info pci")
     assert all(c.usage in hmp(machine, "help") for c in HMP_COMMANDS.values())
+    info = hmp(machine, "info").splitlines()  # a bare `info` lists its subcommands, as QEMU does
+    assert len(info) == sum(name.startswith("info ") for name in HMP_COMMANDS) and all(l.startswith("info ") for l in info)
 
 
 def test_hmp_object_add_takes_the_seed_line_verbatim_with_size_suffixes(machine, tmp_path, monkeypatch) -> None:

@@ -136,10 +136,15 @@ HMP_COMMANDS: dict[str, HmpCommand] = {
 }  # fmt: skip
 
 
-def help_text() -> str:
+def help_text(prefix: str = "") -> str:
+    """The command list (QEMU's `help`); with `prefix` "info", only the info subcommands
+    (what QEMU prints for a bare `info`)."""
+    commands = [c for name, c in HMP_COMMANDS.items() if name.startswith(prefix)]
     width = max(len(c.usage) for c in HMP_COMMANDS.values())
-    lines = [f"{c.usage:<{width}}  -- {c.help}" for c in HMP_COMMANDS.values()]
-    return "\n".join(lines + [f"{'help':<{width}}  -- this list"]) + "\n"
+    lines = [f"{c.usage:<{width}}  -- {c.help}" for c in commands]
+    if not prefix:
+        lines.append(f"{'help':<{width}}  -- this list")
+    return "\n".join(lines) + "\n"
 
 
 class HumanMonitor:
@@ -154,6 +159,8 @@ class HumanMonitor:
             return ""
         if line in ("help", "?") or line.startswith("help "):
             return help_text()
+        if line == "info":
+            return help_text("info ")
         words = line.split(None, 2)
         name = " ".join(words[:2]) if words[0] == "info" and len(words) > 1 else words[0]
         rest = line[len(name) :]
