@@ -32,10 +32,12 @@ figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its
         copies the pages KVM's dirty log names, then fdatasyncs; the host "fdatasync" time
         of --stats-json is then the whole copy + fdatasync.
   pmem-lose-log  the same with a flush log too, which also gives the dirty pages per flush.
-  dax   a 512 MiB image with 2 MiB-aligned extents, under --trace: the guest first-touches a
-        DAX mmap with 4 KiB faults forced (a small file), then a DAX_MIB file where ext4
-        maps it (2 MiB faults): times, page faults, pieces ready for PMDs, the speed-up per
-        MiB; then the exits while it rewrites the mapping (none should be the VMM's).
+  dax   a 512 MiB image with 2 MiB-aligned extents, under --trace: the guest fallocates a
+        file, maps it on the DAX mount and touches it (the guest kernel zeroes the blocks as
+        it maps them), then maps it again and touches it (mapping only): first with 4 KiB
+        faults forced (a DAX_PTE_MIB file), then a DAX_MIB file where ext4 maps it (2 MiB
+        faults): times, page faults, pieces ready for PMDs, the speed-ups per MiB; then the
+        exits while it rewrites the mapping (none should be the VMM's).
 
 A section is a row of SECTIONS: a name, a command line, optional set-up (extra VMM
 arguments, files in a per-boot temporary directory) and a parser for its own figures. Later
@@ -388,61 +390,70 @@ def exits_between(log: list[ExitRecord], begin: str, end: str) -> tuple[int, dic
     return len(inside), dict(Counter(r.device for r in inside if r.device != "serial"))
 
 
-def _dax_first_touch(lines: list[str]) -> dict[str, dict[str, int]]:
-    """The dax-mmap steps' first-touch lines by mapping ("auto": where ext4 puts it, 2 MiB
-    aligned; "pte": 4 KiB faults forced), each as {mib, ns, pieces, pmd_ready, faults, ...}."""
-    out: dict[str, dict[str, int]] = {}
+def _dax_touches(lines: list[str]) -> dict[tuple[str, str], dict[str, int]]:
+    """The dax-mmap steps' touch lines by (pass, mapping): pass "first-touch" (fallocated
+    blocks, zeroed by the guest kernel as they are mapped) or "map-touch" (a new mapping of the
+    now written blocks); mapping "auto" (where ext4 puts it, 2 MiB aligned) or "pte" (4 KiB
+    faults forced). Each is {mib, ns, pieces, pmd_ready, faults, thp_fallback}."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
     for rest in lines:
         if "dax-mmap FAILED" in rest:
             raise BootFailed(rest)
-        if rest.startswith("dax-mmap first-touch"):
+        kind = rest.split(" ", 2)[1] if rest.startswith("dax-mmap ") else ""
+        if kind in ("first-touch", "map-touch"):
             f = _int_fields(rest, "mib", "ns", "pieces", "pmd_ready", "faults", "thp_fallback")
-            out[_fields(rest).get("map", "auto")] = f
+            out[(kind, _fields(rest).get("map", "auto"))] = f
+    return out
+
+
+def _dax_pte_comparison(touch: dict[tuple[str, str], dict[str, int]]) -> dict:
+    """The 4 KiB-fault runs' figures and the speed-ups per MiB (4 KiB time / 2 MiB time)."""
+    out: dict = {}
+    for kind, prefix in (("first-touch", "dax"), ("map-touch", "dax_map")):
+        pte, pmd = touch.get((kind, "pte")), touch.get((kind, "auto"))
+        if pte is None or pmd is None:
+            continue
+        out[f"{prefix}_pte_s"] = pte["ns"] / 1e9
+        out[f"{prefix}_pte_faults"] = pte["faults"]
+        out[f"{prefix}_pte_ms_per_fault"] = pte["ns"] / 1e6 / max(pte["faults"], 1)
+        out[f"{prefix}_speedup"] = (pte["ns"] / pte["mib"]) / (pmd["ns"] / pmd["mib"])
+    if ("first-touch", "pte") in touch:
+        out["dax_pte_mib"] = touch[("first-touch", "pte")]["mib"]
     return out
 
 
 def parse_dax_section(stdout: str, stats: MachineStats) -> dict:
-    """Figures of the `dax` section: the first touch of a DAX mapping with 2 MiB (PMD) faults
-    against the same with 4 KiB faults forced (per MiB), and the exits while the guest rewrites
-    the mapping (the last dax-mmap step's)."""
+    """Figures of the `dax` section: the first touch of a DAX mapping (of fallocated blocks,
+    then of written ones) with 2 MiB (PMD) faults against the same with 4 KiB faults forced
+    (per MiB), and the exits while the guest rewrites the mapping (the last dax-mmap step's)."""
     lines = guest_lines(stdout)
     mount = _guest_step(lines, "pmem-mount")
     if mount is None or _fields(mount).get("dax") != "1":
         raise BootFailed(f"the pmem mount did not use DAX: {mount}")
-    touch = _dax_first_touch(lines)
+    touch = _dax_touches(lines)
     end = next((_int_fields(rest, "mib", "ns") for rest in reversed(lines) if rest.startswith("dax-mmap end")), None)
-    if "auto" not in touch or end is None:
+    if ("first-touch", "auto") not in touch or ("map-touch", "auto") not in touch or end is None:
         raise BootFailed("the dax-mmap step did not finish")
     log = stats.vcpus[0].exit_log if stats.vcpus else None
     if log is None:
         raise BootFailed("no exit log in --stats-json (the dax section runs with --trace)")
     total, others = exits_between(log, "minivmm-test: dax-mmap begin\r\n", "minivmm-test: dax-mmap end")
-    pmd = touch["auto"]
-    out = {
+    first, remap = touch[("first-touch", "auto")], touch[("map-touch", "auto")]
+    return {
         "dax_mib": end["mib"],
-        "dax_first_touch_s": pmd["ns"] / 1e9,
-        "dax_faults": pmd["faults"],
-        "dax_pmd_ready": pmd["pmd_ready"],
-        "dax_pieces": pmd["pieces"],
-        "dax_thp_fallback": pmd["thp_fallback"],
+        "dax_first_touch_s": first["ns"] / 1e9,
+        "dax_faults": first["faults"],
+        "dax_pmd_ready": first["pmd_ready"],
+        "dax_pieces": first["pieces"],
+        "dax_thp_fallback": first["thp_fallback"],
+        "dax_map_touch_s": remap["ns"] / 1e9,
+        "dax_map_faults": remap["faults"],
         "dax_rewrite_ms": end["ns"] / 1e6,
         "dax_exits": total,
         "dax_exits_not_console": sum(others.values()),
         "dax_exits_other_devices": " ".join(f"{dev}:{n}" for dev, n in sorted(others.items())),  # JSON only
+        **_dax_pte_comparison(touch),
     }
-    if "pte" in touch:
-        pte = touch["pte"]
-        per_mib = {name: t["ns"] / 1e9 / t["mib"] for name, t in touch.items()}
-        out.update(
-            dax_pte_mib=pte["mib"],
-            dax_pte_first_touch_s=pte["ns"] / 1e9,
-            dax_pte_faults=pte["faults"],
-            dax_pte_ms_per_fault=pte["ns"] / 1e6 / max(pte["faults"], 1),
-            dax_pte_first_touch_s_per_mib=per_mib["pte"],
-            dax_first_touch_s_per_mib=per_mib["auto"],
-            dax_speedup=per_mib["pte"] / per_mib["auto"],
-        )
-    return out
 
 
 FLUSH_THREADS_OPS = 48  # guest fdatasyncs per flushN boot, split over the threads
@@ -615,21 +626,25 @@ SECTIONS: dict[str, Section] = {
         ),
         Section(
             "dax",
-            f"virtio-pmem: first touch of a DAX mmap, {DAX_PTE_MIB} MiB with 4 KiB faults forced then {DAX_MIB} MiB "
-            "(2 MiB faults), and the exits while the guest rewrites it, under --trace",
+            f"virtio-pmem: first touch of DAX mmaps (fallocated, then written), {DAX_PTE_MIB} MiB with 4 KiB faults "
+            f"forced, then {DAX_MIB} MiB with 2 MiB faults, and the exits while the guest rewrites it, under --trace",
             f"hello,mounts,pmem-mount,dax-mmap:{DAX_PTE_MIB}:pte,dax-mmap:{DAX_MIB},umount",
             parse_dax_section,
             (
                 Metric("dax_exits", f"exits while rewriting {DAX_MIB} MiB through the DAX mapping", "", "{:.0f}"),
                 Metric("dax_exits_not_console", "  of which not for the console", "", "{:.0f}"),
                 Metric("dax_rewrite_ms", f"guest: rewrite of {DAX_MIB} MiB (user-mode stores)", "ms", "{:.1f}"),
-                Metric("dax_first_touch_s", f"guest: first touch of {DAX_MIB} MiB (page faults)", "s", "{:.2f}"),
+                Metric("dax_first_touch_s", f"guest: first touch of {DAX_MIB} MiB fallocated (faults + zeroing)", "s", "{:.2f}"),
                 Metric("dax_faults", f"  page faults it took ({DAX_MIB * 256} with 4 KiB faults)", "", "{:.0f}"),
                 Metric("dax_pmd_ready", "  2 MiB pieces of the file with 2 MiB-aligned extents", "", "{:.0f}"),
-                Metric("dax_thp_fallback", "  PMD faults that fell back to 4 KiB (/proc/vmstat)", "", "{:.0f}"),
-                Metric("dax_pte_first_touch_s", f"guest: first touch of {DAX_PTE_MIB} MiB, 4 KiB faults forced", "s", "{:.2f}"),
-                Metric("dax_pte_ms_per_fault", "  per 4 KiB fault", "ms", "{:.1f}"),
-                Metric("dax_speedup", "first touch per MiB: 4 KiB faults / 2 MiB faults", "x", "{:.0f}"),
+                Metric("dax_pte_s", f"  the same for {DAX_PTE_MIB} MiB, 4 KiB faults forced", "s", "{:.2f}"),
+                Metric("dax_pte_ms_per_fault", "    per 4 KiB fault", "ms", "{:.1f}"),
+                Metric("dax_speedup", "  per MiB: 4 KiB faults / 2 MiB faults", "x", "{:.1f}"),
+                Metric("dax_map_touch_s", f"guest: first touch of a new mapping of the written {DAX_MIB} MiB", "s", "{:.2f}"),
+                Metric("dax_map_faults", "  page faults it took", "", "{:.0f}"),
+                Metric("dax_map_pte_s", f"  the same for {DAX_PTE_MIB} MiB, 4 KiB faults forced", "s", "{:.2f}"),
+                Metric("dax_map_pte_ms_per_fault", "    per 4 KiB fault", "ms", "{:.1f}"),
+                Metric("dax_map_speedup", "  per MiB: 4 KiB faults / 2 MiB faults", "x", "{:.0f}"),
             ),
             setup=setup_dax,
         ),

@@ -557,27 +557,51 @@ static char *map_dax(int fd, size_t len, int pte)
 	return mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
 }
 
+/* The first pass over a fresh mapping of fd: memset(p, c, len), timed, with the page faults it
+ * took and the PMD faults that fell back to 4 KiB pages (-1: no VM_EVENT_COUNTERS). */
+struct touch {
+	uint64_t ns;
+	long faults;
+	long long fallback;
+};
+
+static struct touch first_touch(char *p, size_t len, int c)
+{
+	struct touch t;
+	long long fallback = vmstat_counter("thp_fault_fallback");
+	long faults = faults_so_far();
+	uint64_t t0 = now_ns();
+
+	memset(p, c, len);
+	t.ns = now_ns() - t0;
+	t.faults = faults_so_far() - faults;
+	t.fallback = fallback < 0 ? -1 : vmstat_counter("thp_fault_fallback") - fallback;
+	return t;
+}
+
 /*
  * dax-mmap:MiB[:pte]: fallocate a MiB-sized file on the DAX mount, map it MAP_SHARED and
- * write all of it twice. The first pass takes the page faults (the guest kernel maps pmem
- * pages, zeroing the unwritten extents first); the second, between the "begin" and "end"
- * lines, is plain stores to host memory: with DAX there should be no exit to the VMM at all
- * (count them with minivmm --trace). The first-touch line says how the faults went:
- * pmd_ready= the 2 MiB pieces whose extent allows a PMD (of pieces=), faults= the page faults
- * the pass took (one per 2 MiB piece with PMD faults, one per 4 KiB page without), and
- * thp_fallback= the PMD faults the kernel had to turn into 4 KiB ones (/proc/vmstat).
- * ":pte" forces 4 KiB faults (map_dax).
+ * write all of it: the "first-touch" line. The file's extents are unwritten, so each fault
+ * also has the guest kernel zero the blocks it maps (ext4 converts them to written). Then
+ * unmap it, map it again and write it again: the "map-touch" line, the faults of a mapping of
+ * a file whose blocks are written (mapping only, no zeroing). Both lines say how the faults
+ * went: pmd_ready= the 2 MiB pieces whose extent allows a PMD (of pieces=), faults= the page
+ * faults the pass took (one per 2 MiB piece with PMD faults, one per 4 KiB page without), and
+ * thp_fallback= the PMD faults the kernel turned into 4 KiB ones (/proc/vmstat; -1 when the
+ * kernel keeps no event counters). A third pass over the same mapping, between the "begin"
+ * and "end" lines, is plain stores to host memory: with DAX there should be no exit to the
+ * VMM at all (count them with minivmm --trace). ":pte" forces 4 KiB faults (map_dax).
  */
 static int step_dax_mmap(const char *arg)
 {
 	const char *mode = arg ? strchr(arg, ':') : NULL;
+	int fd, pass, pte = mode && !strcmp(mode, ":pte");
 	char num[16] = "";
-	long mib, faults, ready;
-	long long fallback;
+	struct touch t;
+	long mib, ready;
+	uint64_t t1, t2;
 	size_t len;
-	uint64_t t0, t1, t2;
 	char *p;
-	int fd, pte = mode && !strcmp(mode, ":pte");
 
 	if (arg)
 		snprintf(num, sizeof num, "%.*s", mode ? (int)(mode - arg) : (int)strlen(arg), arg);
@@ -593,26 +617,24 @@ static int step_dax_mmap(const char *arg)
 		return -1;
 	}
 	ready = pmd_ready_pieces(fd, len);
-	p = map_dax(fd, len, pte);
-	if (p == MAP_FAILED) {
-		say("dax-mmap FAILED: mmap: %s", strerror(errno));
-		close(fd);
-		return -1;
+	for (pass = 0; pass < 2; pass++) {
+		if (pass)
+			munmap(p, len);
+		p = map_dax(fd, len, pte);
+		if (p == MAP_FAILED) {
+			say("dax-mmap FAILED: mmap: %s", strerror(errno));
+			close(fd);
+			return -1;
+		}
+		t = first_touch(p, len, 0x11 * (pass + 1));
+		say("dax-mmap %s mib=%ld ns=%llu map=%s addr_2m=%d pieces=%lu pmd_ready=%ld "
+		    "faults=%ld thp_fallback=%lld", pass ? "map-touch" : "first-touch", mib,
+		    (unsigned long long)t.ns, pte ? "pte" : "auto", (uintptr_t)p % SZ_2M == 0,
+		    len / SZ_2M, ready, t.faults, t.fallback);
 	}
-	fallback = vmstat_counter("thp_fault_fallback");
-	faults = faults_so_far();
-	t0 = now_ns();
-	memset(p, 0x11, len);
-	t1 = now_ns();
-	faults = faults_so_far() - faults;
-	if (fallback >= 0)
-		fallback = vmstat_counter("thp_fault_fallback") - fallback;
-	say("dax-mmap first-touch mib=%ld ns=%llu map=%s addr_2m=%d pieces=%lu pmd_ready=%ld "
-	    "faults=%ld thp_fallback=%lld", mib, (unsigned long long)(t1 - t0), pte ? "pte" : "auto",
-	    (uintptr_t)p % SZ_2M == 0, len / SZ_2M, ready, faults, fallback);
 	say("dax-mmap begin");
 	t1 = now_ns();
-	memset(p, 0x22, len);
+	memset(p, 0x33, len);
 	t2 = now_ns();
 	say("dax-mmap end mib=%ld ns=%llu", mib, (unsigned long long)(t2 - t1));
 	munmap(p, len);
