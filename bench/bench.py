@@ -32,6 +32,12 @@ figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its
         copies the pages KVM's dirty log names, then fdatasyncs; the host "fdatasync" time
         of --stats-json is then the whole copy + fdatasync.
   pmem-lose-log  the same with a flush log too, which also gives the dirty pages per flush.
+  dax   a 512 MiB image with 2 MiB-aligned extents, under --trace: the guest fallocates a
+        file, maps it on the DAX mount and touches it (the guest kernel zeroes the blocks as
+        it maps them), then maps it again and touches it (mapping only): first with 4 KiB
+        faults forced (a DAX_PTE_MIB file), then a DAX_MIB file where ext4 maps it (2 MiB
+        faults): times, page faults, pieces ready for PMDs, the speed-ups per MiB; then the
+        exits while it rewrites the mapping (none should be the VMM's).
 
 A section is a row of SECTIONS: a name, a command line, optional set-up (extra VMM
 arguments, files in a per-boot temporary directory) and a parser for its own figures. Later
@@ -287,7 +293,10 @@ FLUSH_N = 200  # flush-bench operations per pmem boot
 # mke2fs.conf gives a filesystem under 512 MiB ("small") 1 KiB blocks, and ext4 refuses DAX
 # unless the block size is the page size ("unsupported blocksize for DAX"): the guest would
 # fall back to the page cache and the section would not measure the DAX path.
-MKFS_EXT4_ARGS = ("-q", "-F", "-b", "4096")
+# stripe_width=512 blocks (2 MiB) makes ext4's allocator (mballoc, s_stripe) place files'
+# extents 2 MiB aligned, so a DAX mapping can take 2 MiB (PMD) faults (README "DAX with
+# 2 MiB pages"); the Makefile's `make run` image uses the same options.
+MKFS_EXT4_ARGS = ("-q", "-F", "-b", "4096", "-E", "stripe_width=512")
 
 
 def mkfs_ext4() -> str:
@@ -381,47 +390,84 @@ def exits_between(log: list[ExitRecord], begin: str, end: str) -> tuple[int, dic
     return len(inside), dict(Counter(r.device for r in inside if r.device != "serial"))
 
 
+def _dax_touches(lines: list[str]) -> dict[tuple[str, str], dict[str, int]]:
+    """The dax-mmap steps' touch lines by (pass, mapping): pass "first-touch" (fallocated
+    blocks, zeroed by the guest kernel as they are mapped) or "map-touch" (a new mapping of the
+    now written blocks); mapping "auto" (where ext4 puts it, 2 MiB aligned) or "pte" (4 KiB
+    faults forced). Each is {mib, ns, pieces, pmd_ready, faults, thp_fallback}."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for rest in lines:
+        if "dax-mmap FAILED" in rest:
+            raise BootFailed(rest)
+        kind = rest.split(" ", 2)[1] if rest.startswith("dax-mmap ") else ""
+        if kind in ("first-touch", "map-touch"):
+            f = _int_fields(rest, "mib", "ns", "pieces", "pmd_ready", "faults", "thp_fallback")
+            out[(kind, _fields(rest).get("map", "auto"))] = f
+    return out
+
+
+def _dax_pte_comparison(touch: dict[tuple[str, str], dict[str, int]]) -> dict:
+    """The 4 KiB-fault runs' figures and the speed-ups per MiB (4 KiB time / 2 MiB time)."""
+    out: dict = {}
+    for kind, prefix in (("first-touch", "dax"), ("map-touch", "dax_map")):
+        pte, pmd = touch.get((kind, "pte")), touch.get((kind, "auto"))
+        if pte is None or pmd is None:
+            continue
+        out[f"{prefix}_pte_s"] = pte["ns"] / 1e9
+        out[f"{prefix}_pte_faults"] = pte["faults"]
+        out[f"{prefix}_pte_ms_per_fault"] = pte["ns"] / 1e6 / max(pte["faults"], 1)
+        out[f"{prefix}_speedup"] = (pte["ns"] / pte["mib"]) / (pmd["ns"] / pmd["mib"])
+    if ("first-touch", "pte") in touch:
+        out["dax_pte_mib"] = touch[("first-touch", "pte")]["mib"]
+    return out
+
+
 def parse_dax_section(stdout: str, stats: MachineStats) -> dict:
-    """Figures of the `dax` section: exits while the guest rewrites a DAX mapping."""
+    """Figures of the `dax` section: the first touch of a DAX mapping (of fallocated blocks,
+    then of written ones) with 2 MiB (PMD) faults against the same with 4 KiB faults forced
+    (per MiB), and the exits while the guest rewrites the mapping (the last dax-mmap step's)."""
     lines = guest_lines(stdout)
     mount = _guest_step(lines, "pmem-mount")
     if mount is None or _fields(mount).get("dax") != "1":
         raise BootFailed(f"the pmem mount did not use DAX: {mount}")
-    first = end = None
-    for rest in lines:
-        if rest.startswith("dax-mmap first-touch"):
-            first = _int_fields(rest, "mib", "ns")
-        elif rest.startswith("dax-mmap end"):
-            end = _int_fields(rest, "mib", "ns")
-        elif "dax-mmap FAILED" in rest:
-            raise BootFailed(rest)
-    if first is None or end is None:
+    touch = _dax_touches(lines)
+    end = next((_int_fields(rest, "mib", "ns") for rest in reversed(lines) if rest.startswith("dax-mmap end")), None)
+    if ("first-touch", "auto") not in touch or ("map-touch", "auto") not in touch or end is None:
         raise BootFailed("the dax-mmap step did not finish")
     log = stats.vcpus[0].exit_log if stats.vcpus else None
     if log is None:
         raise BootFailed("no exit log in --stats-json (the dax section runs with --trace)")
     total, others = exits_between(log, "minivmm-test: dax-mmap begin\r\n", "minivmm-test: dax-mmap end")
+    first, remap = touch[("first-touch", "auto")], touch[("map-touch", "auto")]
     return {
         "dax_mib": end["mib"],
         "dax_first_touch_s": first["ns"] / 1e9,
+        "dax_faults": first["faults"],
+        "dax_pmd_ready": first["pmd_ready"],
+        "dax_pieces": first["pieces"],
+        "dax_thp_fallback": first["thp_fallback"],
+        "dax_map_touch_s": remap["ns"] / 1e9,
+        "dax_map_faults": remap["faults"],
         "dax_rewrite_ms": end["ns"] / 1e6,
         "dax_exits": total,
         "dax_exits_not_console": sum(others.values()),
         "dax_exits_other_devices": " ".join(f"{dev}:{n}" for dev, n in sorted(others.items())),  # JSON only
+        **_dax_pte_comparison(touch),
     }
 
 
 FLUSH_THREADS_OPS = 48  # guest fdatasyncs per flushN boot, split over the threads
-DAX_MIB = int(os.environ.get("MINIVMM_BENCH_DAX_MIB", "32"))  # 256 works; first touch costs ~12 ms per 4 KiB page here
+DAX_MIB = int(os.environ.get("MINIVMM_BENCH_DAX_MIB", "32"))  # 256 works (about 16 s of first touch with PMD faults)
+# The 4 KiB comparison maps a smaller file: each 4 KiB fault costs 10-70 ms here.
+DAX_PTE_MIB = int(os.environ.get("MINIVMM_BENCH_DAX_PTE_MIB", "4"))
 
 
 def setup_dax(workdir: Path) -> list[str]:
-    """A 512 MiB image whose ext4 allocates in 2 MiB-aligned runs (stride), and --trace."""
+    """A 512 MiB image (MKFS_EXT4_ARGS: 2 MiB-aligned extents), and --trace."""
     image = workdir / "dax.img"
     with open(image, "wb") as f:
         f.truncate(2 * PMEM_SIZE)
-    cmd = [mkfs_ext4(), *MKFS_EXT4_ARGS, "-E", "stride=512,stripe_width=512", str(image)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    proc = subprocess.run([mkfs_ext4(), *MKFS_EXT4_ARGS, str(image)], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BootFailed(f"mkfs.ext4 failed (status {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     return ["--pmem", str(image), "--trace"]
@@ -580,14 +626,25 @@ SECTIONS: dict[str, Section] = {
         ),
         Section(
             "dax",
-            f"virtio-pmem: the guest writes {DAX_MIB} MiB through a DAX mmap (after first touch), under --trace",
-            f"hello,mounts,pmem-mount,dax-mmap:{DAX_MIB},umount",
+            f"virtio-pmem: first touch of DAX mmaps (fallocated, then written), {DAX_PTE_MIB} MiB with 4 KiB faults "
+            f"forced, then {DAX_MIB} MiB with 2 MiB faults, and the exits while the guest rewrites it, under --trace",
+            f"hello,mounts,pmem-mount,dax-mmap:{DAX_PTE_MIB}:pte,dax-mmap:{DAX_MIB},umount",
             parse_dax_section,
             (
                 Metric("dax_exits", f"exits while rewriting {DAX_MIB} MiB through the DAX mapping", "", "{:.0f}"),
                 Metric("dax_exits_not_console", "  of which not for the console", "", "{:.0f}"),
                 Metric("dax_rewrite_ms", f"guest: rewrite of {DAX_MIB} MiB (user-mode stores)", "ms", "{:.1f}"),
-                Metric("dax_first_touch_s", f"guest: first touch of {DAX_MIB} MiB (page faults)", "s", "{:.1f}"),
+                Metric("dax_first_touch_s", f"guest: first touch of {DAX_MIB} MiB fallocated (faults + zeroing)", "s", "{:.2f}"),
+                Metric("dax_faults", f"  page faults it took ({DAX_MIB * 256} with 4 KiB faults)", "", "{:.0f}"),
+                Metric("dax_pmd_ready", "  2 MiB pieces of the file with 2 MiB-aligned extents", "", "{:.0f}"),
+                Metric("dax_pte_s", f"  the same for {DAX_PTE_MIB} MiB, 4 KiB faults forced", "s", "{:.2f}"),
+                Metric("dax_pte_ms_per_fault", "    per 4 KiB fault", "ms", "{:.1f}"),
+                Metric("dax_speedup", "  per MiB: 4 KiB faults / 2 MiB faults", "x", "{:.1f}"),
+                Metric("dax_map_touch_s", f"guest: first touch of a new mapping of the written {DAX_MIB} MiB", "s", "{:.2f}"),
+                Metric("dax_map_faults", "  page faults it took", "", "{:.0f}"),
+                Metric("dax_map_pte_s", f"  the same for {DAX_PTE_MIB} MiB, 4 KiB faults forced", "s", "{:.2f}"),
+                Metric("dax_map_pte_ms_per_fault", "    per 4 KiB fault", "ms", "{:.1f}"),
+                Metric("dax_map_speedup", "  per MiB: 4 KiB faults / 2 MiB faults", "x", "{:.0f}"),
             ),
             setup=setup_dax,
         ),

@@ -104,7 +104,15 @@ IDENTITY_MAP_ADDR = 0xFEFF_C000
 TSS_ADDR = 0xFEFF_D000
 PCI_MMIO64_SIZE = 16 * GiB
 PCI_MMIO64_ALIGN = 1 * GiB
-PMEM_ALIGN = 128 * MiB  # the x86-64 memory hotplug section size
+# A page-directory entry (PMD) maps 2 MiB (Intel SDM vol. 3A, 4.5 "4-level paging", table 4-18);
+# it is also Linux's memory-hotplug subsection (SUBSECTION_SHIFT 21), the unit in which the
+# guest's pmem driver gives a device struct pages (devm_memremap_pages).
+PMD_SIZE = 2 * MiB
+# Where pmem slots start: the x86-64 memory hotplug section size (SECTION_SIZE_BITS 27), a
+# multiple of PMD_SIZE. With a slot start and a size (pmemfile.PMEM_SIZE_ALIGN) both PMD
+# aligned, every 2 MiB of the device is a 2 MiB-aligned guest physical range, which ext4 DAX
+# can map with one PMD fault (fs/dax.c dax_iomap_direct_access checks the pfn's alignment).
+PMEM_ALIGN = 128 * MiB
 DEFAULT_PHYS_ADDR_BITS = 39
 
 FIXED_MAP: tuple[NamedRange, ...] = (

@@ -8,7 +8,10 @@ Rules (every violation is a one-line `UserError`, and leaves every named file un
 
 * a missing file is created sparse at ``size`` (``size`` is then required);
 * ``size`` may be omitted for an existing file: its length is used;
-* the size is a positive multiple of 2 MiB;
+* the size is a positive multiple of 2 MiB (`layout.PMD_SIZE`), refused otherwise, never
+  rounded: the guest's pmem driver maps a device in 2 MiB units (a ragged end fails its
+  memory-hotplug span check) and ext4 DAX maps 2 MiB pieces with one PMD each (README "DAX
+  with 2 MiB pages"); rounding would change the file's length behind the user's back;
 * an existing file is never shrunk or truncated: a file longer than ``size`` is an error, a
   shorter one is extended sparsely only when ``size`` is given (not with discard-writes=on);
 * the path must be a regular file (or missing, in an existing directory) openable read/write;
@@ -47,7 +50,7 @@ from . import layout
 from .errors import UserError
 from .units import format_size, parse_size
 
-PMEM_SIZE_ALIGN = 2 << 20  # 2 MiB
+PMEM_SIZE_ALIGN = layout.PMD_SIZE  # device sizes: whole 2 MiB pages (see the rules above)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _BOOL = {"on": True, "off": False}
 

@@ -406,9 +406,79 @@ def test_exits_between_markers_counts_only_the_span():
         bench.exits_between(read_back, "nope", "stop")
 
 
+DAX_TOUCH = "dax-mmap {kind} mib={mib} ns={ns} map={map} addr_2m={a} pieces={p} pmd_ready={r} faults={f} thp_fallback=-1"
+
+
 def test_dax_section_needs_the_exit_log():
-    console = "minivmm-test: pmem-mount dev=/dev/pmem0 dir=/mnt dax=1\nminivmm-test: dax-mmap first-touch mib=32 ns=1000\nminivmm-test: dax-mmap end mib=32 ns=2000000\n"
+    console = "".join(
+        f"minivmm-test: {line}\n"
+        for line in (
+            "pmem-mount dev=/dev/pmem0 dir=/mnt dax=1",
+            DAX_TOUCH.format(kind="first-touch", mib=32, ns=1000, map="auto", a=1, p=16, r=16, f=16),
+            DAX_TOUCH.format(kind="map-touch", mib=32, ns=1000, map="auto", a=1, p=16, r=16, f=16),
+            "dax-mmap end mib=32 ns=2000000",
+        )
+    )
     with pytest.raises(bench.BootFailed, match="no exit log"):
+        bench.parse_dax_section(console, STATS)
+
+
+def test_dax_section_compares_2m_with_4k_faults_per_mib():
+    """The 4 KiB comparison (map=pte, a smaller file) runs first; the exits counted are the
+    last rewrite's (the 2 MiB-mapped file's), and the speed-ups are per MiB, for the
+    allocating first touch and for a new mapping of the written file."""
+    lines = [
+        "pmem-mount dev=/dev/pmem0 dir=/mnt dax=1",
+        DAX_TOUCH.format(kind="first-touch", mib=4, ns=12_000_000_000, map="pte", a=0, p=2, r=2, f=1025),
+        DAX_TOUCH.format(kind="map-touch", mib=4, ns=10_240_000_000, map="pte", a=0, p=2, r=2, f=1024),
+        "dax-mmap begin",
+        "dax-mmap end mib=4 ns=9000000",
+        DAX_TOUCH.format(kind="first-touch", mib=32, ns=16_000_000_000, map="auto", a=1, p=16, r=16, f=17),
+        DAX_TOUCH.format(kind="map-touch", mib=32, ns=400_000_000, map="auto", a=1, p=16, r=16, f=16),
+        "dax-mmap begin",
+        "dax-mmap end mib=32 ns=67000000",
+        "done ok=4 failed=0",
+    ]
+    console = "".join(f"minivmm-test: {line}\r\n" for line in lines)
+    bar = ExitRecord("mmio", "write", 0x1_0000_0000, 2, 0, "pci-00:01.0-pmem0-bar0")
+    log = []
+    for i, ch in enumerate(console, 1):
+        log.append(ExitRecord("io", "out", layout.COM1_PORT, 1, ord(ch), "serial"))
+        if console[:i].endswith("dax-mmap begin\r\n"):
+            log.append(bar)  # one device exit inside each rewrite
+    traced = machine_stats({"io": len(console), "mmio": 2}, {"serial": len(console), bar.device: 2})
+    traced.vcpus[0].exit_log = log
+    fig = bench.parse_dax_section(console, through_json(traced))
+    assert fig["dax_mib"] == 32 and fig["dax_first_touch_s"] == 16.0 and fig["dax_rewrite_ms"] == 67.0
+    assert fig["dax_faults"] == 17 and fig["dax_pmd_ready"] == 16 and fig["dax_pieces"] == 16 and fig["dax_thp_fallback"] == -1
+    assert fig["dax_map_touch_s"] == 0.4 and fig["dax_map_faults"] == 16
+    assert fig["dax_exits"] == 1 and fig["dax_exits_other_devices"] == "pci-00:01.0-pmem0-bar0:1"
+    assert fig["dax_pte_mib"] == 4 and fig["dax_pte_s"] == 12.0 and fig["dax_pte_faults"] == 1025
+    assert fig["dax_pte_ms_per_fault"] == pytest.approx(12_000 / 1025)
+    assert fig["dax_speedup"] == pytest.approx((12.0 / 4) / (16.0 / 32))  # 6x per MiB
+    assert fig["dax_map_pte_s"] == 10.24 and fig["dax_map_pte_ms_per_fault"] == pytest.approx(10.0)
+    assert fig["dax_map_speedup"] == pytest.approx((10.24 / 4) / (0.4 / 32))  # 204.8x per MiB
+
+
+def test_dax_section_without_the_4k_comparison_has_no_speedup():
+    lines = [
+        "pmem-mount dev=/dev/pmem0 dir=/mnt dax=1",
+        DAX_TOUCH.format(kind="first-touch", mib=2, ns=1_000_000_000, map="auto", a=1, p=1, r=1, f=1),
+        DAX_TOUCH.format(kind="map-touch", mib=2, ns=50_000_000, map="auto", a=1, p=1, r=1, f=1),
+        "dax-mmap begin",
+        "dax-mmap end mib=2 ns=1000000",
+    ]
+    console = "".join(f"minivmm-test: {line}\r\n" for line in lines)
+    traced = machine_stats({"io": len(console)}, {"serial": len(console)})
+    traced.vcpus[0].exit_log = [ExitRecord("io", "out", layout.COM1_PORT, 1, ord(ch), "serial") for ch in console]
+    fig = bench.parse_dax_section(console, through_json(traced))
+    assert fig["dax_faults"] == 1 and fig["dax_exits"] == 0
+    assert "dax_speedup" not in fig and "dax_map_speedup" not in fig
+
+
+def test_dax_section_reports_a_failed_step():
+    console = "minivmm-test: pmem-mount dev=/dev/pmem0 dir=/mnt dax=1\nminivmm-test: dax-mmap FAILED: bad argument '4:x' (MiB[:pte])\n"
+    with pytest.raises(bench.BootFailed, match="bad argument"):
         bench.parse_dax_section(console, STATS)
 
 

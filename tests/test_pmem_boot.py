@@ -10,7 +10,8 @@ Four boots, each checking several things:
   own superblock/journal writes reach the device as flush requests that become host fsyncs;
 * user space with two devices, then a second boot on the same image with
   ``discard-writes=on``: sizes, a DAX mount, a token written, fsynced, read back in the guest
-  and found in the backing file by the host; then read back again on the next boot, while
+  and found in the backing file by the host, a 32 MiB DAX mapping first touched with 2 MiB
+  (PMD) faults; then read back again on the next boot, while
   a new guest write is visible to the guest but never reaches the file.
 
 Each boot takes about a minute to a few minutes on the software KVM (kvm_pvm) host.
@@ -148,8 +149,33 @@ def _check_dax_mount(run) -> None:
     )
 
 
+DAX_MIB = 32  # 16 PMD faults; with 4 KiB faults it would be 8192 (10-70 ms each here)
+DAX_MAX_FAULTS = 64  # the 16, plus a few for the step's own stack and code pages
+
+
+def _check_pmd_faults(run) -> None:
+    """The first touch of a fallocated DAX_MIB file through a DAX mapping (ext4 picks a
+    2 MiB-aligned address), and of a new mapping of it once written, took 2 MiB (PMD) faults:
+    every 2 MiB piece of the file had a 2 MiB-aligned extent and the page faults were about
+    one per piece, where 4 KiB faults would be 256 per MiB. (thp_fallback, the PMD faults
+    the kernel turned into 4 KiB ones, is -1 when the guest kernel keeps no event counters.)"""
+    pieces = DAX_MIB // 2
+    for kind in ("first-touch", "map-touch"):
+        touch = init_line(run, f"dax-mmap {kind} ")
+        check(run, touch is not None, f"no dax-mmap {kind} line")
+        f = dict(re.findall(r"(\w+)=(-?\w+)", touch))
+        check(run, f.get("map") == "auto" and f.get("addr_2m") == "1", f"the DAX mapping is not 2 MiB aligned: {touch!r}")
+        check(run, f.get("pieces") == str(pieces) and f.get("pmd_ready") == str(pieces),
+              f"not every 2 MiB of the file has a 2 MiB-aligned extent: {touch!r}")  # fmt: skip
+        check(run, int(f.get("faults", "-1")) in range(pieces, DAX_MAX_FAULTS + 1),
+              f"expected {pieces}..{DAX_MAX_FAULTS} page faults for {DAX_MIB} MiB with 2 MiB pages: {touch!r}")  # fmt: skip
+        check(run, f.get("thp_fallback") in ("0", "-1"), f"PMD faults fell back to 4 KiB pages: {touch!r}")
+    check(run, init_line(run, f"dax-mmap end mib={DAX_MIB} ") is not None, "the dax-mmap rewrite did not finish")
+
+
 def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
-    """Boot 1 writes a token through a DAX mount of pmem0 next to a second, new device;
+    """Boot 1 writes a token through a DAX mount of pmem0 next to a second, new device, and
+    first-touches a DAX mapping with 2 MiB faults;
     boot 2 (same image, discard-writes=on) reads it back and writes one that never lands."""
     guest = default_guest()
     img0 = make_ext4(tmp_path / "pmem0.ext4", 128 * MiB)
@@ -159,7 +185,8 @@ def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
     assert token != token2
 
     # ---- boot 1: two devices, write through DAX, flushes from 4 threads at once
-    steps = ["hello", "mounts", "pmem-list", "pmem-mount", f"pmem-write:{token}", "pmem-read", "flush-threads:4x4", "umount"]
+    steps = ["hello", "mounts", "pmem-list", "pmem-mount", f"pmem-write:{token}", "pmem-read", f"dax-mmap:{DAX_MIB}",
+             "flush-threads:4x4", "umount"]
     run = run_minivmm(
         tmp_path,
         "user-write",
@@ -189,6 +216,7 @@ def test_user_space_two_devices_persist_then_discard_writes(tmp_path):
     _check_dax_mount(run)
     check(run, f"pmem-write token={token}" in init_lines(run), "the token was not written (and fsynced)")
     check(run, f"pmem-read token={token}" in init_lines(run), "the token was not read back in the guest")
+    _check_pmd_faults(run)
     check(run, init_line(run, "flush-threads threads=4 n=4 ") is not None, "flush-threads:4x4 did not complete")
     check(run, "umount dir=/mnt" in init_lines(run), "/mnt was not unmounted")
     _check_steps_passed(run, len(steps))

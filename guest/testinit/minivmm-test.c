@@ -22,6 +22,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
 #include <linux/serial.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -32,6 +34,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
@@ -466,42 +469,172 @@ static int step_flush_threads(const char *arg)
 	return 0;
 }
 
+/* Sizes of the x86-64 page-table levels a DAX fault can map (PTE, PMD). */
+#define SZ_4K 4096ul
+#define SZ_2M (2ul << 20)
+
+/* A /proc/vmstat counter (e.g. thp_fault_fallback), or -1 if the kernel has none. The file
+ * is longer than one read() returns (seq_file fills a page at a time): read to the end. */
+static long long vmstat_counter(const char *name)
+{
+	static char buf[32768];
+	size_t len = strlen(name), have = 0;
+	int fd = open("/proc/vmstat", O_RDONLY | O_CLOEXEC);
+	ssize_t n = 1;
+	char *line;
+
+	if (fd < 0)
+		return -1;
+	while (n > 0 && have < sizeof buf - 1) {
+		n = read(fd, buf + have, sizeof buf - 1 - have);
+		have += n > 0 ? (size_t)n : 0;
+	}
+	close(fd);
+	buf[have] = 0;
+	for (line = buf; line && *line; line = strchr(line, '\n'), line = line ? line + 1 : NULL)
+		if (!strncmp(line, name, len) && line[len] == ' ')
+			return atoll(line + len + 1);
+	return -1;
+}
+
+/* Page faults this process has taken so far (minor + major: a DAX fault that allocates
+ * blocks counts as major, one that finds them as minor). */
+static long faults_so_far(void)
+{
+	struct rusage ru;
+
+	getrusage(RUSAGE_SELF, &ru);
+	return ru.ru_minflt + ru.ru_majflt;
+}
+
 /*
- * dax-mmap:MiB: map a MiB-sized file on the DAX mount MAP_SHARED and write all of it twice.
- * The first pass takes the page faults (the guest kernel maps pmem pages); the second, between
- * the "begin" and "end" lines, is plain stores to host memory: with DAX there should be no
- * exit to the VMM at all (count them with minivmm --trace).
+ * How many of the file's 2 MiB pieces in [0, len) one extent covers wholly, starting at a
+ * 2 MiB-aligned device offset: the pieces fs/dax.c (dax_iomap_pmd_fault) can map with one
+ * PMD, given a 2 MiB-aligned pmem device. FIEMAP, Documentation/filesystems/fiemap.rst.
+ */
+static long pmd_ready_pieces(int fd, size_t len)
+{
+	enum { MAX_EXTENTS = 256 };
+	static char buf[sizeof(struct fiemap) + MAX_EXTENTS * sizeof(struct fiemap_extent)];
+	struct fiemap *fm = (struct fiemap *)buf;
+	long pieces = 0;
+	unsigned i;
+
+	memset(buf, 0, sizeof buf);
+	fm->fm_length = len;
+	fm->fm_flags = FIEMAP_FLAG_SYNC;
+	fm->fm_extent_count = MAX_EXTENTS;
+	if (ioctl(fd, FS_IOC_FIEMAP, fm) < 0)
+		return -1;
+	for (i = 0; i < fm->fm_mapped_extents; i++) {
+		const struct fiemap_extent *e = &fm->fm_extents[i];
+		uint64_t skip = (SZ_2M - e->fe_logical % SZ_2M) % SZ_2M;
+
+		if (e->fe_length <= skip || (e->fe_physical + skip) % SZ_2M)
+			continue;  /* logical and physical 2 MiB boundaries disagree: PTEs only */
+		pieces += (e->fe_length - skip) / SZ_2M;
+	}
+	return pieces;
+}
+
+/*
+ * Map `len` bytes of fd MAP_SHARED. With `pte`, at 4 KiB past a 2 MiB boundary: file offset 0
+ * then sits at a different offset in its PMD than in the file's 2 MiB piece, so fs/dax.c
+ * (dax_fault_check_fallback, "PMD colour") maps every page with its own 4 KiB fault -- the
+ * comparison. Otherwise where the kernel chooses: ext4 gives DAX files
+ * thp_get_unmapped_area, a 2 MiB-aligned address.
+ */
+static char *map_dax(int fd, size_t len, int pte)
+{
+	char *hole, *at;
+
+	if (!pte)
+		return mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	hole = mmap(NULL, len + 2 * SZ_2M, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (hole == MAP_FAILED)
+		return hole;
+	at = (char *)(((uintptr_t)hole + SZ_2M - 1) & ~(SZ_2M - 1)) + SZ_4K;
+	return mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+}
+
+/* The first pass over a fresh mapping of fd: memset(p, c, len), timed, with the page faults it
+ * took and the PMD faults that fell back to 4 KiB pages (-1: no VM_EVENT_COUNTERS). */
+struct touch {
+	uint64_t ns;
+	long faults;
+	long long fallback;
+};
+
+static struct touch first_touch(char *p, size_t len, int c)
+{
+	struct touch t;
+	long long fallback = vmstat_counter("thp_fault_fallback");
+	long faults = faults_so_far();
+	uint64_t t0 = now_ns();
+
+	memset(p, c, len);
+	t.ns = now_ns() - t0;
+	t.faults = faults_so_far() - faults;
+	t.fallback = fallback < 0 ? -1 : vmstat_counter("thp_fault_fallback") - fallback;
+	return t;
+}
+
+/*
+ * dax-mmap:MiB[:pte]: fallocate a MiB-sized file on the DAX mount, map it MAP_SHARED and
+ * write all of it: the "first-touch" line. The file's extents are unwritten, so each fault
+ * also has the guest kernel zero the blocks it maps (ext4 converts them to written). Then
+ * unmap it, map it again and write it again: the "map-touch" line, the faults of a mapping of
+ * a file whose blocks are written (mapping only, no zeroing). Both lines say how the faults
+ * went: pmd_ready= the 2 MiB pieces whose extent allows a PMD (of pieces=), faults= the page
+ * faults the pass took (one per 2 MiB piece with PMD faults, one per 4 KiB page without), and
+ * thp_fallback= the PMD faults the kernel turned into 4 KiB ones (/proc/vmstat; -1 when the
+ * kernel keeps no event counters). A third pass over the same mapping, between the "begin"
+ * and "end" lines, is plain stores to host memory: with DAX there should be no exit to the
+ * VMM at all (count them with minivmm --trace). ":pte" forces 4 KiB faults (map_dax).
  */
 static int step_dax_mmap(const char *arg)
 {
-	long mib = parse_count(arg, 16);
-	size_t len = (size_t)mib << 20;
-	uint64_t t0, t1, t2;
+	const char *mode = arg ? strchr(arg, ':') : NULL;
+	int fd, pass, pte = mode && !strcmp(mode, ":pte");
+	char num[16] = "";
+	struct touch t;
+	long mib, ready;
+	uint64_t t1, t2;
+	size_t len;
 	char *p;
-	int fd;
 
-	if (mib < 1) {
-		say("dax-mmap FAILED: bad size '%s'", arg);
+	if (arg)
+		snprintf(num, sizeof num, "%.*s", mode ? (int)(mode - arg) : (int)strlen(arg), arg);
+	mib = parse_count(num, 16);
+	if (mib < 1 || (mode && !pte)) {
+		say("dax-mmap FAILED: bad argument '%s' (MiB[:pte])", arg);
 		return -1;
 	}
+	len = (size_t)mib << 20;
 	fd = open(MNT "/minivmm-dax", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 	if (fd < 0 || fallocate(fd, 0, 0, (off_t)len) < 0) {
 		say("dax-mmap FAILED: " MNT "/minivmm-dax: %s", strerror(errno));
 		return -1;
 	}
-	p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (p == MAP_FAILED) {
-		say("dax-mmap FAILED: mmap: %s", strerror(errno));
-		close(fd);
-		return -1;
+	ready = pmd_ready_pieces(fd, len);
+	for (pass = 0; pass < 2; pass++) {
+		if (pass)
+			munmap(p, len);
+		p = map_dax(fd, len, pte);
+		if (p == MAP_FAILED) {
+			say("dax-mmap FAILED: mmap: %s", strerror(errno));
+			close(fd);
+			return -1;
+		}
+		t = first_touch(p, len, 0x11 * (pass + 1));
+		say("dax-mmap %s mib=%ld ns=%llu map=%s addr_2m=%d pieces=%lu pmd_ready=%ld "
+		    "faults=%ld thp_fallback=%lld", pass ? "map-touch" : "first-touch", mib,
+		    (unsigned long long)t.ns, pte ? "pte" : "auto", (uintptr_t)p % SZ_2M == 0,
+		    len / SZ_2M, ready, t.faults, t.fallback);
 	}
-	t0 = now_ns();
-	memset(p, 0x11, len);
-	t1 = now_ns();
-	say("dax-mmap first-touch mib=%ld ns=%llu", mib, (unsigned long long)(t1 - t0));
 	say("dax-mmap begin");
 	t1 = now_ns();
-	memset(p, 0x22, len);
+	memset(p, 0x33, len);
 	t2 = now_ns();
 	say("dax-mmap end mib=%ld ns=%llu", mib, (unsigned long long)(t2 - t1));
 	munmap(p, len);
