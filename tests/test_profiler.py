@@ -1,0 +1,312 @@
+"""The guest profiler (`minivmm run --profile`, `minivmm.profiler`) on real KVM with a tiny
+hand-assembled PVH kernel that spins in one known function in ring 0, then drops to ring 3
+and spins there: the profile must name the ring-0 function and count the ring-3 time as
+"[user]". Also: HZ validation, System.map parsing (hostile maps never raise), the report.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from bootutil import TRACEBACK, cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_cli import assert_user_error
+
+from minivmm import layout
+from minivmm.boot.acpi import S5_SLP_TYP
+from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
+from minivmm.disasm import KERNEL_MAP, KernelSymbols, LazySymbols, disassemble
+from minivmm.errors import UserError
+from minivmm.profiler import (
+    MAX_HZ,
+    USER,
+    NO_SYMBOL,
+    ProfileStats,
+    ProfileSymbols,
+    VcpuProfile,
+    VcpuProfileStats,
+    guest_cpl,
+    load_system_map,
+    parse_hz,
+    parse_system_map,
+)
+from minivmm.stats import MachineStats
+from support.synthetic_kernels import ELF64_EHDR, make_pvh_elf
+
+# -- a kernel that spins in ring 0, then in ring 3 ---------------------------------------------
+LOAD = 0x1000000  # make_pvh_elf's load address (physical; the symbols are at LOAD + KERNEL_MAP)
+SPIN_CYCLES = 0x40000000  # TSC ticks per phase: ~0.4 s at this host's 2.6 GHz
+USER_OFFSET, CODE_SIZE = 0x100, 0x140
+KERNEL_STACK = LOAD + 0x1000  # in the ELF's bss
+USER_STACK = LOAD + 0x800
+KERNEL_CS = 0x08  # SYSEXIT's base selector (SDM vol. 2B, SYSEXIT: CS = it + 16, SS = it + 24, both RPL 3)
+MSR_IA32_SYSENTER_CS = 0x174
+EFLAGS_IOPL3 = 0x3000  # IOPL 3 lets ring 3 power off with OUT
+
+
+def spin(cycles: int) -> bytes:
+    """32-bit code: read the TSC, loop until it advanced `cycles` (< 2^32) ticks. Wall time,
+    not instructions: a vCPU thread descheduled by a busy host still ends the phase on time."""
+    loop = (
+        b"\x0f\x31"  # rdtsc
+        + b"\x29\xd8"  # sub eax, ebx
+        + b"\x19\xca"  # sbb edx, ecx
+        + b"\x85\xd2"  # test edx, edx
+        + b"\x75\x07"  # jnz done (over cmp and jb)
+        + b"\x3d" + struct.pack("<I", cycles)  # cmp eax, cycles
+    )
+    loop += bytes([0x72, (-(len(loop) + 2)) & 0xFF])  # jb loop
+    return b"\x0f\x31\x89\xc3\x89\xd1" + loop  # rdtsc; mov ebx, eax; mov ecx, edx; loop
+
+
+def ring3_kernel() -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The code and its functions {name: (offset, size)}: kernel_spin (ring 0), enter_user
+    (SYSEXIT to flat ring-3 segments, IOPL 3), user_spin (ring 3, then power off)."""
+    kernel_spin = b"\xbc" + struct.pack("<I", KERNEL_STACK) + spin(SPIN_CYCLES)  # mov esp, stack; spin
+    enter_user = (  # SYSEXIT, as KVM's emulator (software KVM) can return to ring 3 with it, not with IRET
+        b"\xb9" + struct.pack("<I", MSR_IA32_SYSENTER_CS)  # mov ecx, IA32_SYSENTER_CS
+        + b"\xb8" + struct.pack("<I", KERNEL_CS)  # mov eax, kernel CS: SYSEXIT loads CS +16, SS +24 (RPL 3)
+        + b"\x31\xd2"  # xor edx, edx
+        + b"\x0f\x30"  # wrmsr
+        + b"\x9c"  # pushfd
+        + b"\x81\x0c\x24" + struct.pack("<I", EFLAGS_IOPL3)  # or dword [esp], IOPL 3: ring 3 may OUT
+        + b"\x9d"  # popfd
+        + b"\xb9" + struct.pack("<I", USER_STACK)  # mov ecx, user stack
+        + b"\xba" + struct.pack("<I", LOAD + USER_OFFSET)  # mov edx, user entry
+        + b"\x0f\x35"  # sysexit
+    )
+    user_spin = (
+        spin(SPIN_CYCLES)
+        + b"\x66\xba" + struct.pack("<H", layout.ACPI_SLEEP_CONTROL_PORT)  # mov dx, SLEEP_CONTROL
+        + bytes([0xB0, (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN, 0xEE])  # mov al, S5 | SLP_EN; out dx, al
+        + b"\xeb\xfe"  # jmp $ (HLT would fault in ring 3)
+    )
+    code = bytearray(CODE_SIZE)
+    code[0 : len(kernel_spin)] = kernel_spin
+    code[len(kernel_spin) : len(kernel_spin) + len(enter_user)] = enter_user
+    assert len(kernel_spin) + len(enter_user) <= USER_OFFSET and USER_OFFSET + len(user_spin) <= CODE_SIZE
+    code[USER_OFFSET : USER_OFFSET + len(user_spin)] = user_spin
+    functions = {
+        "kernel_spin": (0, len(kernel_spin)),
+        "enter_user": (len(kernel_spin), len(enter_user)),
+        "user_spin": (USER_OFFSET, len(user_spin)),
+    }
+    return bytes(code), functions
+
+
+def with_symtab(elf: bytes, symbols: dict[str, tuple[int, int]]) -> bytes:
+    """`elf` with section headers for .symtab/.strtab/.shstrtab holding `symbols` (name ->
+    (virtual address, size)) as STT_FUNC globals (gABI "Sections", "Symbol Table")."""
+    strtab = b"\0" + b"".join(name.encode() + b"\0" for name in symbols)
+    syms, pos = [bytes(24)], 1
+    for name, (value, size) in symbols.items():
+        syms.append(struct.pack("<IBBHQQ", pos, 0x12, 0, 0xFFF1, value, size))  # STB_GLOBAL|STT_FUNC, SHN_ABS
+        pos += len(name) + 1
+    symtab = b"".join(syms)
+    shstrtab = b"\0.symtab\0.strtab\0.shstrtab\0"
+    body = elf + bytes(-len(elf) % 8)
+    sym_off = len(body)
+    str_off = sym_off + len(symtab)
+    shs_off = str_off + len(strtab)
+    sh_off = shs_off + len(shstrtab) + (-(shs_off + len(shstrtab)) % 8)
+    sh = struct.Struct("<IIQQQQIIQQ")
+    headers = (
+        bytes(sh.size)
+        + sh.pack(1, 2, 0, 0, sym_off, len(symtab), 2, 1, 8, 24)  # .symtab, link .strtab, first global 1
+        + sh.pack(9, 3, 0, 0, str_off, len(strtab), 0, 0, 1, 0)  # .strtab
+        + sh.pack(17, 3, 0, 0, shs_off, len(shstrtab), 0, 0, 1, 0)  # .shstrtab
+    )
+    out = bytearray(body + symtab + strtab + shstrtab)
+    out += bytes(sh_off - len(out)) + headers
+    fields = list(ELF64_EHDR.unpack_from(out))
+    fields[6], fields[11], fields[12], fields[13] = sh_off, sh.size, 4, 3  # e_shoff, e_shentsize, e_shnum, e_shstrndx
+    out[: ELF64_EHDR.size] = ELF64_EHDR.pack(*fields)
+    return bytes(out)
+
+
+def virtual(functions: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    return {name: (LOAD + KERNEL_MAP + off, size) for name, (off, size) in functions.items()}
+
+
+def system_map(functions: dict[str, tuple[int, int]]) -> str:
+    rows = sorted((addr, name) for name, (addr, _) in virtual(functions).items())
+    return "".join(f"{addr:016x} T {name}\n" for addr, name in rows) + f"{LOAD + KERNEL_MAP + CODE_SIZE:016x} B _end\n"
+
+
+def profile_of(run, stats_json: Path) -> ProfileStats:
+    assert run.status == 0, run.describe()
+    assert TRACEBACK not in run.stderr, run.describe()
+    stats = MachineStats.from_json(stats_json.read_text())
+    assert stats.profile is not None, run.describe()
+    return stats.profile
+
+
+def assert_ring0_then_ring3(profile: ProfileStats, hz: int) -> None:
+    """Each phase is SPIN_CYCLES of TSC time: kernel_spin tops the kernel samples, the ring-3
+    phase is all "[user]" (never "user_spin": user space is not symbolised), both are sampled."""
+    functions = profile.functions()
+    assert profile.hz == hz
+    assert profile.samples >= 20, profile.render_text()
+    assert profile.kernel + profile.user == profile.samples == sum(functions.values())
+    kernel_functions = Counter({n: k for n, k in functions.items() if n != USER})
+    assert kernel_functions.most_common(1)[0][0] == "kernel_spin", profile.render_text()
+    assert functions["kernel_spin"] >= 0.9 * profile.kernel, profile.render_text()
+    assert functions[USER] == profile.user and "user_spin" not in functions, profile.render_text()
+    assert 0.2 <= profile.user / profile.samples <= 0.8, profile.render_text()  # two equal phases in wall time
+    assert [v.index for v in profile.vcpus] == [0] and profile.vcpus[0].samples == profile.samples
+    assert profile.stall_time > 0 and 0 < profile.read_time <= profile.stall_time
+
+
+def test_disassembly_of_the_ring3_kernel_is_what_the_comments_say() -> None:
+    code, functions = ring3_kernel()
+    off, size = functions["enter_user"]
+    text = [t for _, _, t in disassemble(code[off : off + size], LOAD + off, 32, 20)]
+    assert text[3] == "wrmsr" and text[-1] == "sysexit"
+    off, size = functions["kernel_spin"]
+    assert [t.split()[0] for _, _, t in disassemble(code[off : off + size], LOAD + off, 32, 20)][-2:] == ["cmp", "jb"]
+
+
+def test_profile_names_the_ring0_function_and_counts_ring3_as_user(tmp_path: Path) -> None:
+    code, functions = ring3_kernel()
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(with_symtab(make_pvh_elf(code), virtual(functions)))
+    run = cli("run", "--kernel", kernel, "--profile=500", "--stats-json", "stats.json", workdir=tmp_path)
+    profile = profile_of(run, tmp_path / "stats.json")
+    assert_ring0_then_ring3(profile, 500)
+    assert profile.symbols == f"ELF .symtab of {kernel}"
+    # the report on stderr: totals, the vCPU's share, the cost, the top function
+    report = run.stderr
+    assert f"profile: {profile.samples} samples at 500 Hz" in report, report
+    assert "profile: vcpu0" in report and "µs" in report, report
+    top = [line.split() for line in report.splitlines() if line.endswith("kernel_spin") or line.endswith(USER)]
+    assert {row[-1] for row in top} == {"kernel_spin", USER}, report
+    assert report.strip().splitlines()[-1] == "minivmm: guest powered off (ACPI S5)"
+
+
+def test_profile_map_names_functions_of_a_kernel_without_symbols(tmp_path: Path) -> None:
+    code, functions = ring3_kernel()
+    kernel = tmp_path / "raw.elf"
+    kernel.write_bytes(make_pvh_elf(code))  # no .symtab
+    (tmp_path / "System.map").write_text(system_map(functions))
+    run = cli("run", "--kernel", kernel, "--profile", "--profile-map", "System.map", "--stats-json", "stats.json", workdir=tmp_path)
+    profile = profile_of(run, tmp_path / "stats.json")
+    assert_ring0_then_ring3(profile, 250)
+    assert profile.symbols == "System.map System.map"
+
+
+@pytest.mark.parametrize("hz", ["0", "-5", "abc", "1.5", str(MAX_HZ + 1), "99999999999999999999", ""])
+def test_profile_hz_must_be_sane(tmp_path: Path, hz: str) -> None:
+    assert_user_error(cli("run", "--kernel", "/nonexistent", f"--profile={hz}", workdir=tmp_path), r"--profile=.*HZ")
+    with pytest.raises(UserError):
+        parse_hz(hz)
+
+
+def test_profile_hz_in_range() -> None:
+    assert parse_hz("1") == 1 and parse_hz("250") == 250 and parse_hz(str(MAX_HZ)) == MAX_HZ
+
+
+def test_profile_map_errors_are_one_line(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(make_pvh_elf(ring3_kernel()[0]))
+    assert_user_error(cli("run", "--kernel", kernel, "--profile-map", "x", workdir=tmp_path), r"--profile-map.*--profile")
+    assert_user_error(cli("run", "--kernel", kernel, "--profile", "--profile-map", "missing", workdir=tmp_path), r"missing: no such file")
+    (tmp_path / "garbage").write_bytes(b"\x00\xff not a map\n" * 10)
+    assert_user_error(cli("run", "--kernel", kernel, "--profile", "--profile-map", "garbage", workdir=tmp_path), r"no function symbols")
+
+
+# -- System.map ------------------------------------------------------------------------------
+def test_system_map_functions_end_at_the_next_symbol() -> None:
+    text = (
+        "0000000001000000 A phys_startup_64\n"
+        "ffffffff81000000 T _stext\n"
+        "ffffffff81000000 T _text\n"  # a second name at the same address: the first wins
+        "ffffffff81000100 t do_idle\n"
+        "ffffffff81000180 W weak_fn\n"
+        "ffffffff81000200 D some_data\n"
+        "ffffffff81001000 T init_fn\t[mod]\n"  # kallsyms' module column
+        "garbage line\n"
+        "ffffffff81002000 B _end\n"
+    )
+    symbols = parse_system_map(text)
+    assert [name for name, _ in symbols.entries] == ["_stext", "do_idle", "weak_fn", "init_fn"]
+    assert [size for _, size in symbols.entries] == [0x100, 0x80, 0x80, 0x1000]
+    names = ProfileSymbols(LazySymbols(None), symbols, Path("m"))
+    assert names.function(0xFFFFFFFF81000104) == "do_idle"
+    assert names.function(0xFFFFFFFF81000300) == NO_SYMBOL  # in data after weak_fn
+    assert names.function(0x1000180) == "weak_fn"  # early boot: the physical alias of the kernel map
+    assert names.function(0xFFFFFFFF81001FFF) == "init_fn"
+
+
+def test_no_symbols_at_all_names_the_address() -> None:
+    names = ProfileSymbols(LazySymbols(None))
+    assert names.function(0x1234) == "0x1234" and names.source.startswith("none")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.binary(max_size=2000),
+    st.lists(
+        st.tuples(
+            st.text("0123456789abcdefABCDEFxg-", max_size=20), st.sampled_from(list("TtWwDdBbA?x ")),
+            st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+        ),
+        max_size=40,
+    ).map(lambda rows: "\n".join(f"{a} {t} {n}" for a, t, n in rows).encode("utf-8")),
+))
+def test_hostile_system_maps_never_raise_anything_but_a_user_error(tmp_path_factory, data: bytes) -> None:
+    path = tmp_path_factory.mktemp("map") / "System.map"
+    path.write_bytes(data)
+    try:
+        symbols = load_system_map(path)
+    except UserError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert symbols.addresses == sorted(set(symbols.addresses)) and all(a > 0 for a in symbols.addresses)
+    assert all(size >= 0 for _, size in symbols.entries)
+    names = ProfileSymbols(LazySymbols(None), symbols, path)
+    for address in symbols.addresses[:5] + [0, 1 << 63, (1 << 64) - 1]:
+        assert isinstance(names.function(address), str)
+
+
+# -- samples, CPL and the snapshot -------------------------------------------------------------
+def test_cpl_is_ss_dpl_in_protected_mode_only() -> None:
+    assert guest_cpl(cr0=0, rflags=0x2, ss_dpl=3) == 0  # real mode: CS holds a paragraph, CPL is 0
+    assert guest_cpl(cr0=1, rflags=0x2, ss_dpl=0) == 0
+    assert guest_cpl(cr0=1, rflags=0x2, ss_dpl=3) == 3
+    assert guest_cpl(cr0=1, rflags=0x2 | 1 << 17, ss_dpl=0) == 3  # virtual-8086 mode
+
+
+class RecordedVcpu:
+    """Register values as KVM_GET_REGS/SREGS return them, replayed (unit test of the aggregation)."""
+
+    def __init__(self, rip: int, cpl: int) -> None:
+        from types import SimpleNamespace
+
+        self.regs = SimpleNamespace(rip=rip, rflags=0x2)
+        self.sregs = SimpleNamespace(cr0=0x80000011, ss=SimpleNamespace(dpl=cpl))
+
+    def get_regs(self):
+        return self.regs
+
+    def get_sregs(self):
+        return self.sregs
+
+
+def test_user_samples_aggregate_and_survive_json() -> None:
+    profile = VcpuProfile()
+    for rip, cpl in [(0xFFFFFFFF81000104, 0)] * 3 + [(0x401000, 3), (0x7FFF0000, 3), (0xFFFFFFFF81000300, 0)]:
+        profile.record(RecordedVcpu(rip, cpl))
+    kernel, user, stall, read = profile.snapshot()
+    assert user == 2 and kernel == Counter({0xFFFFFFFF81000104: 3, 0xFFFFFFFF81000300: 1}) and read > 0
+    names = ProfileSymbols(LazySymbols(None), KernelSymbols([0xFFFFFFFF81000100], [("do_idle", 0x80)]), Path("m"))
+    functions = Counter({names.function(rip): k for rip, k in kernel.items()}) + Counter({USER: user})
+    stats = ProfileStats(250, "test", [VcpuProfileStats(0, 4, 2, dict(functions))], 1.0, 0, stall, read)
+    assert stats.functions() == Counter({"do_idle": 3, USER: 2, NO_SYMBOL: 1})
+    assert ProfileStats.from_dict(stats.to_dict()) == stats
+    text = stats.render_text()
+    assert "6 samples at 250 Hz" in text and "guest kernel 66.7 %, user 33.3 %" in text
+    assert text.splitlines()[-3].split() == ["3", "50.0", "do_idle"]
