@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from test_cli import assert_user_error
 
 from minivmm import layout
+from minivmm.api import BareVm
 from minivmm.boot.acpi import S5_SLP_TYP
 from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
 from minivmm.disasm import KERNEL_MAP, KernelSymbols, LazySymbols, disassemble
@@ -27,6 +28,7 @@ from minivmm.profiler import (
     NO_SYMBOL,
     ProfileStats,
     ProfileSymbols,
+    SyncedRegisters,
     VcpuProfile,
     VcpuProfileStats,
     guest_cpl,
@@ -310,3 +312,22 @@ def test_user_samples_aggregate_and_survive_json() -> None:
     text = stats.render_text()
     assert "6 samples at 250 Hz" in text and "guest kernel 66.7 %, user 33.3 %" in text
     assert text.splitlines()[-3].split() == ["3", "50.0", "do_idle"]
+
+
+def test_synced_registers_are_what_the_ioctls_read() -> None:
+    """The sample's register source (kvm_run.s, KVM_CAP_SYNC_REGS) against KVM_GET_REGS/SREGS
+    after a real run in long mode: same RIP, RAX, RFLAGS, CR0, CS and SS."""
+    with BareVm(ram_size=1 << 20, irqchip=False) as vm:
+        vm.load(0x10000, b"\xb8\x34\x12\x00\x00\xf4")  # mov eax, 0x1234; hlt (ends the run)
+        vm.start_long_mode(0x10000)
+        synced = SyncedRegisters.enable(vm.vcpu)
+        assert synced is not None, "KVM_CAP_SYNC_REGS lacks regs/sregs"
+        assert vm.run().status == 0
+        regs, sregs = vm.vcpu.get_regs(), vm.vcpu.get_sregs()
+        got_regs, got_sregs = synced.get_regs(), synced.get_sregs()
+        assert regs.rax == got_regs.rax == 0x1234
+        assert (got_regs.rip, got_regs.rflags) == (regs.rip, regs.rflags) and 0x10000 < regs.rip <= 0x10006
+        assert (got_sregs.cr0, got_sregs.efer) == (sregs.cr0, sregs.efer) and sregs.cr0 & 1
+        for seg in ("cs", "ss"):
+            a, b = getattr(got_sregs, seg), getattr(sregs, seg)
+            assert (a.selector, a.dpl, a.l) == (b.selector, b.dpl, b.l)
