@@ -33,6 +33,9 @@ MAX_HZ = 10_000  # one sample every 100 µs already costs the guest ~10 % (each 
 TOP = 25  # functions the text report lists
 USER = "[user]"  # every user-mode sample (CPL 3): guest programs are not symbolised
 NO_SYMBOL = "[no symbol]"  # a kernel-mode address outside every known function
+# ... below 4 GiB: code running at physical (identity-mapped) addresses before the kernel's
+# own mapping, e.g. a bzImage's decompressor, which no kernel symbol table covers.
+NO_SYMBOL_LOW = "[no symbol, below 4 GiB]"
 CR0_PE = 1 << 0  # protection enable (SDM vol. 3, 2.5): without it the CPU runs in real mode, CPL 0
 RFLAGS_VM = 1 << 17  # virtual-8086 mode (SDM vol. 3, 20.2): CPL 3
 # KVM_CAP_SYNC_REGS (api.rst 8.x "KVM_CAP_SYNC_REGS", 5 "kvm_valid_regs"): KVM copies the
@@ -239,8 +242,8 @@ class ProfileSymbols:
             return self._load()[1]
 
     def function(self, address: int) -> str:
-        """The name of the function holding `address` ("do_idle"), NO_SYMBOL outside every
-        function, the address itself when there is no symbol table at all."""
+        """The name of the function holding `address` ("do_idle"), NO_SYMBOL(_LOW) outside
+        every function, the address itself when there is no symbol table at all."""
         with self._lock:
             table, _ = self._load()
             name = self._names.get(address)
@@ -249,7 +252,8 @@ class ProfileSymbols:
                     name = f"{address:#x}"
                 else:
                     found = table.lookup(address)  # "name+0xoff/0xsize"
-                    name = NO_SYMBOL if found is None else found.rsplit("+", 1)[0]
+                    unnamed = NO_SYMBOL_LOW if address < 1 << 32 else NO_SYMBOL
+                    name = unnamed if found is None else found.rsplit("+", 1)[0]
                 self._names[address] = name
             return name
 

@@ -26,6 +26,7 @@ from minivmm.profiler import (
     MAX_HZ,
     USER,
     NO_SYMBOL,
+    NO_SYMBOL_LOW,
     ProfileStats,
     ProfileSymbols,
     SyncedRegisters,
@@ -241,6 +242,7 @@ def test_system_map_functions_end_at_the_next_symbol() -> None:
     assert names.function(0xFFFFFFFF81000300) == NO_SYMBOL  # in data after weak_fn
     assert names.function(0x1000180) == "weak_fn"  # early boot: the physical alias of the kernel map
     assert names.function(0xFFFFFFFF81001FFF) == "init_fn"
+    assert names.function(0x7F00000) == NO_SYMBOL_LOW  # e.g. a bzImage's decompressor, identity-mapped
 
 
 def test_no_symbols_at_all_names_the_address() -> None:
