@@ -28,6 +28,7 @@ from minivmm.profiler import (
     NO_SYMBOL,
     NO_SYMBOL_LOW,
     ProfileStats,
+    Profiler,
     ProfileSymbols,
     SyncedRegisters,
     VcpuProfile,
@@ -38,6 +39,7 @@ from minivmm.profiler import (
     parse_system_map,
 )
 from minivmm.stats import MachineStats
+from support.idle import wait_until
 from support.synthetic_kernels import ELF64_EHDR, make_pvh_elf
 
 # -- a kernel that spins in ring 0, then in ring 3 ---------------------------------------------
@@ -333,3 +335,49 @@ def test_synced_registers_are_what_the_ioctls_read() -> None:
         for seg in ("cs", "ss"):
             a, b = getattr(got_sregs, seg), getattr(sregs, seg)
             assert (a.selector, a.dpl, a.l) == (b.selector, b.dpl, b.l)
+
+
+class RecordedLoop:
+    """A vCPU loop as the sampler sees it (`Sampled`), taking each sample at once from
+    recorded registers; `busy` makes it refuse kicks as a vCPU still on the previous one."""
+
+    def __init__(self, rip: int, cpl: int, *, started: bool = True) -> None:
+        self.profile: VcpuProfile | None = None
+        self.vcpu = RecordedVcpu(rip, cpl)
+        self.started = started
+        self.busy = False
+
+    def running(self) -> bool:
+        return self.started
+
+    def request_sample(self) -> bool:
+        if self.busy or self.profile is None:
+            return False
+        self.profile.record(self.vcpu)
+        return True
+
+
+def test_sampler_samples_every_running_vcpu_and_keeps_per_vcpu_counts(monkeypatch) -> None:
+    """The sampler thread with N vCPUs (no KVM: the recorded loops answer kicks at once)."""
+    monkeypatch.setattr("minivmm.profiler.SyncedRegisters.enable", staticmethod(lambda vcpu: None))
+    table = KernelSymbols([0xFFFFFFFF81000100], [("do_idle", 0x80)])
+    loops = [RecordedLoop(0xFFFFFFFF81000110, 0), RecordedLoop(0x401000, 3), RecordedLoop(0, 0, started=False)]
+    profiler = Profiler(loops, 1000, ProfileSymbols(LazySymbols(None), table, Path("m")))
+    late = RecordedLoop(0xFFFFFFFF81000120, 0)
+    loops.append(late)  # a vCPU added after the profiler was made is sampled too
+    profiler.start()
+    try:
+        wait_until(lambda: all(loop.profile is not None and loop.profile.samples >= 5 for loop in (loops[0], loops[1], late)),
+                   "5 samples of each running vCPU")
+        loops[1].busy = True
+        wait_until(lambda: profiler.missed > 0, "a kick refused by a busy vCPU")
+    finally:
+        profiler.stop()
+    stats = profiler.statistics()
+    assert [v.index for v in stats.vcpus] == [0, 1, 2, 3]
+    assert stats.vcpus[2].samples == 0  # never started: never kicked
+    assert stats.vcpus[0].functions == {"do_idle": stats.vcpus[0].samples}
+    assert stats.vcpus[1].functions == {USER: stats.vcpus[1].samples} and stats.vcpus[1].kernel == 0
+    assert stats.samples == sum(v.samples for v in stats.vcpus) and stats.user == stats.vcpus[1].samples
+    assert stats.duration > 0 and stats.hz == 1000
+    assert f"vcpu1 {stats.vcpus[1].samples} (" in stats.render_text()
