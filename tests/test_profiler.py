@@ -6,7 +6,6 @@ and spins there: the profile must name the ring-0 function and count the ring-3 
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 from pathlib import Path
 
@@ -16,17 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import assert_user_error
 
-from minivmm import layout
 from minivmm.api import BareVm
-from minivmm.boot.acpi import S5_SLP_TYP
-from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
-from minivmm.disasm import KERNEL_MAP, KernelSymbols, LazySymbols, disassemble
+from minivmm.disasm import KernelSymbols, LazySymbols, disassemble
 from minivmm.errors import UserError
 from minivmm.profiler import (
     MAX_HZ,
-    USER,
     NO_SYMBOL,
     NO_SYMBOL_LOW,
+    USER,
     ProfileStats,
     Profiler,
     ProfileSymbols,
@@ -40,107 +36,8 @@ from minivmm.profiler import (
 )
 from minivmm.stats import MachineStats
 from support.idle import wait_until
-from support.synthetic_kernels import ELF64_EHDR, make_pvh_elf
-
-# -- a kernel that spins in ring 0, then in ring 3 ---------------------------------------------
-LOAD = 0x1000000  # make_pvh_elf's load address (physical; the symbols are at LOAD + KERNEL_MAP)
-SPIN_CYCLES = 0x40000000  # TSC ticks per phase: ~0.4 s at this host's 2.6 GHz
-USER_OFFSET, CODE_SIZE = 0x100, 0x140
-KERNEL_STACK = LOAD + 0x1000  # in the ELF's bss
-USER_STACK = LOAD + 0x800
-KERNEL_CS = 0x08  # SYSEXIT's base selector (SDM vol. 2B, SYSEXIT: CS = it + 16, SS = it + 24, both RPL 3)
-MSR_IA32_SYSENTER_CS = 0x174
-EFLAGS_IOPL3 = 0x3000  # IOPL 3 lets ring 3 power off with OUT
-
-
-def spin(cycles: int) -> bytes:
-    """32-bit code: read the TSC, loop until it advanced `cycles` (< 2^32) ticks. Wall time,
-    not instructions: a vCPU thread descheduled by a busy host still ends the phase on time."""
-    loop = (
-        b"\x0f\x31"  # rdtsc
-        + b"\x29\xd8"  # sub eax, ebx
-        + b"\x19\xca"  # sbb edx, ecx
-        + b"\x85\xd2"  # test edx, edx
-        + b"\x75\x07"  # jnz done (over cmp and jb)
-        + b"\x3d" + struct.pack("<I", cycles)  # cmp eax, cycles
-    )
-    loop += bytes([0x72, (-(len(loop) + 2)) & 0xFF])  # jb loop
-    return b"\x0f\x31\x89\xc3\x89\xd1" + loop  # rdtsc; mov ebx, eax; mov ecx, edx; loop
-
-
-def ring3_kernel() -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """The code and its functions {name: (offset, size)}: kernel_spin (ring 0), enter_user
-    (SYSEXIT to flat ring-3 segments, IOPL 3), user_spin (ring 3, then power off)."""
-    kernel_spin = b"\xbc" + struct.pack("<I", KERNEL_STACK) + spin(SPIN_CYCLES)  # mov esp, stack; spin
-    enter_user = (  # SYSEXIT, as KVM's emulator (software KVM) can return to ring 3 with it, not with IRET
-        b"\xb9" + struct.pack("<I", MSR_IA32_SYSENTER_CS)  # mov ecx, IA32_SYSENTER_CS
-        + b"\xb8" + struct.pack("<I", KERNEL_CS)  # mov eax, kernel CS: SYSEXIT loads CS +16, SS +24 (RPL 3)
-        + b"\x31\xd2"  # xor edx, edx
-        + b"\x0f\x30"  # wrmsr
-        + b"\x9c"  # pushfd
-        + b"\x81\x0c\x24" + struct.pack("<I", EFLAGS_IOPL3)  # or dword [esp], IOPL 3: ring 3 may OUT
-        + b"\x9d"  # popfd
-        + b"\xb9" + struct.pack("<I", USER_STACK)  # mov ecx, user stack
-        + b"\xba" + struct.pack("<I", LOAD + USER_OFFSET)  # mov edx, user entry
-        + b"\x0f\x35"  # sysexit
-    )
-    user_spin = (
-        spin(SPIN_CYCLES)
-        + b"\x66\xba" + struct.pack("<H", layout.ACPI_SLEEP_CONTROL_PORT)  # mov dx, SLEEP_CONTROL
-        + bytes([0xB0, (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN, 0xEE])  # mov al, S5 | SLP_EN; out dx, al
-        + b"\xeb\xfe"  # jmp $ (HLT would fault in ring 3)
-    )
-    code = bytearray(CODE_SIZE)
-    code[0 : len(kernel_spin)] = kernel_spin
-    code[len(kernel_spin) : len(kernel_spin) + len(enter_user)] = enter_user
-    assert len(kernel_spin) + len(enter_user) <= USER_OFFSET and USER_OFFSET + len(user_spin) <= CODE_SIZE
-    code[USER_OFFSET : USER_OFFSET + len(user_spin)] = user_spin
-    functions = {
-        "kernel_spin": (0, len(kernel_spin)),
-        "enter_user": (len(kernel_spin), len(enter_user)),
-        "user_spin": (USER_OFFSET, len(user_spin)),
-    }
-    return bytes(code), functions
-
-
-def with_symtab(elf: bytes, symbols: dict[str, tuple[int, int]]) -> bytes:
-    """`elf` with section headers for .symtab/.strtab/.shstrtab holding `symbols` (name ->
-    (virtual address, size)) as STT_FUNC globals (gABI "Sections", "Symbol Table")."""
-    strtab = b"\0" + b"".join(name.encode() + b"\0" for name in symbols)
-    syms, pos = [bytes(24)], 1
-    for name, (value, size) in symbols.items():
-        syms.append(struct.pack("<IBBHQQ", pos, 0x12, 0, 0xFFF1, value, size))  # STB_GLOBAL|STT_FUNC, SHN_ABS
-        pos += len(name) + 1
-    symtab = b"".join(syms)
-    shstrtab = b"\0.symtab\0.strtab\0.shstrtab\0"
-    body = elf + bytes(-len(elf) % 8)
-    sym_off = len(body)
-    str_off = sym_off + len(symtab)
-    shs_off = str_off + len(strtab)
-    sh_off = shs_off + len(shstrtab) + (-(shs_off + len(shstrtab)) % 8)
-    sh = struct.Struct("<IIQQQQIIQQ")
-    headers = (
-        bytes(sh.size)
-        + sh.pack(1, 2, 0, 0, sym_off, len(symtab), 2, 1, 8, 24)  # .symtab, link .strtab, first global 1
-        + sh.pack(9, 3, 0, 0, str_off, len(strtab), 0, 0, 1, 0)  # .strtab
-        + sh.pack(17, 3, 0, 0, shs_off, len(shstrtab), 0, 0, 1, 0)  # .shstrtab
-    )
-    out = bytearray(body + symtab + strtab + shstrtab)
-    out += bytes(sh_off - len(out)) + headers
-    fields = list(ELF64_EHDR.unpack_from(out))
-    fields[6], fields[11], fields[12], fields[13] = sh_off, sh.size, 4, 3  # e_shoff, e_shentsize, e_shnum, e_shstrndx
-    out[: ELF64_EHDR.size] = ELF64_EHDR.pack(*fields)
-    return bytes(out)
-
-
-def virtual(functions: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
-    return {name: (LOAD + KERNEL_MAP + off, size) for name, (off, size) in functions.items()}
-
-
-def system_map(functions: dict[str, tuple[int, int]]) -> str:
-    rows = sorted((addr, name) for name, (addr, _) in virtual(functions).items())
-    return "".join(f"{addr:016x} T {name}\n" for addr, name in rows) + f"{LOAD + KERNEL_MAP + CODE_SIZE:016x} B _end\n"
-
+from support.spin_kernel import LOAD, spin_elf, spin_kernel, system_map
+from support.synthetic_kernels import make_pvh_elf
 
 def profile_of(run, stats_json: Path) -> ProfileStats:
     assert run.status == 0, run.describe()
@@ -167,7 +64,7 @@ def assert_ring0_then_ring3(profile: ProfileStats, hz: int) -> None:
 
 
 def test_disassembly_of_the_ring3_kernel_is_what_the_comments_say() -> None:
-    code, functions = ring3_kernel()
+    code, functions = spin_kernel()
     off, size = functions["enter_user"]
     text = [t for _, _, t in disassemble(code[off : off + size], LOAD + off, 32, 20)]
     assert text[3] == "wrmsr" and text[-1] == "sysexit"
@@ -176,9 +73,8 @@ def test_disassembly_of_the_ring3_kernel_is_what_the_comments_say() -> None:
 
 
 def test_profile_names_the_ring0_function_and_counts_ring3_as_user(tmp_path: Path) -> None:
-    code, functions = ring3_kernel()
     kernel = tmp_path / "kernel.elf"
-    kernel.write_bytes(with_symtab(make_pvh_elf(code), virtual(functions)))
+    kernel.write_bytes(spin_elf())
     run = cli("run", "--kernel", kernel, "--profile=500", "--stats-json", "stats.json", workdir=tmp_path)
     profile = profile_of(run, tmp_path / "stats.json")
     assert_ring0_then_ring3(profile, 500)
@@ -193,7 +89,7 @@ def test_profile_names_the_ring0_function_and_counts_ring3_as_user(tmp_path: Pat
 
 
 def test_profile_map_names_functions_of_a_kernel_without_symbols(tmp_path: Path) -> None:
-    code, functions = ring3_kernel()
+    code, functions = spin_kernel()
     kernel = tmp_path / "raw.elf"
     kernel.write_bytes(make_pvh_elf(code))  # no .symtab
     (tmp_path / "System.map").write_text(system_map(functions))
@@ -216,7 +112,7 @@ def test_profile_hz_in_range() -> None:
 
 def test_profile_map_errors_are_one_line(tmp_path: Path) -> None:
     kernel = tmp_path / "k.elf"
-    kernel.write_bytes(make_pvh_elf(ring3_kernel()[0]))
+    kernel.write_bytes(make_pvh_elf(spin_kernel()[0]))
     assert_user_error(cli("run", "--kernel", kernel, "--profile-map", "x", workdir=tmp_path), r"--profile-map.*--profile")
     assert_user_error(cli("run", "--kernel", kernel, "--profile", "--profile-map", "missing", workdir=tmp_path), r"missing: no such file")
     (tmp_path / "garbage").write_bytes(b"\x00\xff not a map\n" * 10)
