@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""What `minivmm run --profile` costs the guest: boots of the default guest with and without it.
+"""What `minivmm run --profile` costs the guest: runs with and without it, medians.
 
-Each round boots the default guest twice (order alternating, so a load trend on this shared
+Two measurements. (1) A fixed amount of guest kernel work: the tiny kernel of the profiler's
+tests (tests/support/spin_kernel.py) counting down SPIN_LOOPS iterations in ring 0, run
+`--synthetic-runs` times each way; the difference of the medians divided by the samples
+taken is the cost of one sample to the guest (exit, register read, re-entry). (2) Each round
+boots the default guest twice (order alternating, so a load trend on this shared
 machine hits both alike), once plain and once with `--profile=HZ`, with the test init's
 `hello` step and a power-off (bench.py's boot command line). Prints, per variant, the medians
 of the time to the init's first console line, of the whole run, and of the guest's time in
@@ -22,12 +26,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the runner the boot tests and bench.py use
 
 from support.runner import RunResult, run_minivmm  # noqa: E402
+from support.spin_kernel import spin_elf, spin_loops  # noqa: E402
 
 from minivmm.profiler import DEFAULT_HZ  # noqa: E402
 
 CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test minivmm.steps=hello minivmm.end=poweroff"
 HELLO = "minivmm-test: hello"
 TIMEOUT = 1200.0
+SPIN_LOOPS = 3_000_000  # dec/jnz iterations in ring 0: ~7 s on kvm_pvm (emulated), milliseconds on hardware KVM
 
 
 def boot(workdir: Path, profile_hz: int | None) -> dict:
@@ -51,14 +57,43 @@ def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def synthetic(workdir: Path, runs: int, hz: int, loops: int) -> dict:
+    """Run the fixed-work tiny kernel `runs` times each way (alternating); the medians and the
+    cost per sample they imply."""
+    kernel = workdir / "spin.elf"
+    workdir.mkdir(parents=True, exist_ok=True)
+    kernel.write_bytes(spin_elf(spin_loops(loops), spin_loops(1)))
+    walls: dict[str, list[float]] = {"plain": [], "profiled": []}
+    samples: list[int] = []
+    for i in range(runs):
+        for profiled in ([False, True] if i % 2 == 0 else [True, False]):
+            args = ["--kernel", str(kernel)] + ([f"--profile={hz}"] if profiled else [])
+            run = run_minivmm(args, workdir / f"spin-{i}-{profiled}", timeout=TIMEOUT)
+            if run.status != 0 or run.stats is None:
+                raise SystemExit(f"tiny kernel run failed:\n{run.describe()}")
+            walls["profiled" if profiled else "plain"].append(run.wall)
+            if run.stats.profile is not None:
+                samples.append(run.stats.profile.samples)
+    plain, profiled = statistics.median(walls["plain"]), statistics.median(walls["profiled"])
+    n = statistics.median(samples)
+    print(f"profile overhead, {loops} iterations of guest kernel work (tiny kernel), medians of {runs} (--profile={hz})")
+    print(f"  whole run: plain {plain:.3f} s, profiled {profiled:.3f} s ({100 * (profiled - plain) / plain:+.1f} %), "
+          f"{n:.0f} samples: {(profiled - plain) / n * 1e6 if n else 0:.0f} µs per sample")
+    return {"plain_s": walls["plain"], "profiled_s": walls["profiled"], "samples": samples}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="boots per variant (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="default-guest boots per variant (default 3; 0: none)")
     parser.add_argument("--hz", type=int, default=DEFAULT_HZ, help=f"--profile rate (default {DEFAULT_HZ})")
+    parser.add_argument("--synthetic-runs", type=int, default=5, help="tiny-kernel runs per variant (default 5)")
+    parser.add_argument("--spin-loops", type=int, default=SPIN_LOOPS, help=f"tiny kernel's work (default {SPIN_LOOPS})")
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     args = parser.parse_args(argv)
-    results: dict[str, list[dict]] = {"plain": [], "profiled": []}
+    results: dict = {"plain": [], "profiled": []}
     with tempfile.TemporaryDirectory(prefix="minivmm-profile-bench-") as tmp:
+        if args.synthetic_runs:
+            results["synthetic"] = synthetic(Path(tmp) / "synthetic", args.synthetic_runs, args.hz, args.spin_loops)
         for i in range(args.runs):
             order = [None, args.hz] if i % 2 == 0 else [args.hz, None]
             for hz in order:
@@ -67,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(figures)
                 print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), file=sys.stderr)
     plain, profiled = results["plain"], results["profiled"]
+    if not plain:
+        return 0
     print(f"profile overhead, default guest boot to power-off, medians of {args.runs} (--profile={args.hz})")
     for key, title in (("hello_s", "process start -> init's first line"), ("wall_s", "whole run"), ("in_kvm_run_s", "time in KVM_RUN")):
         a, b = median(plain, key), median(profiled, key)

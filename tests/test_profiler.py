@@ -19,6 +19,7 @@ from minivmm.api import BareVm
 from minivmm.disasm import KernelSymbols, LazySymbols, disassemble
 from minivmm.errors import UserError
 from minivmm.profiler import (
+    DEFAULT_HZ,
     MAX_HZ,
     NO_SYMBOL,
     NO_SYMBOL_LOW,
@@ -95,7 +96,7 @@ def test_profile_map_names_functions_of_a_kernel_without_symbols(tmp_path: Path)
     (tmp_path / "System.map").write_text(system_map(functions))
     run = cli("run", "--kernel", kernel, "--profile", "--profile-map", "System.map", "--stats-json", "stats.json", workdir=tmp_path)
     profile = profile_of(run, tmp_path / "stats.json")
-    assert_ring0_then_ring3(profile, 250)
+    assert_ring0_then_ring3(profile, DEFAULT_HZ)
     assert profile.symbols == "System.map System.map"
 
 
