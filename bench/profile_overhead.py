@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures = boot(Path(tmp) / f"{name}-{i}", hz)
                 results[name].append(figures)
                 print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), file=sys.stderr)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
     plain, profiled = results["plain"], results["profiled"]
     if not plain:
         return 0
@@ -111,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     samples = median(profiled, "samples")
     print(f"  profiler's own account: {samples:.0f} samples x {median(profiled, 'cost_per_sample_us'):.1f} µs on the vCPU "
           f"thread = {median(profiled, 'handling_s'):.3f} s; kick to sample {median(profiled, 'mean_latency_us'):.0f} µs")
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
