@@ -278,3 +278,21 @@ def test_sampler_samples_every_running_vcpu_and_keeps_per_vcpu_counts(monkeypatc
     assert stats.samples == sum(v.samples for v in stats.vcpus) and stats.user == stats.vcpus[1].samples
     assert stats.duration > 0 and stats.hz == 1000
     assert f"vcpu1 {stats.vcpus[1].samples} (" in stats.render_text()
+
+
+def test_profiler_kicks_are_no_progress_for_the_watchdog(tmp_path: Path) -> None:
+    """A guest spinning without exits is stuck: the profiler's EINTR exits must not hide it."""
+    kernel = tmp_path / "spin.elf"
+    kernel.write_bytes(make_pvh_elf(b"\xeb\xfe"))  # jmp $
+    run = cli("run", "--kernel", kernel, "--profile=200", "--watchdog", "1", "--stats-json", "stats.json", workdir=tmp_path)
+    assert run.status == 1 and "watchdog: no exit to the VMM for 1 s" in run.stderr, run.describe()
+    stats = MachineStats.from_json((tmp_path / "stats.json").read_text())
+    assert stats.profile is not None and stats.profile.samples > 0 and stats.vcpus[0].by_kind["intr"] > 0
+
+
+def test_profile_survives_the_stats_json_round_trip() -> None:
+    profile = ProfileStats(100, "System.map m", [VcpuProfileStats(0, 3, 1, {"do_idle": 3, USER: 1})], 2.0, 1, 0.5, 0.01)
+    stats = MachineStats(vcpus=[], wall_time=1.0, process_start=0.0, profile=profile)
+    again = MachineStats.from_json(stats.to_json())
+    assert again.profile == profile and again.to_dict()["profile"]["functions"] == {"do_idle": 3, USER: 1}
+    assert MachineStats.from_json(MachineStats(vcpus=[], wall_time=1.0, process_start=0.0).to_json()).profile is None
