@@ -90,8 +90,8 @@ class VcpuLoop:
         self._interrupt()
 
     def running(self) -> bool:
-        """The thread was started and has not ended."""
-        return self.thread is not None and self.thread.is_alive()
+        """The thread was started, has not ended and is not paused (it may run guest code)."""
+        return self.thread is not None and self.thread.is_alive() and self._run_allowed.is_set()
 
     def request_sample(self) -> bool:
         """Have the vCPU thread take a profiler sample (`VcpuProfile.record`) and carry on,
@@ -158,8 +158,8 @@ class VcpuLoop:
     def _interrupted(self) -> None:
         self.vcpu.set_immediate_exit(False)
         if self.sample_requested:
-            self.sample_requested = False
             self.profile.record(self.vcpu)  # type: ignore[union-attr]
+            self.sample_requested = False  # after: the next kick's time cannot overtake this sample
         if self.describe_requested:
             self.describe_requested = False
             print(self.describe(), file=self.parts.diagnostics, flush=True)
