@@ -40,7 +40,7 @@ NO_SYMBOL = "[no symbol]"  # a kernel-mode address outside every known function
 NO_SYMBOL_LOW = "[no symbol, below 4 GiB]"
 CR0_PE = 1 << 0  # protection enable (SDM vol. 3, 2.5): without it the CPU runs in real mode, CPL 0
 RFLAGS_VM = 1 << 17  # virtual-8086 mode (SDM vol. 3, 20.2): CPL 3
-# KVM_CAP_SYNC_REGS (api.rst 8.x "KVM_CAP_SYNC_REGS", 5 "kvm_valid_regs"): KVM copies the
+# KVM_CAP_SYNC_REGS (api.rst, "KVM_CAP_SYNC_REGS"; 5, "kvm_valid_regs"): KVM copies the
 # registers named in kvm_run.kvm_valid_regs into kvm_run.s (struct kvm_sync_regs: kvm_regs,
 # kvm_sregs, kvm_vcpu_events) whenever KVM_RUN returns, so a sample reads memory instead of
 # making two ioctls (each ~6 µs from Python here).
