@@ -498,4 +498,6 @@ class Machine:
         lists = [("event loop", self.events.errors)] + [(f"{dev.name} flusher", dev.errors) for dev, _ in self.pmem_plugged]
         if self.qmp is not None:
             lists.append(("QMP", self.qmp.errors))
+        if self.profiler is not None:
+            lists.append(("profiler", self.profiler.errors))
         return lists

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from .disasm import KernelSymbols, LazySymbols
-from .errors import UserError
+from .errors import UserError, report_thread_error
 
 # 10 ms between samples: thousands over a boot. A sample costs the guest an exit and re-entry:
 # tens of µs on hardware KVM, ~1.4 ms on kvm_pvm (README "Profiling the guest"), so ~14 % there.
@@ -372,6 +372,7 @@ class Profiler:
         self.hz = hz
         self.symbols = symbols
         self.missed = 0
+        self.errors: list[BaseException] = []  # what ended the sampler thread early (`report_thread_error`)
         self.started_at: float | None = None
         self.stopped_at: float | None = None
         self._stop = threading.Event()
@@ -401,6 +402,12 @@ class Profiler:
             self.stopped_at = time.monotonic()
 
     def _run(self) -> None:
+        try:
+            self._sample_until_stopped()
+        except Exception as exc:  # a VMM bug: the guest runs on unprofiled, and the run reports it
+            report_thread_error("profiler", exc, self.errors)
+
+    def _sample_until_stopped(self) -> None:
         period = 1.0 / self.hz
         due = time.monotonic() + period
         while not self._stop.wait(max(0.0, due - time.monotonic())):

@@ -296,3 +296,22 @@ def test_profile_survives_the_stats_json_round_trip() -> None:
     again = MachineStats.from_json(stats.to_json())
     assert again.profile == profile and again.to_dict()["profile"]["functions"] == {"do_idle": 3, USER: 1}
     assert MachineStats.from_json(MachineStats(vcpus=[], wall_time=1.0, process_start=0.0).to_json()).profile is None
+
+
+def test_a_failing_sampler_thread_is_reported_not_silent(capsys) -> None:
+    """A sampler failure (a VMM bug) ends sampling with one line on stderr and keeps the error."""
+
+    class BrokenLoop(RecordedLoop):
+        def request_sample(self) -> bool:
+            raise RuntimeError("kick failed")
+
+    loop = BrokenLoop(0, 0)
+    loop.profile = VcpuProfile()
+    profiler = Profiler([loop], 1000, ProfileSymbols(LazySymbols(None)))
+    profiler.start()
+    try:
+        wait_until(lambda: profiler.errors, "the sampler's error")
+    finally:
+        profiler.stop()
+    assert [str(e) for e in profiler.errors] == ["kick failed"]
+    assert "minivmm: profiler failed: RuntimeError: kick failed" in capsys.readouterr().err
