@@ -15,6 +15,7 @@ from typing import NoReturn, Sequence
 
 from . import __version__
 from .errors import UserError, run_command
+from .profiler import DEFAULT_HZ as DEFAULT_PROFILE_HZ
 from .units import parse_size
 
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"
@@ -78,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="write an SVG picture of the run to FILE at exit: exits per 100 ms by kind and device, time in/out of "
         "KVM_RUN, emulation fallbacks, pmem flushes, guest console milestones",
     )
+    run.add_argument(
+        "--profile", nargs="?", const=str(DEFAULT_PROFILE_HZ), default=None, metavar="HZ",
+        help=f"sample the guest's instruction pointer HZ times a second (default {DEFAULT_PROFILE_HZ}) and print the "
+        "top guest functions, kernel vs user share and the sampling cost on stderr at exit (also in --stats-json)",
+    )
+    run.add_argument(
+        "--profile-map", type=Path, metavar="SYSTEM_MAP",
+        help="name --profile's functions from this System.map (or /proc/kallsyms copy); default: the kernel's ELF "
+        "symbols, or the default guest's System.map for its bzImage",
+    )
     run.add_argument("--watchdog", type=float, metavar="SECONDS", help="dump vCPU state and stop if the guest makes no progress for this long")
     guest = sub.add_parser(
         "guest",
@@ -118,6 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .monitor.qmp import parse_qmp_path
     from .pmemfile import parse_pmem_option
 
+    profile_hz = _profile_hz(args)  # the options first: no guest is looked for when they are wrong
     kernel, initrd = _default_guest(args)
     for what, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None and not path.exists():
@@ -141,6 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         pmem=[parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device),
         qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
         timeline=args.timeline is not None,
+        profile_hz=profile_hz,
+        profile_map=args.profile_map,
     )
     with Machine(config) as machine:
         try:
@@ -149,6 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             stats = machine.statistics()  # also when the run failed (the JSON then has no stop)
             if args.stats:
                 print(stats.render_text(), file=sys.stderr)
+            if stats.profile is not None:
+                print(stats.profile.render_text(), file=sys.stderr)
             if args.stats_json is not None:
                 _write_stats_json(args.stats_json, stats.to_json())
             if args.timeline is not None:
@@ -157,6 +173,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _write_file("--timeline", args.timeline, render_svg(from_machine(machine)))
     print(f"minivmm: {stop.reason}", file=sys.stderr)
     return stop.status
+
+
+def _profile_hz(args: argparse.Namespace) -> int | None:
+    """--profile[=HZ] checked (None: no profiling); --profile-map only with it, and readable."""
+    from .profiler import parse_hz
+
+    if args.profile is None:
+        if args.profile_map is not None:
+            raise UserError("--profile-map names the functions of a --profile: give --profile too")
+        return None
+    hz = parse_hz(args.profile)
+    if args.profile_map is not None and not args.profile_map.is_file():
+        raise UserError(f"--profile-map {args.profile_map}: no such file")
+    return hz
 
 
 def _trace_list(text: str | None) -> frozenset[str]:

@@ -44,6 +44,7 @@ from .monitor.qmp import QmpServer, listen_unix
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
 from .powerfail import PAGE_SIZE, DirtyPageCopier
+from .profiler import Profiler, ProfileSymbols, load_system_map
 from .flushlog import FlushLogWriter
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
@@ -78,6 +79,8 @@ class MachineConfig:
     pmem: list[PmemSpec] = field(default_factory=list)
     qmp: str | None = None  # QMP socket path
     timeline: bool = False  # record per-interval counters, console milestones and pmem flushes (--timeline)
+    profile_hz: int | None = None  # sample the guest's RIP this often (--profile); None: no profiler
+    profile_map: Path | None = None  # System.map to name the sampled functions (--profile-map)
     stdin_fd: int = 0
     stdout_fd: int = 1
 
@@ -101,6 +104,7 @@ class Machine:
         self.pmem_backings: list[PmemBacking] = []
         self.pmem_failures: dict[str, str] = {}  # device id -> why its pages could not be backed
         self.copiers: list[DirtyPageCopier] = []  # flush targets of the lose-unflushed devices
+        self.profiler: Profiler | None = None  # --profile
         try:
             self._assemble()
         except BaseException:
@@ -398,6 +402,9 @@ class Machine:
             )
             if cfg.timeline:
                 self.loops[-1].record_timeline()
+        if cfg.profile_hz is not None:
+            system_map = load_system_map(cfg.profile_map) if cfg.profile_map is not None else None
+            self.profiler = Profiler(self.loops, cfg.profile_hz, ProfileSymbols(self.symbols, system_map, cfg.profile_map))
 
     def run(self) -> Stop:
         """Boot and run the guest until it ends; returns why it ended."""
@@ -413,9 +420,13 @@ class Machine:
             with self.console:  # raw terminal while the guest runs; restored whatever happens
                 for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
                     loop.start()
+                if self.profiler is not None:
+                    self.profiler.start()
                 try:
                     self._wait()
                 finally:
+                    if self.profiler is not None:
+                        self.profiler.stop()
                     for loop in self.loops:
                         loop.kick()
                     for loop in self.loops:
@@ -436,6 +447,8 @@ class Machine:
                 last_exits = -1  # a paused guest makes no progress on purpose
                 continue
             exits = sum(sum(loop.stats.by_kind.values()) for loop in self.loops)
+            if self.profiler is not None:  # the profiler's kicks (EINTR exits) are no guest progress
+                exits -= sum(loop.stats.by_kind["intr"] for loop in self.loops)
             now = time.monotonic()
             if exits != last_exits:
                 last_exits, last_progress = exits, now
@@ -477,6 +490,7 @@ class Machine:
             stop_status=None if self._stop is None else self._stop.status,
             stop_reason=None if self._stop is None else self._stop.reason,
             thread_errors=[f"{where}: {type(e).__name__}: {e}" for where, errors in self._thread_error_lists() for e in errors],
+            profile=None if self.profiler is None else self.profiler.statistics(),
         )
 
     def _thread_error_lists(self) -> list[tuple[str, list[BaseException]]]:
@@ -484,4 +498,6 @@ class Machine:
         lists = [("event loop", self.events.errors)] + [(f"{dev.name} flusher", dev.errors) for dev, _ in self.pmem_plugged]
         if self.qmp is not None:
             lists.append(("QMP", self.qmp.errors))
+        if self.profiler is not None:
+            lists.append(("profiler", self.profiler.errors))
         return lists

@@ -10,7 +10,8 @@ gets the same structure the VMM had. `render_text()` is the human report of `--s
 JSON layout (`STATS_FORMAT`): {"format", "stop": {"status", "reason"} | null, "startup_s",
 "wall_time_s", "vcpus": [{"index", "exits", "exits_by_kind", "exits_by_device",
 "time_in_run_s", "time_outside_s", "first_run_s", "exit_log"}], "emulation_fallbacks",
-"unclaimed": {bus: {op: count}}, "pmem": [{"id", "path", counters, times}]}.
+"unclaimed": {bus: {op: count}}, "pmem": [{"id", "path", counters, times}],
+"profile": `profiler.ProfileStats.to_dict()` | null (without --profile)}.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from .profiler import ProfileStats
 
 STATS_FORMAT = "minivmm-stats/1"  # changes when a key changes meaning or goes away
 
@@ -170,6 +173,7 @@ class MachineStats:
     stop_status: int | None = None
     stop_reason: str | None = None
     thread_errors: list[str] = field(default_factory=list)  # "where: Type: message" of VMM-thread failures
+    profile: ProfileStats | None = None  # the guest profiler's samples (--profile)
 
     @property
     def startup(self) -> float | None:
@@ -202,6 +206,7 @@ class MachineStats:
             "unclaimed": {bus: dict(ops) for bus, ops in self.unclaimed.items()},
             "pmem": [p.to_dict() for p in self.pmem],
             "thread_errors": list(self.thread_errors),
+            "profile": None if self.profile is None else self.profile.to_dict(),
         }
 
     def _vcpu_dict(self, index: int, v: VcpuStats) -> dict[str, Any]:
@@ -240,6 +245,7 @@ class MachineStats:
             stop_status=None if stop is None else stop["status"],
             stop_reason=None if stop is None else stop["reason"],
             thread_errors=list(d.get("thread_errors", [])),
+            profile=None if d.get("profile") is None else ProfileStats.from_dict(d["profile"]),
         )
 
     def to_json(self) -> str:

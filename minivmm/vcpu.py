@@ -20,6 +20,7 @@ from .exit_handler import ExitParts, Stop, describe, handle_exit
 from .fallback import EmulationFallbacks
 from .kvm import Vcpu
 from .memory import GuestMemory
+from .profiler import VcpuProfile
 from .stats import VcpuStats as ExitStats
 from .timeline import IntervalSampler
 from .vcpu_exit import InterruptedExit
@@ -57,6 +58,8 @@ class VcpuLoop:
         self._run_allowed.set()
         self.paused = threading.Event()  # set while the thread waits in pause
         self.sampler: IntervalSampler | None = None  # per-interval snapshots, only for --timeline
+        self.profile: VcpuProfile | None = None  # the guest profiler's samples, only for --profile
+        self.sample_requested = False
 
     def record_timeline(self) -> IntervalSampler:
         """Snapshot this vCPU's counters every `timeline.INTERVAL` (call before `start`)."""
@@ -85,6 +88,20 @@ class VcpuLoop:
         request interrupts KVM_RUN and the dump happens on the vCPU thread."""
         self.describe_requested = True
         self._interrupt()
+
+    def running(self) -> bool:
+        """The thread was started, has not ended and is not paused (it may run guest code)."""
+        return self.thread is not None and self.thread.is_alive() and self._run_allowed.is_set()
+
+    def request_sample(self) -> bool:
+        """Have the vCPU thread take a profiler sample (`VcpuProfile.record`) and carry on,
+        from any thread; False, and nothing done, while the previous request is still pending."""
+        if self.sample_requested or self.profile is None:
+            return False
+        self.profile.kicked_at = time.perf_counter()
+        self.sample_requested = True
+        self._interrupt()
+        return True
 
     def _interrupt(self) -> None:
         # immediate_exit covers the window before the thread re-enters KVM_RUN; the signal
@@ -140,6 +157,9 @@ class VcpuLoop:
 
     def _interrupted(self) -> None:
         self.vcpu.set_immediate_exit(False)
+        if self.sample_requested:
+            self.profile.record(self.vcpu)  # type: ignore[union-attr]
+            self.sample_requested = False  # after: the next kick's time cannot overtake this sample
         if self.describe_requested:
             self.describe_requested = False
             print(self.describe(), file=self.parts.diagnostics, flush=True)

@@ -4,7 +4,7 @@ Exactly three boots, each checking as much as it can: a boot costs minutes of on
 software KVM (kvm_pvm), so with ``pytest -n 2`` this file takes about two boot-times.
 
 1. PVH entry (vmlinux) ending in an ACPI S5 power-off, with --stats;
-2. the bzImage through the 64-bit boot protocol, ending in a reboot (i8042 reset);
+2. the bzImage through the 64-bit boot protocol, ending in a reboot (i8042 reset), profiled;
 3. PVH again, ending in a kernel panic reported through pvpanic.
 
 Nothing is mocked. Each boot's stdout/stderr stay in the test's tmp_path.
@@ -123,7 +123,7 @@ def test_bzimage_reboot(guest, tmp_path, record_property):
     """The bzImage through the 64-bit boot protocol (boot_params at the zero page), with the
     default initramfs; the init reboots and `reboot=k` makes the kernel reset through the i8042."""
     cmdline = f"{BASE_CMDLINE} minivmm.steps=hello,uname minivmm.end=reboot"
-    run = boot(["--kernel", guest.bzimage, "--initrd", guest.initrd, "--cmdline", cmdline], tmp_path, record_property)
+    run = boot(["--kernel", guest.bzimage, "--initrd", guest.initrd, "--cmdline", cmdline, "--profile"], tmp_path, record_property)
     assert run.status == 0, run.describe()
     assert last_line(run.stderr) == "minivmm: guest rebooted (i8042 reset)", run.describe()
 
@@ -140,6 +140,19 @@ def test_bzimage_reboot(guest, tmp_path, record_property):
     assert run.stdout.find("reboot: Restarting system") > run.stdout.find("minivmm-test: end action=reboot") >= 0, run.describe()
     assert "Kernel panic" not in run.stdout
     assert "Power down" not in run.stdout
+
+    # --profile: a bzImage has no symbols, so the default guest's System.map names the functions.
+    profile = run.stats.profile
+    system_map = guest.bzimage.parent / "System.map"
+    assert profile is not None and profile.samples > 0, run.describe()
+    assert profile.symbols == f"System.map {system_map}", profile.symbols
+    mapped = {line.split()[2] for line in system_map.read_text().splitlines() if len(line.split()) >= 3}
+    functions = profile.functions()
+    named = [name for name in functions if not name.startswith("[")]
+    assert named and set(named) <= mapped, (set(named) - mapped, profile.render_text())
+    assert sum(functions[n] for n in named) > profile.samples // 2, profile.render_text()  # most samples have a name
+    assert profile.kernel + profile.user == profile.samples and profile.kernel > 0
+    assert profile.render_text().splitlines()[0] in run.stderr, run.describe()
 
 
 def test_pvh_panic(guest, tmp_path, record_property):
