@@ -389,7 +389,7 @@ class Machine:
         for index in range(cfg.cpus):  # vCPU n has local APIC id n, as the MADT says
             vcpu = self.vm.create_vcpu(index)
             self.owned.callback(vcpu.close)
-            vcpu_setup.setup_vcpu(vcpu, supported, self.boot.entry if index == 0 else None)
+            vcpu_setup.setup_vcpu(vcpu, supported, self.boot.entry if index == 0 else None, self.host.hidden_kvm_features)
             trace = sys.stderr if cfg.trace else None
             self.loops.append(
                 VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace,

@@ -48,6 +48,7 @@ BOOT_MSRS = {
 # appendix E "Obtaining Processor Information Via the CPUID Instruction")
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+KVM_CPUID_FEATURES = 0x40000001  # EAX: KVM_FEATURE_* paravirtual features
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1  # the kernel's spelling
 CPUID_LEAF_FEATURES = 1
 CPUID_LEAF_CACHE_PARAMS = 4
@@ -86,7 +87,7 @@ def _topology_leaf(function: int, index: int) -> list[dict[str, int]]:
     ]
 
 
-def vcpu_cpuid(supported: Iterable[dict[str, int]], index: int) -> list[dict[str, int]]:
+def vcpu_cpuid(supported: Iterable[dict[str, int]], index: int, hidden_kvm_features: int = 0) -> list[dict[str, int]]:
     """CPUID of vCPU `index`: what KVM supports, with the hypervisor bit and KVM signature set,
     and one consistent topology: every vCPU is a package of one core of one thread whose
     (x2)APIC id is `index` (the MADT's, `boot.acpi.madt`; KVM gives vCPU n local APIC id n).
@@ -122,17 +123,19 @@ def vcpu_cpuid(supported: Iterable[dict[str, int]], index: int) -> list[dict[str
             e["eax"], e["ebx"], e["ecx"] = index, 0, 0
         elif fn == KVM_CPUID_SIGNATURE:
             e["ebx"], e["ecx"], e["edx"] = struct.unpack("<3I", KVM_SIGNATURE)
+        elif fn == KVM_CPUID_FEATURES:
+            e["eax"] &= ~hidden_kvm_features
         entries.append(e)
     return entries
 
 
-def setup_cpuid(vcpu: Vcpu, supported: Iterable[dict[str, int]], index: int) -> None:
+def setup_cpuid(vcpu: Vcpu, supported: Iterable[dict[str, int]], index: int, hidden_kvm_features: int = 0) -> None:
     """KVM_SET_CPUID2 with `vcpu_cpuid` (the KVM signature leaf tells Linux it runs on KVM:
     kvmclock, paravirt features)."""
-    vcpu.set_cpuid(vcpu_cpuid(supported, index))
+    vcpu.set_cpuid(vcpu_cpuid(supported, index, hidden_kvm_features))
 
 
-def setup_vcpu(vcpu: Vcpu, supported: Iterable[dict[str, int]], entry: BootEntry | None) -> None:
+def setup_vcpu(vcpu: Vcpu, supported: Iterable[dict[str, int]], entry: BootEntry | None, hidden_kvm_features: int = 0) -> None:
     """Everything vCPU `vcpu.index` needs before its first KVM_RUN.
 
     Every vCPU gets its CPUID (`vcpu_cpuid`), MSRs and FPU state. The bootstrap processor
@@ -142,7 +145,7 @@ def setup_vcpu(vcpu: Vcpu, supported: Iterable[dict[str, int]], entry: BootEntry
     (KVM_MP_STATE_UNINITIALIZED) inside KVM_RUN until the guest sends it INIT and a start-up
     IPI, which reset its LAPIC and registers and start it in real mode at the SIPI vector
     (SDM vol. 3, 8.4.4 "MP Initialization Example"; MultiProcessor Specification B.4)."""
-    setup_cpuid(vcpu, supported, vcpu.index)
+    setup_cpuid(vcpu, supported, vcpu.index, hidden_kvm_features)
     setup_msrs(vcpu)
     setup_fpu(vcpu)
     if entry is not None:
