@@ -28,12 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from minivmm import kvm, layout, vcpu_setup
+from minivmm import hostcheck, kvm, layout, vcpu_setup
 from minivmm.boot.acpi import S5_SLP_TYP
 from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
 from minivmm.errors import UserError
 from minivmm.exit_handler import Stop
 from minivmm.machine import Machine, MachineConfig
+from minivmm.vcpu import install_kick_handler
 from support.idle import wait_until
 from support.synthetic_kernels import make_pvh_elf, smoke_pvh_elf
 
@@ -177,6 +178,25 @@ def topology(entries: list[dict[str, int]]) -> dict[tuple[int, int], tuple[int, 
     return view
 
 
+def test_hidden_kvm_features_are_cleared_from_leaf_0x40000001_only() -> None:
+    supported = kvm.Kvm().supported_cpuid()
+    mask = hostcheck.SOFTWARE_KVM_HIDDEN_KVM_FEATURES
+    plain, hidden = table(vcpu_setup.vcpu_cpuid(supported, 1)), table(vcpu_setup.vcpu_cpuid(supported, 1, mask))
+    key = (vcpu_setup.KVM_CPUID_FEATURES, 0)
+    assert hidden[key][0] == plain[key][0] & ~mask and hidden[key][1:] == plain[key][1:]
+    assert {k: v for k, v in hidden.items() if k != key} == {k: v for k, v in plain.items() if k != key}
+
+
+def test_only_a_software_kvm_hides_kvm_features(tmp_path: Path) -> None:
+    """The remedy is a no-op on hardware KVM: nothing hidden without kvm_pvm."""
+    assert hostcheck.probe(tmp_path).hidden_kvm_features == 0  # an empty /sys/module
+    (tmp_path / "kvm_pvm").mkdir()
+    assert hostcheck.probe(tmp_path).hidden_kvm_features == hostcheck.SOFTWARE_KVM_HIDDEN_KVM_FEATURES
+    mask = hostcheck.SOFTWARE_KVM_HIDDEN_KVM_FEATURES
+    names = ("KVM_FEATURE_PV_UNHALT", "KVM_FEATURE_PV_TLB_FLUSH", "KVM_FEATURE_PV_SEND_IPI", "KVM_FEATURE_PV_SCHED_YIELD")
+    assert mask == (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13) == sum(getattr(hostcheck, n) for n in names)
+
+
 @pytest.fixture
 def booted_4(tmp_path: Path):
     """A 4-vCPU machine with a kernel loaded and its vCPUs created and set up, never run."""
@@ -191,7 +211,9 @@ def test_each_vcpu_is_set_up_for_its_index_in_kvm(booted_4: Machine) -> None:
     assert [loop.vcpu.index for loop in m.loops] == [0, 1, 2, 3]
     for loop in m.loops:
         vcpu, i = loop.vcpu, loop.vcpu.index
-        got, want = vcpu.get_cpuid(), vcpu_setup.vcpu_cpuid(supported, i)
+        got, want = vcpu.get_cpuid(), vcpu_setup.vcpu_cpuid(supported, i, m.host.hidden_kvm_features)
+        kvm_features = table(got)[vcpu_setup.KVM_CPUID_FEATURES, 0][0]
+        assert kvm_features == table(supported)[vcpu_setup.KVM_CPUID_FEATURES, 0][0] & ~m.host.hidden_kvm_features
         assert topology(got) == topology(want), f"vCPU {i}"
         if not m.host.software_kvm:  # kvm_pvm puts the host's feature bits into leaves 1, 7 and 0xD
             assert table(got) == table(want), f"vCPU {i}"
@@ -273,6 +295,7 @@ def test_pause_and_resume_stop_and_restart_every_vcpu(tmp_path: Path, null_fd: i
         return b"AP up\n" in out
 
     with Machine(MachineConfig(kernel=spinning_pair(tmp_path), mem_size=64 * MiB, cpus=2, stdin_fd=null_fd, stdout_fd=w)) as m:
+        install_kick_handler()  # run() installs it only on the main thread; it runs on another here
         runner = threading.Thread(target=m.run)
         runner.start()
         try:
