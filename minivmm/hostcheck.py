@@ -26,9 +26,11 @@ SOFTWARE_KVM_CMDLINE = "clearcpuid=" + ",".join(HIDDEN_CPU_FEATURES)
 #   at `vmcall` in __send_ipi_mask while CPU 0 spun on a lock; the paravirtual spinlock kick
 #   and yield are hypercalls too.
 # - With PV TLB flush, Linux does not interrupt a preempted vCPU for a remote TLB flush but sets
-#   KVM_VCPU_FLUSH_TLB in its steal-time record for KVM to flush before the vCPU runs again;
-#   kvm_pvm leaves stale translations: nearly every program then faulted before main
-#   ("segfault at 0 ip 4a4d02", a freshly written TLS page read as zeros), PID 1's too.
+#   KVM_VCPU_FLUSH_TLB in its steal-time record for KVM to flush before the vCPU runs again.
+#   With it, nearly every program of an SMP guest faulted before main ("segfault at 0 ip
+#   4a4d02", a freshly written TLS page read as zeros), PID 1's `exec poweroff` too; hidden,
+#   the next boot ran its script without a fault, but later boots met it again (README "SMP").
+#   Hidden as a precaution: a flush IPI needs nothing from KVM beyond the local APIC.
 KVM_FEATURE_PV_UNHALT = 1 << 7  # KVM_HC_KICK_CPU (paravirtual spinlocks)
 KVM_FEATURE_PV_TLB_FLUSH = 1 << 9  # KVM_VCPU_FLUSH_TLB in the steal-time record
 KVM_FEATURE_PV_SEND_IPI = 1 << 11  # KVM_HC_SEND_IPI

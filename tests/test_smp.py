@@ -187,11 +187,13 @@ def test_hidden_kvm_features_are_cleared_from_leaf_0x40000001_only() -> None:
     assert {k: v for k, v in hidden.items() if k != key} == {k: v for k, v in plain.items() if k != key}
 
 
-def test_only_a_software_kvm_hides_kvm_features(tmp_path: Path) -> None:
-    """The remedy is a no-op on hardware KVM: nothing hidden without kvm_pvm."""
-    assert hostcheck.probe(tmp_path).hidden_kvm_features == 0  # an empty /sys/module
+def test_only_a_software_kvm_gets_the_smp_remedies(tmp_path: Path) -> None:
+    """The remedies are no-ops on hardware KVM: nothing hidden without kvm_pvm."""
+    hardware = hostcheck.probe(tmp_path)  # an empty /sys/module
+    assert hardware.hidden_kvm_features == 0
     (tmp_path / "kvm_pvm").mkdir()
-    assert hostcheck.probe(tmp_path).hidden_kvm_features == hostcheck.SOFTWARE_KVM_HIDDEN_KVM_FEATURES
+    software = hostcheck.probe(tmp_path)
+    assert software.hidden_kvm_features == hostcheck.SOFTWARE_KVM_HIDDEN_KVM_FEATURES
     mask = hostcheck.SOFTWARE_KVM_HIDDEN_KVM_FEATURES
     names = ("KVM_FEATURE_PV_UNHALT", "KVM_FEATURE_PV_TLB_FLUSH", "KVM_FEATURE_PV_SEND_IPI", "KVM_FEATURE_PV_SCHED_YIELD")
     assert mask == (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13) == sum(getattr(hostcheck, n) for n in names)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bootutil import SOFTWARE_KVM
 from pmembootutil import check, make_ext4, pmem_stats, run_minivmm
 
 CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k minivmm.script=smp"
@@ -29,7 +30,16 @@ def fields(line: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in line.split(" result=", 1)[0].split() if "=" in word)
 
 
+# kvm_pvm's known fault (README "Running on software-KVM hosts"): a freshly started program reads a
+# freshly written page as zeros and faults before main (`segfault at 0 ip 4a4d02`, busybox's
+# __ctype_init reading %fs:-0x90). One vCPU meets it only with two programs started together;
+# with two vCPUs it hits plain sequential `sleep`s of /init, on either CPU, with the RAM
+# populated up front and with the VMM pinned to one host CPU too (README "SMP").
+SMP_CRASH = "programs started on an SMP guest intermittently crash before main on kvm_pvm"
+
+
 @pytest.mark.boot
+@pytest.mark.xfail(SOFTWARE_KVM, reason=SMP_CRASH, strict=False)
 def test_two_cpus_online_busy_and_flushing_then_poweroff(guest, tmp_path: Path) -> None:
     image = make_ext4(tmp_path / "pmem0.img", 256 * MiB)
     run = run_minivmm(tmp_path, "smp", ["--cpus", "2", "--pmem", f"{image},id=pmem0", "--cmdline", CMDLINE])
