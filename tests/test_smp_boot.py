@@ -60,7 +60,7 @@ def test_two_cpus_online_busy_and_flushing_then_poweroff(guest, tmp_path: Path) 
     for cpu, line in enumerate(flushes):
         f = fields(line)
         check(run, (f["cpu"], f["allowed"], f["ran_on"], f["status"]) == (str(cpu), str(cpu), str(cpu), "0"), f"flusher: {line}")
-        check(run, re.search(rf"result=flush-bench n={FLUSHES} ", line), f"flusher result: {line}")
+        check(run, re.search(rf"result=minivmm-test: flush-bench n={FLUSHES} ", line), f"flusher result: {line}")
     check(run, fields(flushes[1])["overlap"] == "yes", f"the flushers did not overlap: {flushes}")
 
     stats = run.stats
