@@ -38,6 +38,8 @@ figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its
         faults forced (a DAX_PTE_MIB file), then a DAX_MIB file where ext4 maps it (2 MiB
         faults): times, page faults, pieces ready for PMDs, the speed-ups per MiB; then the
         exits while it rewrites the mapping (none should be the VMM's).
+  boot-2cpu, pmem-2cpu, flush1-2cpu, flush4-2cpu  the boot, pmem, flush1 and flush4 sections
+        with --cpus 2 (the test init is the only program: its threads may run on both CPUs).
 
 A section is a row of SECTIONS: a name, a command line, optional set-up (extra VMM
 arguments, files in a per-boot temporary directory) and a parser for its own figures. Later
@@ -64,7 +66,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -662,6 +664,28 @@ SECTIONS: dict[str, Section] = {
         ),
     )
 }
+
+
+# -- SMP: the same sections with --cpus 2 ------------------------------------------------------
+
+SMP_CPUS = 2
+SMP_SECTIONS = ("boot", "pmem", "flush1", "flush4")  # boot time; flush latency; fsyncs per flush
+
+
+def with_cpus(setup: Callable[[Path], list[str]] | None, cpus: int) -> Callable[[Path], list[str]]:
+    """`setup` with `--cpus N` in front of its arguments."""
+    return lambda workdir: ["--cpus", str(cpus), *(setup(workdir) if setup else [])]
+
+
+SECTIONS.update(
+    {
+        f"{name}-{SMP_CPUS}cpu": replace(
+            SECTIONS[name], name=f"{name}-{SMP_CPUS}cpu", title=f"{SECTIONS[name].title}, --cpus {SMP_CPUS}",
+            setup=with_cpus(SECTIONS[name].setup, SMP_CPUS),
+        )  # fmt: skip
+        for name in SMP_SECTIONS
+    }
+)
 
 
 # -- one boot -------------------------------------------------------------------------------

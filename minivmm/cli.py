@@ -17,6 +17,7 @@ from . import __version__
 from .errors import UserError, run_command
 from .profiler import DEFAULT_HZ as DEFAULT_PROFILE_HZ
 from .units import parse_size
+from .layout import MAX_VCPUS
 
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"
 DEFAULT_MEM = "256M"
@@ -35,6 +36,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cpus(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_VCPUS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of vCPUs from 1 to {MAX_VCPUS}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minivmm", description="A miniature x86-64 virtual machine monitor on KVM.")
     parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
@@ -44,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", type=Path, help="initramfs/initrd image; default: the default guest's, when --kernel is not given")
     run.add_argument("--cmdline", "--append", dest="cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
     run.add_argument("--mem", type=_size, default=parse_size(DEFAULT_MEM), metavar="SIZE", help=f"guest RAM, K/M/G suffixes (default {DEFAULT_MEM})")
-    run.add_argument("--cpus", type=int, default=1, choices=[1], help="number of vCPUs (only 1 for now)")
+    run.add_argument("--cpus", type=_cpus, default=1, metavar="N", help=f"number of vCPUs, 1 to {MAX_VCPUS} (default 1)")
     run.add_argument(
         "--pmem",
         action="append",

@@ -104,6 +104,7 @@ ffi.cdef(
         uint64_t exception_payload;
     };
     struct kvm_lapic_state { char regs[1024]; };
+    struct kvm_mp_state { uint32_t mp_state; };
     struct kvm_run_io { uint8_t direction; uint8_t size; uint16_t port; uint32_t count; uint64_t data_offset; };
     struct kvm_run_mmio { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; };
     struct kvm_run_internal { uint32_t suberror; uint32_t ndata; uint64_t data[16]; };
@@ -188,12 +189,15 @@ KVM_SET_REGS = _IOW(0x82, "struct kvm_regs")
 KVM_GET_SREGS = _IOR(0x83, "struct kvm_sregs")
 KVM_SET_SREGS = _IOW(0x84, "struct kvm_sregs")
 KVM_TRANSLATE = _IOWR(0x85, "struct kvm_translation")
+KVM_GET_MSRS = _IOWR(0x88, "struct kvm_msrs")
 KVM_SET_MSRS = _IOW(0x89, "struct kvm_msrs")
 KVM_GET_FPU = _IOR(0x8C, "struct kvm_fpu")
 KVM_SET_FPU = _IOW(0x8D, "struct kvm_fpu")
 KVM_GET_LAPIC = _IOR(0x8E, "struct kvm_lapic_state")
 KVM_SET_LAPIC = _IOW(0x8F, "struct kvm_lapic_state")
 KVM_SET_CPUID2 = _IOW(0x90, "struct kvm_cpuid2")
+KVM_GET_CPUID2 = _IOWR(0x91, "struct kvm_cpuid2")
+KVM_GET_MP_STATE = _IOR(0x98, "struct kvm_mp_state")
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _IOW(0xA0, "struct kvm_vcpu_events")
 
@@ -203,6 +207,7 @@ KVM_CAP_HLT = 1
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
+KVM_CAP_NR_VCPUS = 9  # the recommended maximum of vCPUs
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_DEFAULT_MEMSLOTS = 32  # KVM_USER_MEM_SLOTS before KVM_CAP_NR_MEMSLOTS existed
 KVM_CAP_IRQ_ROUTING = 25
@@ -211,7 +216,14 @@ KVM_CAP_PIT2 = 33
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_MAX_VCPUS = 66  # the hard maximum of vCPUs
 KVM_CAP_IMMEDIATE_EXIT = 136
+# vCPU multiprocessing states (KVM_GET_MP_STATE, api.rst 4.38)
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1  # an application processor waiting for INIT/SIPI
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
 REQUIRED_CAPS = {
     "KVM_CAP_IRQCHIP": KVM_CAP_IRQCHIP,
     "KVM_CAP_USER_MEMORY": KVM_CAP_USER_MEMORY,
@@ -291,6 +303,9 @@ def _flex(ctype: str, count_field: str, entry_ctype: str, count: int) -> tuple[o
     return raw, typed
 
 
+CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
 class Kvm:
     """The /dev/kvm system fd: API version, capabilities, supported CPUID."""
 
@@ -318,6 +333,10 @@ class Kvm:
         """KVM_CAP_NR_MEMSLOTS (api.rst 4.4): how many memory slots a VM may have (32 if unsaid)."""
         return self.check_extension(KVM_CAP_NR_MEMSLOTS) or KVM_DEFAULT_MEMSLOTS
 
+    def max_vcpus(self) -> int:
+        """KVM_CAP_MAX_VCPUS, else KVM_CAP_NR_VCPUS, else 4 (api.rst 4.7 KVM_CREATE_VCPU)."""
+        return self.check_extension(KVM_CAP_MAX_VCPUS) or self.check_extension(KVM_CAP_NR_VCPUS) or 4
+
     def supported_cpuid(self) -> list[dict[str, int]]:
         for n in (128, 256, 512):
             raw, cpuid = _flex("struct kvm_cpuid2", "nent", "struct kvm_cpuid_entry2", n)
@@ -328,7 +347,7 @@ class Kvm:
                     continue
                 raise
             return [
-                {f: getattr(cpuid.entries[i], f) for f in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")}
+                {f: getattr(cpuid.entries[i], f) for f in CPUID_FIELDS}
                 for i in range(cpuid.nent)
             ]
         raise HostError("KVM_GET_SUPPORTED_CPUID: too many entries")
@@ -454,15 +473,23 @@ class Vcpu:
         kvm_run structure"). EINTR (a signal or `immediate_exit`) is an `InterruptedExit`.
 
         Data views of the returned exit point into the `kvm_run` page: they are valid until the
-        next `run()`."""
-        try:
-            _ioctl(self.fd, KVM_RUN)
-        except InterruptedError:
-            return InterruptedExit()
-        except OSError as exc:
-            if exc.errno != errno.EFAULT:
-                raise
-            return self.memory_fault()
+        next `run()`.
+
+        EAGAIN is run again: KVM_RUN on an application processor in wait-for-SIPI
+        (KVM_MP_STATE_UNINITIALIZED) blocks in the kernel, and returns EAGAIN once an INIT or
+        start-up IPI woke it (arch/x86/kvm/x86.c, kvm_arch_vcpu_ioctl_run)."""
+        while True:
+            try:
+                _ioctl(self.fd, KVM_RUN)
+                break
+            except BlockingIOError:
+                continue
+            except InterruptedError:
+                return InterruptedExit()
+            except OSError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                return self.memory_fault()
         return self._decode(self.kvm_run.exit_reason)
 
     def memory_fault(self) -> MemoryFaultExit:
@@ -553,6 +580,26 @@ class Vcpu:
             for k, v in entry.items():
                 setattr(cpuid.entries[i], k, v)
         _ioctl(self.fd, KVM_SET_CPUID2, raw)
+
+    def get_cpuid(self, max_entries: int = 256) -> list[dict[str, int]]:
+        """The CPUID entries KVM_SET_CPUID2 gave this vCPU (KVM_GET_CPUID2)."""
+        raw, cpuid = _flex("struct kvm_cpuid2", "nent", "struct kvm_cpuid_entry2", max_entries)
+        _ioctl(self.fd, KVM_GET_CPUID2, raw)
+        return [{f: getattr(cpuid.entries[i], f) for f in CPUID_FIELDS} for i in range(cpuid.nent)]
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: index -> value of each MSR KVM could read (it stops at the first it cannot)."""
+        raw, table = _flex("struct kvm_msrs", "nmsrs", "struct kvm_msr_entry", len(indices))
+        for i, index in enumerate(indices):
+            table.entries[i].index = index
+        n = _ioctl(self.fd, KVM_GET_MSRS, raw)
+        return {table.entries[i].index: table.entries[i].data for i in range(n)}
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: KVM_MP_STATE_RUNNABLE, _UNINITIALIZED (waiting for SIPI), _HALTED..."""
+        state = ffi.new("struct kvm_mp_state *")
+        _ioctl(self.fd, KVM_GET_MP_STATE, state)
+        return state.mp_state
 
     def set_msrs(self, msrs: dict[int, int]) -> int:
         raw, table = _flex("struct kvm_msrs", "nmsrs", "struct kvm_msr_entry", len(msrs))

@@ -165,6 +165,9 @@ PCI_CONFIG_ADDRESS_PORT = 0xCF8
 PCI_CONFIG_DATA_PORT = 0xCFC
 PCI_CONFIG_PORT_COUNT = 8  # 0xCF8-0xCFF
 IOAPIC_NUM_PINS = 24  # KVM's in-kernel IOAPIC (KVM_IOAPIC_NUM_PINS)
+# vCPUs per machine: vCPU n has local APIC id n (MADT, CPUID); at most the default guest
+# kernel's CONFIG_NR_CPUS (guest/kernel.config). One-byte xAPIC ids would allow 255.
+MAX_VCPUS = 8
 PIC_NUM_PINS = 16  # two cascaded 8259s
 PCI_INTX_GSI_BASE = 16  # GSIs 16..23 carry PCI INTx
 FIRST_MSI_GSI = IOAPIC_NUM_PINS  # GSIs from here on are MSI routes

@@ -134,10 +134,14 @@ class Machine:
             own.callback(backing.close)
         for warning in warnings + pmemfile.sparse_warnings(self.pmem_backings):
             print(f"minivmm: warning: {warning}", file=sys.stderr)
+        if not 1 <= cfg.cpus <= layout.MAX_VCPUS:
+            raise UserError(f"{cfg.cpus} vCPUs: a machine has 1 to {layout.MAX_VCPUS}")
         ram = [(gpa, self._reserve_ram(size)) for gpa, size in layout.ram_ranges(cfg.mem_size)]
         self.kvm = Kvm()
         own.callback(self.kvm.close)
         self.host = hostcheck.probe()
+        if cfg.cpus > (kvm_max := self.kvm.max_vcpus()):
+            raise UserError(f"{cfg.cpus} vCPUs: this host's KVM allows at most {kvm_max}")
         self.vm = self.kvm.create_vm()
         own.callback(self.vm.close)
         self.resources = ResourceAllocator(cfg.mem_size, max_memory_slots=self.kvm.max_memory_slots())
@@ -386,15 +390,10 @@ class Machine:
                 print(line, file=sys.stderr)
         self.symbols = LazySymbols(cfg.kernel)  # read only if an instruction is ever shown
         supported = self.kvm.supported_cpuid()
-        for index in range(cfg.cpus):
+        for index in range(cfg.cpus):  # vCPU n has local APIC id n, as the MADT says
             vcpu = self.vm.create_vcpu(index)
             self.owned.callback(vcpu.close)
-            vcpu_setup.setup_cpuid(vcpu, supported, index)
-            vcpu_setup.setup_msrs(vcpu)
-            vcpu_setup.setup_fpu(vcpu)
-            vcpu_setup.setup_lapic(vcpu)
-            if index == 0:
-                vcpu_setup.apply_entry(vcpu, self.boot.entry)
+            vcpu_setup.setup_vcpu(vcpu, supported, self.boot.entry if index == 0 else None, self.host.hidden_kvm_features)
             trace = sys.stderr if cfg.trace else None
             self.loops.append(
                 VcpuLoop(vcpu, self.mem, self.pio, self.mmio, self.fallbacks, self.request_stop, trace,
@@ -418,7 +417,9 @@ class Machine:
             self.qmp.start()
         try:
             with self.console:  # raw terminal while the guest runs; restored whatever happens
-                for loop in self.loops[:1]:  # application processors stay in wait-for-SIPI
+                # Every vCPU gets its thread now: an application processor's KVM_RUN waits in
+                # the kernel (wait-for-SIPI) until the guest starts it through its local APIC.
+                for loop in self.loops:
                     loop.start()
                 if self.profiler is not None:
                     self.profiler.start()

@@ -18,13 +18,28 @@ from .bus import Bus
 from .disasm import LazySymbols
 from .exit_handler import ExitParts, Stop, describe, handle_exit
 from .fallback import EmulationFallbacks
-from .kvm import Vcpu
+from .kvm import (
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED,
+    Vcpu,
+)
 from .memory import GuestMemory
 from .profiler import VcpuProfile
 from .stats import VcpuStats as ExitStats
 from .timeline import IntervalSampler
 from .vcpu_exit import InterruptedExit
 
+# KVM_GET_MP_STATE values in words (api.rst 4.38), for the state dumps
+MP_STATE_NAMES = {
+    KVM_MP_STATE_RUNNABLE: "runnable",
+    KVM_MP_STATE_UNINITIALIZED: "waiting for INIT/SIPI (an application processor not started yet)",
+    KVM_MP_STATE_INIT_RECEIVED: "INIT received, waiting for SIPI",
+    KVM_MP_STATE_HALTED: "halted (HLT, waiting for an interrupt)",
+    KVM_MP_STATE_SIPI_RECEIVED: "SIPI received",
+}
 KICK_SIGNAL = signal.SIGUSR2  # interrupts KVM_RUN on a vCPU thread (its handler does nothing)
 
 
@@ -169,8 +184,10 @@ class VcpuLoop:
             self.paused.clear()
 
     def describe(self) -> str:
-        """Registers, the instruction bytes at RIP and the last exits (see `exit_handler.describe`)."""
-        return describe(self.parts)
+        """Registers, the instruction bytes at RIP, the last exits (see `exit_handler.describe`)
+        and the multiprocessing state (an application processor may still wait for SIPI)."""
+        state = self.vcpu.get_mp_state()
+        return f"{describe(self.parts)}\nmp_state: {MP_STATE_NAMES.get(state, str(state))}"
 
 
 def install_kick_handler() -> None:

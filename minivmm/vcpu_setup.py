@@ -44,36 +44,113 @@ BOOT_MSRS = {
     MSR_MTRRdefType: MTRR_DEF_TYPE_ENABLE | MTRR_TYPE_WRBACK,
 }
 
-# CPUID leaves (Documentation/virt/kvm/x86/cpuid.rst)
+# CPUID leaves (Documentation/virt/kvm/x86/cpuid.rst; Intel SDM vol. 2A "CPUID"; AMD APM vol. 3
+# appendix E "Obtaining Processor Information Via the CPUID Instruction")
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+KVM_CPUID_FEATURES = 0x40000001  # EAX: KVM_FEATURE_* paravirtual features
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1  # the kernel's spelling
 CPUID_LEAF_FEATURES = 1
+CPUID_LEAF_CACHE_PARAMS = 4
 CPUID_LEAF_EXT_TOPOLOGY = 0xB
+CPUID_LEAF_V2_EXT_TOPOLOGY = 0x1F
+CPUID_LEAF_EXT_FEATURES = 0x80000001
+CPUID_LEAF_AMD_SIZE_IDS = 0x80000008
+CPUID_LEAF_AMD_CACHE_TOPOLOGY = 0x8000001D
+CPUID_LEAF_AMD_EXT_APIC_ID = 0x8000001E
 CPUID_HYPERVISOR_BIT = 1 << 31  # leaf 1, ECX
+CPUID_HTT_BIT = 1 << 28  # leaf 1, EDX: EBX[23:16] (logical processors per package) is valid
+CPUID_CMP_LEGACY_BIT = 1 << 1  # leaf 0x80000001, ECX: "core multi-processing legacy mode"
+CACHE_SHARING_MASK = 0xFFF << 14  # leaves 4 and 0x8000001D, EAX[25:14]: logical processors sharing the cache - 1
+CORES_PER_PACKAGE_MASK = 0x3F << 26  # leaf 4, EAX[31:26]: addressable core IDs per package - 1
+TOPOLOGY_LEVEL_SMT = 1  # leaf 0xB/0x1F, ECX[15:8]
+TOPOLOGY_LEVEL_CORE = 2
 
 # Local APIC registers (Intel SDM vol. 3, table 11-1) and LVT delivery modes
 APIC_LVT0 = 0x350
 APIC_LVT1 = 0x360
 APIC_MODE_EXTINT = 0x7
 APIC_MODE_NMI = 0x4
+MSR_IA32_APICBASE = 0x1B
+APICBASE_BSP = 1 << 8  # set by KVM on vCPU 0 (the bootstrap processor) only
+APICBASE_ENABLE = 1 << 11
 
 
-def setup_cpuid(vcpu: Vcpu, supported: Iterable[dict[str, int]], index: int) -> None:
-    """CPUID = what KVM supports, with this vCPU's APIC id and the hypervisor bit set.
+def _topology_leaf(function: int, index: int) -> list[dict[str, int]]:
+    """Leaf 0xB/0x1F for a package of one core of one thread (SDM vol. 2A, CPUID leaf 0BH):
+    the SMT and core levels each count 1 logical processor and shift the x2APIC id by 0,
+    so the package id is the APIC id; subleaf 2 is the invalid level that ends the list."""
+    levels = ((0, 1, TOPOLOGY_LEVEL_SMT << 8), (0, 1, TOPOLOGY_LEVEL_CORE << 8 | 1), (0, 0, 2))
+    return [
+        dict(function=function, index=sub, flags=KVM_CPUID_FLAG_SIGNIFCANT_INDEX, eax=eax, ebx=ebx, ecx=ecx, edx=index)
+        for sub, (eax, ebx, ecx) in enumerate(levels)
+    ]
 
-    The KVM signature leaf tells Linux it runs on KVM (kvmclock, paravirt features)."""
+
+def vcpu_cpuid(supported: Iterable[dict[str, int]], index: int, hidden_kvm_features: int = 0) -> list[dict[str, int]]:
+    """CPUID of vCPU `index`: what KVM supports, with the hypervisor bit and KVM signature set,
+    and one consistent topology: every vCPU is a package of one core of one thread whose
+    (x2)APIC id is `index` (the MADT's, `boot.acpi.madt`; KVM gives vCPU n local APIC id n).
+
+    Leaf 1 EBX[31:24] and leaves 0xB/0x1F EDX carry the APIC id; leaf 1 counts one logical
+    processor per package (HTT clear); leaf 4 and AMD's 0x8000001D share no cache with another
+    processor; AMD's 0x80000008 counts one core (NC = 0, ApicIdCoreIdSize = 0) and 0x8000001E
+    gives the extended APIC id, core 0, node 0. Without these, KVM would pass on the host's
+    topology (e.g. 2 threads per core on an SMT host), which does not match the MADT."""
     entries = []
+    done_topology: set[int] = set()
     for entry in supported:
         e = dict(entry)
-        if e["function"] == CPUID_LEAF_FEATURES:
-            e["ebx"] = (e["ebx"] & 0x00FFFFFF) | (index << 24)
+        fn = e["function"]
+        if fn == CPUID_LEAF_FEATURES:
+            e["ebx"] = (e["ebx"] & 0x0000FFFF) | (1 << 16) | (index << 24)
             e["ecx"] |= CPUID_HYPERVISOR_BIT
-        elif e["function"] == CPUID_LEAF_EXT_TOPOLOGY:
-            e["edx"] = index
-        elif e["function"] == KVM_CPUID_SIGNATURE:
+            e["edx"] &= ~CPUID_HTT_BIT
+        elif fn in (CPUID_LEAF_EXT_TOPOLOGY, CPUID_LEAF_V2_EXT_TOPOLOGY):
+            if fn not in done_topology:  # replaces every subleaf KVM listed
+                done_topology.add(fn)
+                entries += _topology_leaf(fn, index)
+            continue
+        elif fn == CPUID_LEAF_CACHE_PARAMS:
+            e["eax"] &= ~(CACHE_SHARING_MASK | CORES_PER_PACKAGE_MASK)
+        elif fn == CPUID_LEAF_AMD_CACHE_TOPOLOGY:
+            e["eax"] &= ~CACHE_SHARING_MASK
+        elif fn == CPUID_LEAF_EXT_FEATURES:
+            e["ecx"] &= ~CPUID_CMP_LEGACY_BIT
+        elif fn == CPUID_LEAF_AMD_SIZE_IDS:
+            e["ecx"] &= ~0xF0FF  # NC (7:0) and ApicIdCoreIdSize (15:12)
+        elif fn == CPUID_LEAF_AMD_EXT_APIC_ID:
+            e["eax"], e["ebx"], e["ecx"] = index, 0, 0
+        elif fn == KVM_CPUID_SIGNATURE:
             e["ebx"], e["ecx"], e["edx"] = struct.unpack("<3I", KVM_SIGNATURE)
+        elif fn == KVM_CPUID_FEATURES:
+            e["eax"] &= ~hidden_kvm_features
         entries.append(e)
-    vcpu.set_cpuid(entries)
+    return entries
+
+
+def setup_cpuid(vcpu: Vcpu, supported: Iterable[dict[str, int]], index: int, hidden_kvm_features: int = 0) -> None:
+    """KVM_SET_CPUID2 with `vcpu_cpuid` (the KVM signature leaf tells Linux it runs on KVM:
+    kvmclock, paravirt features)."""
+    vcpu.set_cpuid(vcpu_cpuid(supported, index, hidden_kvm_features))
+
+
+def setup_vcpu(vcpu: Vcpu, supported: Iterable[dict[str, int]], entry: BootEntry | None, hidden_kvm_features: int = 0) -> None:
+    """Everything vCPU `vcpu.index` needs before its first KVM_RUN.
+
+    Every vCPU gets its CPUID (`vcpu_cpuid`), MSRs and FPU state. The bootstrap processor
+    (vCPU 0, KVM's default boot CPU: KVM sets its MSR_IA32_APICBASE BSP bit) also gets the
+    boot `entry` and the virtual-wire LAPIC set-up firmware leaves. An application processor
+    keeps KVM's reset state: with the in-kernel LAPIC, KVM holds it in wait-for-SIPI
+    (KVM_MP_STATE_UNINITIALIZED) inside KVM_RUN until the guest sends it INIT and a start-up
+    IPI, which reset its LAPIC and registers and start it in real mode at the SIPI vector
+    (SDM vol. 3, 8.4.4 "MP Initialization Example"; MultiProcessor Specification B.4)."""
+    setup_cpuid(vcpu, supported, vcpu.index, hidden_kvm_features)
+    setup_msrs(vcpu)
+    setup_fpu(vcpu)
+    if entry is not None:
+        setup_lapic(vcpu)
+        apply_entry(vcpu, entry)
 
 
 def setup_msrs(vcpu: Vcpu) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -317,3 +319,34 @@ def test_dsdt_pci_host_bridge(dsdt):
 def test_dsdt_without_pci():
     walker = AmlWalker(acpi.dsdt_aml(MEM, pci=False))
     assert walker.devices == ["\\_SB_.COM1", "\\_SB_.PEVT", "\\_SB_.PWRB", "\\_SB_.GED0"]
+
+
+@pytest.mark.parametrize("ncpus", [1, 2, layout.MAX_VCPUS])
+def test_madt_disassembles_with_iasl(tmp_path, ncpus):
+    """ACPICA's table disassembler reads the MADT back: N enabled Processor Local APICs with
+    processor id = APIC id = 0..N-1, one I/O APIC at 0xFEC00000 with GSI base 0, the IRQ0
+    override and LINT1 as NMI; no checksum or length complaint. A missing iasl fails."""
+    assert shutil.which("iasl"), "iasl is missing: install acpica-tools (make deps)"
+    (tmp_path / "apic.dat").write_bytes(acpi.madt(ncpus))
+    dis = subprocess.run(["iasl", "-d", "apic.dat"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert dis.returncode == 0, dis.stdout + dis.stderr
+    assert "Acpi Data Table [APIC] decoded" in dis.stdout + dis.stderr
+    dsl = (tmp_path / "apic.dsl").read_text()
+    assert "Incorrect" not in dsl and "Invalid" not in dsl and "Warning" not in dsl, dsl
+    fields = [tuple(part.strip() for part in line.split("]", 1)[1].split(":", 1)) for line in dsl.splitlines() if line.startswith("[")]
+    values = [(name, value) for name, value in fields if name not in ("Reserved",)]
+    subtables: list[dict[str, str]] = []
+    for name, value in values:
+        if name == "Subtable Type":
+            subtables.append({"type": value})
+        elif subtables:
+            subtables[-1][name] = value
+    lapics = [s for s in subtables if s["type"] == "00 [Processor Local APIC]"]
+    assert [(s["Processor ID"], s["Local Apic ID"]) for s in lapics] == [(f"{i:02X}", f"{i:02X}") for i in range(ncpus)]
+    assert all(s["Flags (decoded below)"] == "00000001" for s in lapics)  # Enabled
+    (ioapic,) = [s for s in subtables if s["type"] == "01 [I/O APIC]"]
+    assert (ioapic["Address"], ioapic["Interrupt"]) == ("FEC00000", "00000000")
+    assert [s["Interrupt"] for s in subtables if s["type"] == "02 [Interrupt Source Override]"] == ["00000002"]
+    (nmi,) = [s for s in subtables if s["type"] == "04 [Local APIC NMI]"]
+    assert (nmi["Processor ID"], nmi["Interrupt Input LINT"]) == ("FF", "01")
+    assert "Local Apic Address : FEE00000" in dsl

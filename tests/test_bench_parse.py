@@ -507,3 +507,16 @@ def test_parse_selftest_section():
         bench.parse_selftest_section(SELFTEST_STDOUT.replace("selftest done", "selftest dnoe"), STATS)
     with pytest.raises(bench.BootFailed, match="fork-exec"):
         bench.parse_selftest_section(SELFTEST_STDOUT.replace("fork-exec: ok", "fork-exec: FAILED"), STATS)
+
+
+@pytest.mark.parametrize("name", bench.SMP_SECTIONS)
+def test_smp_sections_are_their_one_cpu_section_with_cpus_2(tmp_path, name):
+    """`NAME-2cpu` boots like NAME (command line, parser, metrics) with `--cpus 2` in front."""
+    one, two = bench.SECTIONS[name], bench.SECTIONS[f"{name}-{bench.SMP_CPUS}cpu"]
+    assert (two.steps, two.parse, two.metrics, two.cmdline()) == (one.steps, one.parse, one.metrics, one.cmdline())
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    args = two.setup(tmp_path / "two")
+    assert args[:2] == ["--cpus", "2"]
+    want = one.setup(tmp_path / "one") if one.setup else []
+    assert [a.replace(str(tmp_path / "two"), str(tmp_path / "one")) for a in args[2:]] == want

@@ -39,6 +39,7 @@ STRUCTS = (
     "kvm_ioeventfd",
     "kvm_translation",
     "kvm_lapic_state",
+    "kvm_mp_state",
 )
 
 
