@@ -1,7 +1,7 @@
 """Build a VM by hand: the small public API the tutorial (docs/tutorial.md) and the tests'
 hand-assembled guests use.
 
-A `BareVm` is one KVM VM with one vCPU, some anonymous RAM at guest-physical address 0, a
+A `BareVm` is one KVM VM with one vCPU (or `cpus` of them), some anonymous RAM at guest-physical address 0, a
 port-I/O bus and an MMIO bus, and nothing else: no firmware, no kernel, no devices but the
 ones you attach. It is assembled from the same parts `minivmm.machine.Machine` boots Linux
 with - `kvm.Kvm`/`Vm`/`Vcpu`, `memory.GuestMemory`, `bus.Bus`, the exit path
@@ -30,7 +30,9 @@ to change.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from types import TracebackType
 from typing import TextIO
 
@@ -69,6 +71,11 @@ class RunTimeout(Exception):
 class BareVm:
     """One VM, one vCPU, `ram_size` bytes of RAM at GPA 0, a PIO and an MMIO bus.
 
+    `cpus=N` adds application processors: vCPU 1..N-1 (APIC IDs 1..N-1), each on its own thread,
+    which KVM keeps in wait-for-SIPI (KVM_MP_STATE_UNINITIALIZED) until the guest starts them
+    with INIT and start-up IPIs through its local APIC (Intel SDM vol. 3, 8.4.4 "MP
+    Initialization Example"); only vCPU 0 gets the `start_*_mode` entry state. Needs the irqchip.
+
     `irqchip=True` creates KVM's in-kernel PICs, IOAPIC and a local APIC per vCPU (what the
     machine has): interrupts can then be delivered (`msi_route`, `irq_line`), but HLT no longer
     exits to the VMM (the in-kernel LAPIC waits for an interrupt instead), so such a guest ends
@@ -79,9 +86,11 @@ class BareVm:
     manager.
     """
 
-    def __init__(self, ram_size: int = 2 << 20, *, irqchip: bool = True, trace: TextIO | None = None) -> None:
+    def __init__(self, ram_size: int = 2 << 20, *, irqchip: bool = True, trace: TextIO | None = None, cpus: int = 1) -> None:
         if ram_size <= 0 or ram_size % 0x1000:
             raise ValueError(f"ram_size must be a positive multiple of 4 KiB, not {ram_size:#x}")
+        if cpus < 1 or (cpus > 1 and not irqchip):
+            raise ValueError(f"cpus={cpus}: at least 1, and more than 1 needs irqchip=True (INIT/SIPI go through the local APIC)")
         install_kick_handler()  # so a timeout can interrupt KVM_RUN (main thread only; a no-op elsewhere)
         self.created = time.monotonic()
         self.kvm = Kvm()  # the underlying part: /dev/kvm
@@ -102,9 +111,12 @@ class BareVm:
         self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size)
         self.pio = Bus("pio")  # port I/O: 0..0xFFFF
         self.mmio = Bus("mmio")  # guest-physical addresses outside RAM
-        self.vcpu = self.vm.create_vcpu(0)  # the underlying part: the KVM vCPU
+        self.vcpus = [self.vm.create_vcpu(i) for i in range(cpus)]  # the underlying parts: KVM vCPUs
+        self.vcpu = self.vcpus[0]  # the boot processor
         self.stops: list[Stop] = []
-        self.loop = VcpuLoop(self.vcpu, self.mem, self.pio, self.mmio, EmulationFallbacks(), self.stops.append, trace)
+        self._stopped = threading.Event()
+        self.loops = [VcpuLoop(v, self.mem, self.pio, self.mmio, EmulationFallbacks(), self._on_stop, trace) for v in self.vcpus]
+        self.loop = self.loops[0]
         self.entry: BootEntry | None = None  # the long-mode entry state, once applied
         self._routes: list[KvmMsiRoute] = []
 
@@ -184,33 +196,47 @@ class BareVm:
     def set_cpuid(self) -> None:
         """Give the vCPU the CPUID the machine gives its boot vCPU (what KVM supports, plus the
         hypervisor bit); a fresh vCPU has none (no FXSR, no SSE...)."""
-        setup_cpuid(self.vcpu, self.kvm.supported_cpuid(), 0)
+        supported = self.kvm.supported_cpuid()
+        for vcpu in self.vcpus:
+            setup_cpuid(vcpu, supported, vcpu.index)
 
     # -- running ---------------------------------------------------------------------------------
     def stop(self, status: int = 0, reason: str = "stopped by a device") -> None:
-        """End the run (from a device, on the vCPU thread): `run` returns Stop(status, reason)."""
-        self.loop.end(status, reason)
+        """End the run (from a device, on any vCPU thread): `run` returns Stop(status, reason)."""
+        self._on_stop(Stop(status, reason))
+
+    def _on_stop(self, stop: Stop) -> None:
+        # The first stop of any vCPU ends every vCPU's loop.
+        self.stops.append(stop)
+        self._stopped.set()
+        for loop in self.loops:
+            loop.kick()
 
     def run(self, timeout: float = 5.0) -> Stop:
-        """Run the vCPU on its own thread until the run stops: a device called `stop`, HLT with
+        """Run each vCPU on its own thread until the run stops: a device called `stop`, HLT with
         interrupts off (without irqchip), a triple fault, an unhandled failure. Returns why.
         A VM runs once. RunTimeout if it has not stopped after `timeout` seconds."""
         if self.loop.thread is not None:
             raise ValueError("a BareVm runs once")
-        self.loop.start()
-        assert self.loop.thread is not None
-        self.loop.thread.join(timeout)
-        if self.loop.thread.is_alive():
-            self.loop.kick()
-            self.loop.thread.join(5)
-            raise RunTimeout(f"the guest did not stop within {timeout:g} s:\n" + self.loop.describe())
+        for loop in self.loops:
+            loop.start()
+        if not self._stopped.wait(timeout):
+            self._end_threads()
+            raise RunTimeout(f"the guest did not stop within {timeout:g} s:\n" + self.describe())
+        self._end_threads()
         return self.stops[0]
 
+    def _end_threads(self) -> None:
+        for loop in self.loops:
+            if loop.thread is not None and loop.thread.is_alive():
+                loop.kick()
+                loop.thread.join(5)
+
     # -- what happened ---------------------------------------------------------------------------
-    def registers(self):
-        """The vCPU's general registers (`struct kvm_regs`: rax, rbx, ..., rip, rflags). Read
+    def registers(self, cpu: int = 0):
+        """vCPU `cpu`'s general registers (`struct kvm_regs`: rax, rbx, ..., rip, rflags). Read
         them before `run` or after it returned, never while the guest runs."""
-        return self.vcpu.get_regs()
+        return self.vcpus[cpu].get_regs()
 
     @property
     def stats(self) -> VcpuStats:
@@ -223,29 +249,28 @@ class BareVm:
         `--stats-json` writes (`to_json()`), including unclaimed accesses per bus."""
         stop = self.stops[0] if self.stops else None
         return MachineStats(
-            vcpus=[self.loop.stats.copy()],
+            vcpus=[loop.stats.copy() for loop in self.loops],
             wall_time=time.monotonic() - self.created,
             process_start=self.created,
-            fallbacks=dict(self.loop.fallbacks.counts),
+            fallbacks=dict(sum((loop.fallbacks.counts for loop in self.loops), Counter())),
             unclaimed={bus.name: dict(bus.unclaimed) for bus in (self.pio, self.mmio)},
             stop_status=None if stop is None else stop.status,
             stop_reason=None if stop is None else stop.reason,
         )
 
     def describe(self) -> str:
-        """The vCPU's registers, instruction bytes at RIP and last exits (after `run`)."""
-        return self.loop.describe()
+        """Each vCPU's registers, instruction bytes at RIP and last exits (after `run`)."""
+        return "\n".join(loop.describe() for loop in self.loops)
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the vCPU thread if it still runs and release every host resource."""
-        if self.loop.thread is not None and self.loop.thread.is_alive():
-            self.loop.kick()
-            self.loop.thread.join(5)
+        """Stop the vCPU threads that still run and release every host resource."""
+        self._end_threads()
         for route in self._routes:
             route.close()
         self._routes.clear()
-        self.vcpu.close()
+        for vcpu in self.vcpus:
+            vcpu.close()
         self.vm.close()
         self.kvm.close()
 

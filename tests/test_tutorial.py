@@ -7,7 +7,7 @@ The tutorial marks what it quotes from the examples:
 * ``<!-- excerpt of examples/NAME.py -->`` before a ```python block: the block appears
   verbatim in the script.
 
-Steps 1-4 are tiny hand-built guests (seconds each, fast tests); steps 5-7 boot the default
+Steps 1-4 and 8 are tiny hand-built guests (seconds each, fast tests); steps 5-7 boot the default
 Linux guest once each (marked `boot`).
 """
 
@@ -59,7 +59,7 @@ def run_example(script: Path, timeout: float) -> str:
 def test_every_step_is_quoted_with_its_output() -> None:
     outputs = [q.script for q in quotes() if q.kind == "output"]
     assert sorted(outputs) == example_scripts(), "each examples/NN_*.py has exactly one quoted output"
-    assert len(example_scripts()) == 7
+    assert len(example_scripts()) == 8
 
 
 def test_excerpts_are_the_examples_code() -> None:
@@ -105,6 +105,22 @@ def test_bare_vm_rejects_what_its_docstrings_say() -> None:
             vm.msi_route(0xFEE00000, 0x40)
     with pytest.raises(ValueError, match="multiple of 4 KiB"):
         BareVm(ram_size=1000)
+    with pytest.raises(ValueError, match="needs irqchip"):
+        BareVm(cpus=2, irqchip=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        BareVm(cpus=0)
+
+
+def test_bare_vm_with_aps_times_out_with_every_vcpu_state() -> None:
+    """APs never started stay in KVM_RUN's wait-for-SIPI; a timeout still ends every thread."""
+    from minivmm.api import BareVm, RunTimeout
+
+    with BareVm(ram_size=1 << 20, cpus=3) as vm:
+        vm.load(0x10000, bytes.fromhex("eb fe"))  # the BSP spins and never sends a SIPI
+        vm.start_real_mode(0x10000)
+        with pytest.raises(RunTimeout, match=r"(?s)vCPU 0:.*vCPU 1:.*vCPU 2:"):
+            vm.run(timeout=0.2)
+        assert all(loop.thread is not None and not loop.thread.is_alive() for loop in vm.loops)
 
 
 def test_bare_vm_run_times_out_with_the_vcpu_state_and_runs_once() -> None:
