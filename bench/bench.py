@@ -11,6 +11,12 @@ run, as a subprocess of `python -m minivmm run ... --stats-json FILE` started by
 boot tests use (tests/support/runner.py), timed from just before the spawn. The VMM's own
 figures come from that JSON (`minivmm.stats.MachineStats`), the guest's from its console:
 
+  init  the default guest exactly as `minivmm run` boots it: the default command line
+        (minivmm.cli.DEFAULT_CMDLINE, no --cmdline given) and the busybox /init
+        (guest/init.sh): time from the spawn to /init's first console line (`minivmm: init
+        started`), the figure README's "Boot time" tracks, and to its interactive shell
+        (`minivmm: starting shell`); the run then ends as SIGTERM ends it (status 0): the
+        shell reads the serial console, which never reaches end of file.
   boot  default guest, steps hello,mounts,getpid: time to the first KVM_RUN (the VMM's
         `startup_s`), time to the init's first line (`minivmm-test: hello`, timestamped as
         it arrives on the pipe), boot-to-poweroff wall time, exits by kind and by device, the
@@ -75,10 +81,12 @@ sys.path.insert(0, str(REPO / "tests"))  # the runner the boot tests use (it put
 from support.runner import Minivmm, RunResult, run_minivmm, start_minivmm, tail  # noqa: E402
 
 from minivmm import layout  # noqa: E402
+from minivmm.cli import DEFAULT_CMDLINE  # noqa: E402
 from minivmm.stats import ExitRecord, MachineStats, PmemDeviceStats  # noqa: E402
 BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k rdinit=/sbin/minivmm-test"
 HELLO_MARKER = "minivmm-test: hello"
-SCRIPT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"  # /init with minivmm.script=NAME
+SCRIPT_CMDLINE = DEFAULT_CMDLINE  # /init with minivmm.script=NAME
+INIT_MARKER = "minivmm: init started"  # guest/init.sh's first console line
 TAIL_LINES = 40
 DEFAULT_RUNS = 3
 DEFAULT_TIMEOUT = 1200.0  # seconds per boot; a boot takes ~150 s on kvm_pvm, more when the host is busy
@@ -274,8 +282,17 @@ class Section:
     # figures of its own. Raises BootFailed.
     interact: Callable[[Minivmm, Path], dict] | None = None
     extra_cmdline: str = ""
+    # Boot as a user does: no --cmdline (the VMM's DEFAULT_CMDLINE), /init without a script.
+    default_cmdline: bool = False
+
+    @property
+    def test_init(self) -> bool:
+        """Whether the section boots the test init (rdinit=/sbin/minivmm-test) and its steps."""
+        return not (self.script or self.default_cmdline)
 
     def cmdline(self) -> str:
+        if self.default_cmdline:
+            return DEFAULT_CMDLINE
         if self.script:
             return f"{SCRIPT_CMDLINE} minivmm.script={self.script}{self.extra_cmdline}"
         return f"{BASE_CMDLINE} minivmm.steps={self.steps} minivmm.end={self.end}"
@@ -284,7 +301,13 @@ class Section:
         """The console lines whose arrival times are figures: the first one, and the last if any."""
         return [self.hello_marker, *([self.last_marker] if self.last_marker else [])]
 
+    def vmm_args(self) -> list[str]:
+        """The `--cmdline` argument, none for a default-command-line section."""
+        return [] if self.default_cmdline else ["--cmdline", self.cmdline()]
+
     def describe(self) -> str:
+        if self.default_cmdline:
+            return f"default command line {DEFAULT_CMDLINE!r}, /init"
         return f"/init script {self.script}" if self.script else f"steps {self.steps} -> {self.end}"
 
 
@@ -506,6 +529,16 @@ def setup_hotplug(workdir: Path) -> list[str]:
     return [*setup_pmem(workdir), "--qmp", str(workdir / "qmp.sock")]
 
 
+SHELL_MARKER = "minivmm: starting shell"
+
+
+def interact_init(vmm: Minivmm, workdir: Path) -> dict:
+    """End the `init` section's run once /init starts its shell (which waits on the console)."""
+    wait_console(vmm, SHELL_MARKER, DEFAULT_TIMEOUT)
+    vmm.signal(signal.SIGTERM)
+    return {}
+
+
 def wait_console(vmm: Minivmm, text: str, timeout: float) -> float:
     """Poll the streamed console for `text`; the runner's clock when it was first seen."""
     deadline = time.monotonic() + timeout
@@ -559,6 +592,20 @@ SECTIONS: dict[str, Section] = {
     s.name: s
     for s in (
         Section(
+            "init",
+            "the default guest as `minivmm run` boots it: default command line, busybox /init",
+            "",
+            lambda stdout, stats: {},
+            (
+                Metric("hello_s", "process start -> /init's first line (default command line)", "s"),
+                Metric("last_line_s", "process start -> /init starts its shell", "s"),
+            ),
+            default_cmdline=True,
+            hello_marker=INIT_MARKER,
+            last_marker=SHELL_MARKER,
+            interact=interact_init,
+        ),
+        Section(
             "boot",
             "default guest boot",
             "hello,mounts,getpid",
@@ -577,7 +624,7 @@ SECTIONS: dict[str, Section] = {
                 Metric("selftest_failed", "selftest steps FAILED (see the JSON)", "", "{:.0f}"),
             ),
             script="selftest",
-            hello_marker="minivmm: init started",
+            hello_marker=INIT_MARKER,
             last_marker="minivmm: selftest done",
         ),
         Section(
@@ -659,7 +706,7 @@ SECTIONS: dict[str, Section] = {
             setup=setup_hotplug,
             script="hotplug",
             extra_cmdline=" minivmm.hotplug=pmem1",
-            hello_marker="minivmm: init started",
+            hello_marker=INIT_MARKER,
             interact=interact_hotplug,
         ),
     )
@@ -747,9 +794,9 @@ def figures(section: Section, boot: RunResult) -> dict:
         raise BootFailed(f"the init never printed {section.last_marker!r}")
     if stats is None or stats.startup is None or not stats.vcpus:
         raise BootFailed("no --stats-json statistics of a run that started a vCPU")
-    if not section.script and (guest["failures"] or guest["steps_failed"]):
+    if section.test_init and (guest["failures"] or guest["steps_failed"]):
         raise BootFailed("a guest step failed: " + ("; ".join(guest["failures"]) or f"done failed={guest['steps_failed']}"))
-    if not section.script and guest["steps_failed"] is None:
+    if section.test_init and guest["steps_failed"] is None:
         raise BootFailed("the init never printed its `done ok=N failed=M` line")
     fig.update(section.parse(boot.stdout, stats))
     return fig
@@ -799,7 +846,8 @@ def _fmt(fmt: str, v: float | None) -> str:
 
 def table(section: Section, summary: dict[str, dict]) -> list[str]:
     rows: list[tuple[str, str, dict]] = []
-    for m in (*COMMON_METRICS, *section.metrics):
+    own = {m.key: m for m in section.metrics}  # a section's own label replaces the common one
+    for m in [own.pop(c.key, c) for c in COMMON_METRICS] + list(own.values()):
         if m.key in summary:
             rows.append((m.label, m.unit, {k: _fmt(m.fmt, summary[m.key][k]) for k in ("median", "min", "max")}))
     for prefix, title in (("exits.", "exits during the boot"), ("device.", "exits by device")):
@@ -890,7 +938,7 @@ def run_section(section: Section, runs: int, timeout: float, echo: bool) -> dict
             try:
                 extra = section.setup(Path(tmp)) if section.setup else []
                 run["args"] = extra
-                boot, own = boot_vmm([*extra, "--cmdline", section.cmdline()], Path(tmp), timeout, echo, section.markers(),
+                boot, own = boot_vmm([*extra, *section.vmm_args()], Path(tmp), timeout, echo, section.markers(),
                                      section.interact)  # fmt: skip
                 run["figures"] = {**figures(section, boot), **own}
                 run["ok"] = True

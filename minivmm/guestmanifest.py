@@ -39,7 +39,7 @@ class GuestManifest:
 
     vmlinux: Path  # ELF with the PVH entry note
     bzimage: Path  # the same kernel for the x86 boot protocol
-    initrd: Path  # gzip'd newc cpio
+    initrd: Path  # newc cpio (uncompressed; gzip'd in builds before issue 12)
     kernel_hash: str  # guestimage.kernel_hash() of the inputs
     initramfs_hash: str  # guestimage.initramfs_hash() of the inputs
     built_at: str  # UTC, ISO 8601
@@ -146,6 +146,6 @@ def default_kernel(kind: str = "vmlinux") -> Path | None:
 
 
 def default_initrd() -> Path | None:
-    """The default guest initramfs (gzip'd newc cpio), or None if not built."""
+    """The default guest initramfs (newc cpio), or None if not built."""
     manifest = read_manifest()
     return manifest.initrd if manifest and manifest.initrd.is_file() else None

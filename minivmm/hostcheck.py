@@ -15,12 +15,13 @@ SOFTWARE_KVM_MODULES = ("kvm_pvm",)
 HIDDEN_CPU_FEATURES = (
     "cx16", "xsave", "fsgsbase", "smap", "smep", "umip", "pku", "rdrand", "rdseed",
     "popcnt", "clwb", "sse4_2", "invpcid", "pcid", "rdpid",
-    # Not failures but time: the emulator runs `rep movsb/stosb` one byte per step, and with
-    # ERMS/FSRM the kernel's memcpy, memset and clear_page use them; without, they use
-    # `rep movsq/stosq`, 8 bytes a step (bench/rep_strings.py: 2 MiB in 2.5 s vs 0.35 s).
-    "erms", "fsrm",
 )  # fmt: skip
-SOFTWARE_KVM_CMDLINE = "clearcpuid=" + ",".join(HIDDEN_CPU_FEATURES)
+# Not a failure but the boot's largest cost: the emulator runs a `rep movsb`/`rep stosb` one
+# byte per iteration, and with ERMS (FSRM) Linux's memcpy, memset, clear_page, copy_user and
+# copy_mc use exactly those. Hidden, they use `rep movsq`/`rep stosq` (REP_GOOD): 8 bytes per
+# iteration (README "Boot time"; bench/rep_strings.py: a 2 MiB fill 2.5 s vs 0.35 s).
+SLOW_STRING_FEATURES = ("erms", "fsrm")
+SOFTWARE_KVM_CMDLINE = "clearcpuid=" + ",".join(HIDDEN_CPU_FEATURES + SLOW_STRING_FEATURES)
 
 # KVM paravirtual features (CPUID 0x40000001 EAX, Documentation/virt/kvm/x86/cpuid.rst) that
 # break an SMP guest on kvm_pvm; a one-vCPU guest never uses them. Hidden, Linux falls back to

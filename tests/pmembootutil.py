@@ -8,7 +8,6 @@ the default initramfs with ``cpio``.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import re
 import subprocess
@@ -53,9 +52,9 @@ def default_guest() -> dict[str, Path]:
 
 
 def extract_test_init(initrd: Path, workdir: Path) -> Path:
-    """``gunzip < initrd | cpio -i sbin/minivmm-test`` in ``workdir``; returns the file."""
+    """``cpio -i sbin/minivmm-test < initrd`` (gunzipped if need be) in ``workdir``; returns the file."""
     workdir.mkdir(parents=True, exist_ok=True)
-    archive = gzip.decompress(initrd.read_bytes())
+    archive = guestimage.initramfs_archive(initrd)
     done = subprocess.run(
         ["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames", TEST_INIT_IN_INITRD],
         input=archive,

@@ -14,6 +14,7 @@ import pytest
 from support.runner import RunResult, StreamWatcher
 
 from minivmm import layout
+from minivmm.cli import DEFAULT_CMDLINE
 from minivmm.stats import ExitRecord, MachineStats, PmemDeviceStats, PmemStats, VcpuStats
 
 _PATH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
@@ -336,7 +337,10 @@ def test_args():
 def test_sections_registry():
     for name, section in bench.SECTIONS.items():
         assert section.name == name
-        if section.script:
+        if section.default_cmdline:
+            assert section.cmdline() == DEFAULT_CMDLINE and section.vmm_args() == []
+            assert section.hello_marker == "minivmm: init started" and not section.test_init
+        elif section.script:
             assert section.cmdline().endswith(f" minivmm.script={section.script}{section.extra_cmdline}")
             assert "rdinit=" not in section.cmdline()
         else:
@@ -520,3 +524,12 @@ def test_smp_sections_are_their_one_cpu_section_with_cpus_2(tmp_path, name):
     assert args[:2] == ["--cpus", "2"]
     want = one.setup(tmp_path / "one") if one.setup else []
     assert [a.replace(str(tmp_path / "two"), str(tmp_path / "one")) for a in args[2:]] == want
+
+
+def test_init_section_labels_its_first_line_once():
+    """The `init` section's own label for hello_s replaces the common one (one row, not two)."""
+    summary = bench.summarize_runs([{"ok": True, "figures": {"hello_s": 15.5, "wall_s": 20.0}}])
+    text = "\n".join(bench.table(bench.SECTIONS["init"], summary))
+    assert text.count("15.5") == 3  # median, min, max of the one row
+    assert "process start -> /init's first line (default command line)" in text
+    assert "spawn -> init's first line (hello)" not in text

@@ -69,7 +69,7 @@ def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _cpio_names(initrd: Path) -> set[str]:
-    listing = subprocess.run(["cpio", "-t", "--quiet"], input=gzip.decompress(initrd.read_bytes()),
+    listing = subprocess.run(["cpio", "-t", "--quiet"], input=guestimage.initramfs_archive(initrd),
                              capture_output=True, check=True)
     return {name.lstrip("./") for name in listing.stdout.decode().splitlines()}
 
@@ -114,7 +114,7 @@ def test_cache_paths_follow_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.M
     k = guestimage.kernel_hash()[:16]
     assert guestimage.kernel_dir() == tmp_path / "minivmm" / f"kernel-{k}"
     i = guestimage.initramfs_hash()[:16]
-    assert guestimage.initramfs_path() == tmp_path / "minivmm" / f"initramfs-{i}.cpio.gz"
+    assert guestimage.initramfs_path() == tmp_path / "minivmm" / f"initramfs-{i}.cpio"
     assert guestmanifest.manifest_path() == tmp_path / "minivmm" / "guest.json"
     assert guestimage.default_kernel() is None
     assert guestimage.default_kernel("bzImage") is None
@@ -186,7 +186,7 @@ def test_initramfs_contents() -> None:
 
 def test_initramfs_test_init_is_static(tmp_path: Path) -> None:
     subprocess.run(["cpio", "-id", "--quiet", "sbin/minivmm-test", "init"],
-                   input=gzip.decompress(_built_initrd().read_bytes()), cwd=tmp_path, check=True)
+                   input=guestimage.initramfs_archive(_built_initrd()), cwd=tmp_path, check=True)
     assert guestimage.is_static_elf(tmp_path / "sbin/minivmm-test")
     assert (tmp_path / "init").read_text().startswith("#!/bin/sh")
 
@@ -195,7 +195,7 @@ def test_test_init_steps_from_a_shell(tmp_path: Path) -> None:
     # Not pid 1: it neither mounts nor writes /dev/kmsg nor ends the machine, and
     # takes its steps from argv, so it is safe to run on the host.
     subprocess.run(["cpio", "-id", "--quiet", "sbin/minivmm-test"],
-                   input=gzip.decompress(_built_initrd().read_bytes()), cwd=tmp_path, check=True)
+                   input=guestimage.initramfs_archive(_built_initrd()), cwd=tmp_path, check=True)
     run = subprocess.run([str(tmp_path / "sbin/minivmm-test"), "hello,getpid10", "uname",
                           "bogus", "end:reboot"], capture_output=True, text=True, timeout=30)
     lines = run.stdout.splitlines()
@@ -461,3 +461,15 @@ def test_pip_installed_minivmm_finds_the_guest(tmp_path: Path) -> None:
     if real is not None:
         seen = installed("guest", "paths")
         assert (seen.returncode, seen.stdout) == (0, real.describe() + "\n"), seen.stderr
+
+
+def test_initramfs_archive_reads_plain_and_gzipped(tmp_path: Path) -> None:
+    """The build stores the newc archive uncompressed; an older build's (or a user's) gzip'd
+    one reads the same."""
+    archive = b"070701" + b"0" * 104 + b"TRAILER!!!\0\0"
+    plain, packed = tmp_path / "initramfs.cpio", tmp_path / "initramfs.cpio.gz"
+    plain.write_bytes(archive)
+    packed.write_bytes(gzip.compress(archive, compresslevel=0))
+    assert guestimage.initramfs_archive(plain) == archive
+    assert guestimage.initramfs_archive(packed) == archive
+    assert guestimage.initramfs_path().name.endswith(".cpio")

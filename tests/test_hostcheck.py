@@ -1,0 +1,28 @@
+"""hostcheck: the software-KVM command-line remedy (no KVM needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minivmm import hostcheck
+
+# arch/x86/kernel/cpu/common.c, cpu_parse_early_param(): `char arg[128]` holds clearcpuid's
+# value; a longer one is cut and the features past the cut stay visible.
+CLEARCPUID_ARG_MAX = 127
+
+
+def test_clearcpuid_fits_the_kernels_buffer() -> None:
+    name, _, value = hostcheck.SOFTWARE_KVM_CMDLINE.partition("=")
+    assert name == "clearcpuid" and " " not in value
+    assert len(value) <= CLEARCPUID_ARG_MAX
+    features = value.split(",")
+    assert len(features) == len(set(features))
+    # The string features: rep movsb/stosb would run one byte per emulated iteration.
+    assert {"erms", "fsrm"} <= set(features) and "rep_good" not in features
+
+
+def test_probe(tmp_path: Path) -> None:
+    assert not hostcheck.probe(tmp_path).software_kvm
+    (tmp_path / "kvm_pvm").mkdir()
+    host = hostcheck.probe(tmp_path)
+    assert host.software_kvm and host.module == "kvm_pvm" and "clearcpuid=" in (host.notice or "")
