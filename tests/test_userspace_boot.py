@@ -163,6 +163,9 @@ def test_reading_a_real_selftest_run() -> None:
     assert fields(steps["fork-exec"]) == FORK_EXEC_FIELDS
     assert fields(steps["sleep"])["ms"] == SLEEP_MS and fields(steps["tty"])["irq"] == TTY_IRQ
     assert steps["pipe"]["status"] == "FAILED" and not PIPE_OK_RE.match(steps["pipe"]["rest"])
+    assert PIPE_CRASH_RE.search(steps["pipe"]["rest"])  # the capture met kvm_pvm's known crash
+    for other in ("run 2 of 10: wc counted 76, want 77; earlier runs: 77", "run 1 of 10: wc exited with status 1; earlier runs: none"):
+        assert not PIPE_CRASH_RE.search(other)  # a miscount or another failure is no excuse
     assert first_broken(messages) == f"step pipe: FAILED {steps['pipe']['rest']}"
     assert first_broken(messages, excused=("pipe",)) is None
     no_done = [m for m in messages if not DONE_RE.match(m)]
@@ -205,13 +208,21 @@ def selftest_probe(guest, tmp_path_factory) -> Probe:
     return run_probe(["--cmdline", CMDLINE], tmp_path_factory.mktemp("selftest"))
 
 
+# What the selftest's pipe step reports when a run met that fault (guest/scripts/selftest.sh):
+# wc killed by SIGSEGV, or nothing counted (ls died before main: a pipe hides its status).
+PIPE_CRASH_RE = re.compile(r"^run \d+ of \d+: (wc killed by SIGSEGV \(status 139\)|wc counted 0, want \d+);")
+
+
 @pytest.mark.boot
-@pytest.mark.xfail(SOFTWARE_KVM, reason=PIPE_CRASH, strict=False)
 def test_pipes_between_concurrent_programs(selftest_probe: Probe) -> None:
-    """`ls /bin | wc -l` ten times: the same count every time."""
+    """`ls /bin | wc -l` ten times: the same count every time. On kvm_pvm only, a run whose
+    failure is exactly the known crash (a program killed by SIGSEGV) is an expected failure;
+    any other result fails."""
     steps = selftest_steps(guest_messages(selftest_probe.run.stdout))
     m = steps.get("pipe")
     assert m is not None, diagnosis(selftest_probe, "no pipe step result")
+    if m["status"] != "ok" and SOFTWARE_KVM and PIPE_CRASH_RE.search(m["rest"]):
+        pytest.xfail(f"{PIPE_CRASH}: {m['rest']}")
     assert m["status"] == "ok" and PIPE_OK_RE.match(m["rest"]), f"pipe: {m[0]}"
 
 

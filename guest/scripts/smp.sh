@@ -9,6 +9,8 @@
 #                                             `minivmm-test flush-bench:N` pinned to CPU N (taskset -c),
 #                                             each started once the one before it runs (overlap: the
 #                                             previous one was still flushing when this one started)
+#   minivmm: smp segfault <kernel log line>    each "segfault at" the kernel logged (kvm_pvm's
+#                                             known crash of a freshly started program)
 #   minivmm: smp done
 #
 # No pipes and no two programs started at once (kvm_pvm crashes programs started together):
@@ -133,4 +135,12 @@ if [ -n "$mounted" ]; then
 else
 	echo "minivmm: smp no pmem mounted on /mnt"
 fi
+# The kernel logs each program killed by a fault ("exe[N]: segfault at 0 ip ..."), below the
+# console's level under `quiet`: copy those lines out, so the host can tell kvm_pvm's known crash
+# from another failure. `dmesg` is a program start too: try it a few times.
+tries=0
+until dmesg >/tmp/smp-dmesg 2>/dev/null || [ "$tries" -ge 3 ]; do tries=$((tries + 1)); done
+while read -r line; do
+	case "$line" in *"segfault at"*) echo "minivmm: smp segfault $line" ;; esac
+done </tmp/smp-dmesg
 echo "minivmm: smp done"
