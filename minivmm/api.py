@@ -30,9 +30,11 @@ to change.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from types import TracebackType
 from typing import TextIO
 
@@ -46,7 +48,7 @@ from .kvm import Kvm
 from .kvm_interrupts import IsaLine, KvmInterrupts, KvmMsiRoute
 from .memory import GuestMemory
 from .stats import MachineStats, VcpuStats
-from .vcpu import VcpuLoop, install_kick_handler
+from .vcpu import KICK_SIGNAL, VcpuLoop, install_kick_handler
 from .vcpu_setup import apply_entry, setup_cpuid
 
 __all__ = ["BareVm", "Device", "RunTimeout", "Stop", "VcpuStats", "MachineStats", "IsaLine", "KvmMsiRoute"]
@@ -89,15 +91,31 @@ class BareVm:
     def __init__(self, ram_size: int = 2 << 20, *, irqchip: bool = True, trace: TextIO | None = None, cpus: int = 1) -> None:
         if ram_size <= 0 or ram_size % 0x1000:
             raise ValueError(f"ram_size must be a positive multiple of 4 KiB, not {ram_size:#x}")
-        if cpus < 1 or (cpus > 1 and not irqchip):
-            raise ValueError(f"cpus={cpus}: at least 1, and more than 1 needs irqchip=True (INIT/SIPI go through the local APIC)")
+        if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1 or (cpus > 1 and not irqchip):
+            raise ValueError(f"cpus={cpus!r}: a whole number, at least 1, and more than 1 needs irqchip=True (INIT/SIPI go through the local APIC)")
         install_kick_handler()  # so a timeout can interrupt KVM_RUN (main thread only; a no-op elsewhere)
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            # Without the handler a kick (a timeout, close) would kill the whole process.
+            raise ValueError("create the first BareVm on the main thread: its vCPU kick signal needs a handler")
         self.created = time.monotonic()
+        self._owned = ExitStack()  # every host resource, released in reverse by close()
+        try:
+            self._create(ram_size, irqchip, trace, cpus)
+        except BaseException:
+            self._owned.close()
+            raise
+        self._closed = False
+
+    def _create(self, ram_size: int, irqchip: bool, trace: TextIO | None, cpus: int) -> None:
         self.kvm = Kvm()  # the underlying part: /dev/kvm
+        self._owned.callback(self.kvm.close)
+        if cpus > self.kvm.max_vcpus():
+            raise ValueError(f"cpus={cpus}: this KVM allows at most {self.kvm.max_vcpus()} vCPUs")
         # The machine's allocator; a bare VM takes only memory slots and GSIs from it (its
         # address windows depend on a RAM size a machine may have, hence the minimum).
         self.resources = ResourceAllocator(max(ram_size, layout.MIN_MEM_SIZE), max_memory_slots=self.kvm.max_memory_slots())
         self.vm = self.kvm.create_vm()  # the underlying part: the KVM VM
+        self._owned.callback(self.vm.close)
         # Intel VMX needs these pages for real mode and EPT; the machine's addresses (layout.py).
         self.vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
         self.vm.set_tss_addr(layout.TSS_ADDR)
@@ -111,7 +129,10 @@ class BareVm:
         self.vm.map_memory(region.slot, region.gpa, region.mapping, region.size)
         self.pio = Bus("pio")  # port I/O: 0..0xFFFF
         self.mmio = Bus("mmio")  # guest-physical addresses outside RAM
-        self.vcpus = [self.vm.create_vcpu(i) for i in range(cpus)]  # the underlying parts: KVM vCPUs
+        self.vcpus = []  # the underlying parts: KVM vCPUs
+        for i in range(cpus):
+            self.vcpus.append(self.vm.create_vcpu(i))
+            self._owned.callback(self.vcpus[-1].close)
         self.vcpu = self.vcpus[0]  # the boot processor
         self.stops: list[Stop] = []
         self._stopped = threading.Event()
@@ -119,6 +140,8 @@ class BareVm:
         self.loop = self.loops[0]
         self.entry: BootEntry | None = None  # the long-mode entry state, once applied
         self._routes: list[KvmMsiRoute] = []
+        self._owned.callback(self._close_routes)
+        self._owned.callback(self._end_threads)  # first at close: no thread may still use a vCPU
 
     # -- memory --------------------------------------------------------------------------------
     @property
@@ -216,6 +239,7 @@ class BareVm:
         """Run each vCPU on its own thread until the run stops: a device called `stop`, HLT with
         interrupts off (without irqchip), a triple fault, an unhandled failure. Returns why.
         A VM runs once. RunTimeout if it has not stopped after `timeout` seconds."""
+        self._check_open()
         if self.loop.thread is not None:
             raise ValueError("a BareVm runs once")
         for loop in self.loops:
@@ -236,6 +260,7 @@ class BareVm:
     def registers(self, cpu: int = 0):
         """vCPU `cpu`'s general registers (`struct kvm_regs`: rax, rbx, ..., rip, rflags). Read
         them before `run` or after it returned, never while the guest runs."""
+        self._check_open()
         return self.vcpus[cpu].get_regs()
 
     @property
@@ -260,19 +285,24 @@ class BareVm:
 
     def describe(self) -> str:
         """Each vCPU's registers, instruction bytes at RIP and last exits (after `run`)."""
+        self._check_open()
         return "\n".join(loop.describe() for loop in self.loops)
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the vCPU threads that still run and release every host resource."""
-        self._end_threads()
+        """Stop the vCPU threads that still run and release every host resource; closing
+        again does nothing. After it, `run` and `registers` raise ValueError."""
+        self._closed = True
+        self._owned.close()
+
+    def _close_routes(self) -> None:
         for route in self._routes:
             route.close()
         self._routes.clear()
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vm.close()
-        self.kvm.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this BareVm is closed")
 
     def __enter__(self) -> BareVm:
         return self

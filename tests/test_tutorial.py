@@ -111,6 +111,63 @@ def test_bare_vm_rejects_what_its_docstrings_say() -> None:
         BareVm(cpus=0)
 
 
+def test_bare_vm_closes_once_and_refuses_use_after_close() -> None:
+    import os
+
+    from minivmm.api import BareVm
+
+    vm = BareVm(ram_size=1 << 20, cpus=2)
+    vm.close()
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(6)]  # reuse the numbers it freed
+    try:
+        vm.close()  # a second close must not close these
+        assert all(os.fstat(fd) for fd in fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for use in (vm.run, vm.registers, vm.describe):
+        with pytest.raises(ValueError, match="closed"):
+            use()
+
+
+def test_bare_vm_that_fails_to_build_leaks_no_descriptor() -> None:
+    import os
+
+    from minivmm.api import BareVm
+
+    before = len(os.listdir("/proc/self/fd"))
+    for bad in (5000, 2.5, True):
+        with pytest.raises(ValueError, match="cpus="):
+            BareVm(ram_size=1 << 20, cpus=bad)  # type: ignore[arg-type]
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_bare_vm_off_the_main_thread_needs_the_kick_handler(monkeypatch) -> None:
+    """A kick without its handler would kill the process: refused with a clear error instead."""
+    import signal
+    import threading
+
+    from minivmm import api
+    from minivmm.vcpu import KICK_SIGNAL
+
+    previous = signal.signal(KICK_SIGNAL, signal.SIG_DFL)
+    errors: list[BaseException] = []
+    try:
+        t = threading.Thread(target=lambda: _catch(errors, lambda: api.BareVm(ram_size=1 << 20)))
+        t.start()
+        t.join()
+    finally:
+        signal.signal(KICK_SIGNAL, previous)
+    assert len(errors) == 1 and isinstance(errors[0], ValueError) and "main thread" in str(errors[0])
+
+
+def _catch(errors: list[BaseException], fn) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        errors.append(exc)
+
+
 def test_bare_vm_with_aps_times_out_with_every_vcpu_state() -> None:
     """APs never started stay in KVM_RUN's wait-for-SIPI; a timeout still ends every thread."""
     from minivmm.api import BareVm, RunTimeout
