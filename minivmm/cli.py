@@ -135,10 +135,10 @@ def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .machine import Machine, MachineConfig
+    from .machine import Machine, MachineConfig, check_kernel
     from .monitor.objects import specs_from_command_line
     from .monitor.qmp import parse_qmp_path
-    from .pmemfile import parse_pmem_option
+    from .pmemfile import check_plan, parse_pmem_option
 
     profile_hz = _profile_hz(args)  # the options first: no guest is looked for when they are wrong
     kernel, initrd = _default_guest(args)
@@ -167,6 +167,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         profile_hz=profile_hz,
         profile_map=args.profile_map,
     )
+    # What the user may have got wrong, in the order a machine would find it, before any
+    # --pmem file is created or changed: the memory plan, then the kernel.
+    check_plan(config.pmem, config.mem_size)
+    check_kernel(config.kernel, config.mem_size)
     with Machine(config) as machine:
         try:
             stop = machine.run()

@@ -20,7 +20,7 @@ from typing import Callable
 
 from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
-from .boot import build_acpi, load_kernel
+from .boot import build_acpi, load_image, load_kernel
 from .boot.acpi import S5_SLP_TYP
 from .bus import Bus
 from .devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GenericEventDevice
@@ -63,6 +63,23 @@ def process_start_monotonic() -> float:
     since_boot = ticks / os.sysconf("SC_CLK_TCK")
     return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
 
+
+
+def anonymous_ram(size: int) -> mmap.mmap:
+    """`size` bytes of anonymous memory, reserved lazily (UserError if the host refuses)."""
+    try:
+        return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+    except OSError as exc:
+        raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
+
+
+def check_kernel(kernel: Path, mem_size: int) -> None:
+    """Load `kernel` into scratch memory with the code `Machine` boots it with, so a kernel it
+    would refuse is refused (UserError) before a machine creates or changes any file."""
+    size = min(mem_size, layout.LOW_RAM_MAX)  # the loaders write below 4 GiB only
+    scratch = GuestMemory()  # unmapped when dropped (its views into the mapping go with it)
+    scratch.add_region(Region(0, size, anonymous_ram(size), "scratch"))
+    load_image(scratch, kernel, mem_size)
 
 @dataclass
 class MachineConfig:
@@ -127,8 +144,9 @@ class Machine:
     def _assemble(self) -> None:
         cfg, own = self.config, self.owned
         # Backing files are checked (and created or extended) before KVM is touched, all or none;
-        # the whole layout is checked before any file is.
+        # the whole layout, the kernel and the profiler's map are checked before any file is.
         warnings = pmemfile.check_plan(cfg.pmem, cfg.mem_size)
+        self._load_profile_map()
         self.pmem_backings = pmemfile.open_all(cfg.pmem)
         for backing in self.pmem_backings:
             own.callback(backing.close)
@@ -167,12 +185,14 @@ class Machine:
             self.qmp = QmpServer(listen_unix(cfg.qmp), self.monitor, cfg.qmp)
             own.callback(self.qmp.close)
 
+    def _load_profile_map(self) -> None:
+        # Read (and refused, a UserError) before any pmem or flush-log file is touched.
+        cfg = self.config
+        self._system_map = load_system_map(cfg.profile_map) if cfg.profile_map is not None else None
+
     # -- memory ---------------------------------------------------------------------------
     def _reserve_ram(self, size: int) -> mmap.mmap:
-        try:
-            mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-        except OSError as exc:
-            raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
+        mapping = anonymous_ram(size)
         self.owned.callback(mapping.close)
         return mapping
 
@@ -402,8 +422,7 @@ class Machine:
             if cfg.timeline:
                 self.loops[-1].record_timeline()
         if cfg.profile_hz is not None:
-            system_map = load_system_map(cfg.profile_map) if cfg.profile_map is not None else None
-            self.profiler = Profiler(self.loops, cfg.profile_hz, ProfileSymbols(self.symbols, system_map, cfg.profile_map))
+            self.profiler = Profiler(self.loops, cfg.profile_hz, ProfileSymbols(self.symbols, self._system_map, cfg.profile_map))
 
     def run(self) -> Stop:
         """Boot and run the guest until it ends; returns why it ended."""

@@ -339,6 +339,32 @@ def test_more_pmem_devices_than_pci_slots_is_one_line_and_leaves_no_file(guest, 
     assert not any(p.exists() for p in paths)
 
 
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        ("kernel", r"kernel .*garbage: not an ELF vmlinux or a bzImage"),
+        ("profile-map", r"--profile-map .*empty.map: no function symbols"),
+    ],
+)
+def test_bad_kernel_or_profile_map_refused_before_any_file(bad, pattern, pmem_file, guest, tmp_path):
+    """Inputs read at boot are checked before a pmem file is created or grown, or a flush
+    log truncated (new-user finding: each of them used to happen first)."""
+    garbage, empty_map, new, log = tmp_path / "garbage", tmp_path / "empty.map", tmp_path / "new.img", tmp_path / "keep.log"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    empty_map.write_text("")
+    log.write_bytes(b"x" * 5000)
+    before = _snapshot(pmem_file)
+    kernel = garbage if bad == "kernel" else guest.vmlinux
+    profile = ["--profile", "--profile-map", str(empty_map)] if bad == "profile-map" else []
+    run = cli(
+        "run", "--kernel", kernel, *profile,
+        "--pmem", f"{pmem_file},size=8M,lose-unflushed=on,flush-log={log}", "--pmem", f"{new},size=2M",
+        workdir=tmp_path,
+    )  # fmt: skip
+    assert_user_error(run, pattern)
+    assert _snapshot(pmem_file) == before and not new.exists() and log.read_bytes() == b"x" * 5000
+
+
 # ---------------------------------------------------------------- --pmem: the whole plan before any file
 
 
