@@ -75,6 +75,7 @@ class VcpuLoop:
         self.sampler: IntervalSampler | None = None  # per-interval snapshots, only for --timeline
         self.profile: VcpuProfile | None = None  # the guest profiler's samples, only for --profile
         self.sample_requested = False
+        self.started = vcpu.index == 0  # an application processor starts in wait-for-SIPI
 
     def record_timeline(self) -> IntervalSampler:
         """Snapshot this vCPU's counters every `timeline.INTERVAL` (call before `start`)."""
@@ -173,7 +174,8 @@ class VcpuLoop:
     def _interrupted(self) -> None:
         self.vcpu.set_immediate_exit(False)
         if self.sample_requested:
-            self.profile.record(self.vcpu)  # type: ignore[union-attr]
+            if self._started():  # an AP still waiting for SIPI runs no guest code: no sample
+                self.profile.record(self.vcpu)  # type: ignore[union-attr]
             self.sample_requested = False  # after: the next kick's time cannot overtake this sample
         if self.describe_requested:
             self.describe_requested = False
@@ -182,6 +184,13 @@ class VcpuLoop:
             self.paused.set()
             self._run_allowed.wait()
             self.paused.clear()
+
+    def _started(self) -> bool:
+        """Whether this vCPU has left wait-for-SIPI (the boot vCPU always has). Asked of KVM
+        (KVM_GET_MP_STATE) only until the answer is yes."""
+        if not self.started:
+            self.started = self.vcpu.get_mp_state() not in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED)
+        return self.started
 
     def describe(self) -> str:
         """Registers, the instruction bytes at RIP, the last exits (see `exit_handler.describe`)

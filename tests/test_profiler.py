@@ -6,6 +6,7 @@ and spins there: the profile must name the ring-0 function and count the ring-3 
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -315,3 +316,26 @@ def test_a_failing_sampler_thread_is_reported_not_silent(capsys) -> None:
         profiler.stop()
     assert [str(e) for e in profiler.errors] == ["kick failed"]
     assert "minivmm: profiler failed: RuntimeError: kick failed" in capsys.readouterr().err
+
+
+def test_an_ap_waiting_for_sipi_gives_no_samples() -> None:
+    """Real KVM, two vCPUs: the BSP spins and never starts the AP, whose thread sits in
+    KVM_RUN's wait-for-SIPI; kicks reach both, but only the BSP's count as guest samples
+    (new-user finding: the AP's reset RIP was counted as guest-kernel time)."""
+    with BareVm(ram_size=1 << 20, cpus=2) as vm:
+        vm.load(0x10000, bytes.fromhex("eb fe"))  # jmp $
+        vm.start_long_mode(0x10000)
+        profiler = Profiler(vm.loops, 1000, ProfileSymbols(LazySymbols(None)))
+        profiler.start()
+        stopper = threading.Thread(target=lambda: (
+            wait_until(lambda: vm.loop.profile is not None and vm.loop.profile.samples >= 20, "20 samples of the BSP"),
+            vm.stop(0, "sampled"),
+        ))
+        stopper.start()
+        try:
+            assert vm.run(timeout=60).reason == "sampled"
+        finally:
+            stopper.join()
+            profiler.stop()
+        stats = profiler.statistics()
+    assert stats.vcpus[0].samples >= 20 and stats.vcpus[1].samples == 0
