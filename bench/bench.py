@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import re
@@ -994,8 +995,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.runs = 1
     if args.runs < 1:
         p.error("--runs must be at least 1")
-    if args.timeout <= 0:
-        p.error("--timeout must be positive")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        p.error("--timeout must be a positive number of seconds")
     names = [n.strip() for item in (args.only or list(SECTIONS)) for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
@@ -1006,6 +1007,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    json_out = None
+    if args.json:
+        try:  # opened before the first boot: an unwritable path must not cost the figures
+            json_out = args.json.open("w")
+        except OSError as exc:
+            print(f"bench: error: --json {args.json}: {exc.strerror}", file=sys.stderr)
+            return 2
     facts = host_facts()
     print_host(facts)
     report: dict = {"host": facts, "config": {"runs": args.runs, "sections": args.sections, "timeout_s": args.timeout}, "sections": {}}
@@ -1026,8 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = time.monotonic() - started
     print()
     print(f"load avg at the end: {' '.join(f'{x:.2f}' for x in facts['loadavg_end'])}; benchmark took {report['elapsed_s']:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if json_out is not None:
+        with json_out:
+            json_out.write(json.dumps(report, indent=2) + "\n")
         print(f"JSON written to {args.json}")
     if status == 1:
         failed = [n for n, r in report["sections"].items() if not r["ok"]]

@@ -13,7 +13,7 @@ step) at a time, the time follows the number of steps; on hardware KVM all three
 speed. README "Running on software-KVM hosts" quotes this script's output for the `erms,fsrm`
 remedy.
 
-    PYTHONPATH=. python3 bench/rep_strings.py [--runs N]
+    PYTHONPATH=. .venv/bin/python bench/rep_strings.py [--runs N]
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
     for kind in ("rep stosb", "rep stosq", "movnti loop"):
         times = [time_fill(kind) for _ in range(args.runs)]
         print(f"{kind:12} 2 MiB: median {statistics.median(times) * 1e3:8.1f} ms  (runs: {', '.join(f'{t * 1e3:.1f}' for t in times)})")

@@ -533,3 +533,14 @@ def test_init_section_labels_its_first_line_once():
     assert text.count("15.5") == 3  # median, min, max of the one row
     assert "process start -> /init's first line (default command line)" in text
     assert "spawn -> init's first line (hello)" not in text
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "0", "-1"])
+def test_bench_refuses_a_timeout_that_is_no_number_of_seconds(timeout):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--timeout", timeout, "--only", "init"])
+
+
+def test_bench_refuses_an_unwritable_json_before_booting(tmp_path, capsys):
+    assert bench.main(["--json", str(tmp_path / "missing" / "x.json"), "--only", "init"]) == 2
+    assert "--json" in capsys.readouterr().err
