@@ -1,6 +1,6 @@
 """Tutorial step 1: a real-mode guest writes a string to a port; a Python device prints it.
 
-Run from a minivmm checkout: PYTHONPATH=. python examples/01_real_mode_port.py
+Run from a minivmm checkout: PYTHONPATH=. .venv/bin/python examples/01_real_mode_port.py
 """
 
 from minivmm.api import BareVm

@@ -6,7 +6,7 @@ KVM_EXIT_MMIO and the VMM's MMIO bus calls the device. Nothing is attached at 0x
 0x80 or port 0x81: those accesses are "unclaimed" - a write goes nowhere, a read returns all
 ones, as on a PC bus with nothing answering.
 
-Run from a minivmm checkout: PYTHONPATH=. python examples/02_mmio_unclaimed.py
+Run from a minivmm checkout: PYTHONPATH=. .venv/bin/python examples/02_mmio_unclaimed.py
 """
 
 from minivmm.api import BareVm

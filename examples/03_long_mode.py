@@ -6,7 +6,7 @@ writes the boot GDT (layout.BOOT_GDT) and page tables identity-mapping 4 GiB wit
 then reports its control registers to an MMIO device above RAM - reachable because the identity
 map covers all of the low 4 GiB, RAM or not.
 
-Run from a minivmm checkout: PYTHONPATH=. python examples/03_long_mode.py
+Run from a minivmm checkout: PYTHONPATH=. .venv/bin/python examples/03_long_mode.py
 """
 
 import struct

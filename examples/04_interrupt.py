@@ -6,7 +6,7 @@ fed by an eventfd (KVM_IRQFD). A host thread - standing in for a device finishin
 writes the eventfd, and KVM injects the interrupt into the vCPU without the VMM's vCPU
 thread doing anything: the guest, halted with interrupts on, wakes up inside KVM_RUN.
 
-Run from a minivmm checkout: PYTHONPATH=. python examples/04_interrupt.py
+Run from a minivmm checkout: PYTHONPATH=. .venv/bin/python examples/04_interrupt.py
 """
 
 import struct

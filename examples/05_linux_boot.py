@@ -5,7 +5,7 @@ bzImage, into guest memory with the product's loader (`minivmm.boot.load_kernel`
 the boot protocols. Part 2 (one boot): boot the vmlinux (PVH) with `minivmm run --trace` and
 show the memory map and boot entry it prints before the first KVM_RUN.
 
-Run from a minivmm checkout, after `make guest`: PYTHONPATH=. python examples/05_linux_boot.py
+Run from a minivmm checkout, after `make guest`: PYTHONPATH=. .venv/bin/python examples/05_linux_boot.py
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ flusher thread wakes up, calls fdatasync on the backing file, puts the answer in
 ring and signals the queue's MSI-X vector through an irqfd, which KVM injects. The step
 sorts the pmem device's exits made while the flushes ran by the register they touched.
 
-Run from a minivmm checkout, after `make guest`: PYTHONPATH=. python examples/06_pmem_flush.py
+Run from a minivmm checkout, after `make guest`: PYTHONPATH=. .venv/bin/python examples/06_pmem_flush.py
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ not - ever reaches the file, and its FLUSHes are answered without a host fdatasy
 The guest writes a token file on each and fsyncs it (pmem-write); after the run the host
 reads both images with debugfs, without mounting them.
 
-Run from a minivmm checkout, after `make guest`: PYTHONPATH=. python examples/07_what_survives.py
+Run from a minivmm checkout, after `make guest`: PYTHONPATH=. .venv/bin/python examples/07_what_survives.py
 """
 
 from __future__ import annotations

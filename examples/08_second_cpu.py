@@ -10,7 +10,7 @@ KVM_RUN's wait and runs the trampoline, which takes a ticket with `lock xadd` an
 on a port, so the exit reaches the VMM on that AP's own thread. The BSP spins until both APs
 took a ticket, then ends the run. No firmware, no VMM code for SIPI: KVM does it all.
 
-Run from a minivmm checkout: PYTHONPATH=. python examples/08_second_cpu.py
+Run from a minivmm checkout: PYTHONPATH=. .venv/bin/python examples/08_second_cpu.py
 """
 
 import threading
