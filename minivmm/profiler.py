@@ -182,12 +182,19 @@ def parse_system_map(text: str) -> KernelSymbols:
     return KernelSymbols(addresses, [best[a] for a in addresses])
 
 
+MAX_SYSTEM_MAP = 64 << 20  # bytes
+
+
 def load_system_map(path: Path) -> KernelSymbols:
     """`parse_system_map` of a file; UserError (one line) when it cannot be read or holds no function."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            # A System.map is a few MB, a /proc/kallsyms copy tens: anything far larger is not one.
+            data = f.read(MAX_SYSTEM_MAP + 1)
     except OSError as exc:
         raise UserError(f"--profile-map {path}: {exc.strerror}") from None
+    if len(data) > MAX_SYSTEM_MAP:
+        raise UserError(f"--profile-map {path}: larger than {MAX_SYSTEM_MAP >> 20} MiB, not a System.map")
     symbols = parse_system_map(data.decode("utf-8", "replace"))
     if not symbols.addresses:
         raise UserError(f"--profile-map {path}: no function symbols (expected System.map lines: ADDRESS TYPE NAME)")

@@ -339,3 +339,16 @@ def test_an_ap_waiting_for_sipi_gives_no_samples() -> None:
             profiler.stop()
         stats = profiler.statistics()
     assert stats.vcpus[0].samples >= 20 and stats.vcpus[1].samples == 0
+
+
+def test_a_huge_profile_map_is_refused_without_reading_it_all(tmp_path: Path, monkeypatch) -> None:
+    from minivmm import profiler
+
+    monkeypatch.setattr(profiler, "MAX_SYSTEM_MAP", 1 << 10)
+    big = tmp_path / "big.map"
+    big.write_text("ffffffff81000000 T f\n" * 100)  # 2100 bytes
+    with pytest.raises(UserError, match="larger than"):
+        profiler.load_system_map(big)
+    small = tmp_path / "small.map"
+    small.write_text("ffffffff81000000 T f\n")
+    assert profiler.load_system_map(small).addresses
