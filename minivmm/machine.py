@@ -44,7 +44,7 @@ from .monitor.qmp import QmpServer, listen_unix
 from .pci import PciHostBridge
 from .pmemfile import PmemBacking, PmemSpec
 from .powerfail import PAGE_SIZE, DirtyPageCopier
-from .profiler import Profiler, ProfileSymbols, load_system_map
+from .profiler import Profiler, ProfileSymbols, load_system_map, sampling_warning
 from .flushlog import FlushLogWriter
 from .register_block import Register, RegisterBlock
 from .exit_handler import Stop
@@ -423,6 +423,8 @@ class Machine:
                 self.loops[-1].record_timeline()
         if cfg.profile_hz is not None:
             self.profiler = Profiler(self.loops, cfg.profile_hz, ProfileSymbols(self.symbols, self._system_map, cfg.profile_map))
+            if warning := sampling_warning(cfg.profile_hz, cfg.cpus, self.host.software_kvm):
+                print(f"minivmm: warning: {warning}", file=sys.stderr)
 
     def run(self) -> Stop:
         """Boot and run the guest until it ends; returns why it ended."""

@@ -49,6 +49,21 @@ KVM_SYNC_X86_REGS = 1 << 0
 KVM_SYNC_X86_SREGS = 1 << 1
 
 
+SOFTWARE_KVM_SAMPLE_COST_S = 1.4e-3  # guest time per sample on kvm_pvm (bench/profile_overhead.py)
+
+
+def sampling_warning(hz: int, vcpus: int, software_kvm: bool) -> str | None:
+    """A warning when `hz` samples a second on each of `vcpus` would take a large share of an
+    emulated guest's time (software KVM: each sample costs it ~1.4 ms); None otherwise."""
+    share = hz * SOFTWARE_KVM_SAMPLE_COST_S
+    if not software_kvm or share < 0.25:
+        return None
+    return (f"--profile={hz} on a software KVM: each sample costs the guest about "
+            f"{SOFTWARE_KVM_SAMPLE_COST_S * 1e3:.1f} ms, so each of the {vcpus} vCPU(s) loses "
+            f"{'most' if share >= 1 else f'about {share:.0%}'} of its time to sampling; {DEFAULT_HZ} Hz costs about "
+            f"{DEFAULT_HZ * SOFTWARE_KVM_SAMPLE_COST_S:.0%}")
+
+
 def parse_hz(text: str) -> int:
     """--profile=HZ as a whole number of samples per second, 1..MAX_HZ (UserError otherwise)."""
     try:

@@ -352,3 +352,11 @@ def test_a_huge_profile_map_is_refused_without_reading_it_all(tmp_path: Path, mo
     small = tmp_path / "small.map"
     small.write_text("ffffffff81000000 T f\n")
     assert profiler.load_system_map(small).addresses
+
+
+def test_sampling_that_would_starve_an_emulated_guest_is_warned_about() -> None:
+    from minivmm.profiler import sampling_warning
+
+    assert sampling_warning(100, 1, True) is None and sampling_warning(10_000, 8, False) is None
+    assert "about 35%" in sampling_warning(250, 2, True)  # type: ignore[operator]
+    assert "loses most of its time" in sampling_warning(10_000, 8, True)  # type: ignore[operator]
