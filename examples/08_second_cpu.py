@@ -6,9 +6,9 @@ threads sit inside KVM_RUN without running an instruction. The BSP starts them t
 Linux's smpboot does (Intel SDM vol. 3, 8.4.4): it writes its local APIC's Interrupt Command
 Register (ICR) with an INIT IPI, then twice a start-up IPI (SIPI) whose vector 0x20 means
 "start in real mode at 0x20000". KVM's in-kernel LAPIC delivers them; each AP leaves
-KVM_RUN's wait and runs the trampoline, which takes a ticket with `lock xadd` and reports it
-on a port, so the exit reaches the VMM on that AP's own thread. The BSP spins until both APs
-took a ticket, then ends the run. No firmware, no VMM code for SIPI: KVM does it all.
+KVM_RUN's wait and runs the trampoline, which takes a ticket with `lock xadd`, reports it
+on a port (so the exit reaches the VMM on that AP's own thread), and only then counts itself
+as reported. The BSP spins until both APs reported, then ends the run. No firmware, no VMM code for SIPI: KVM does it all.
 
 Run from a minivmm checkout: PYTHONPATH=. .venv/bin/python examples/08_second_cpu.py
 """
@@ -16,11 +16,12 @@ Run from a minivmm checkout: PYTHONPATH=. .venv/bin/python examples/08_second_cp
 import threading
 
 from minivmm.api import BareVm
-from minivmm.kvm import KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED
+from minivmm import kvm
 
 CODE = 0x10000  # the BSP's long-mode code
 TRAMPOLINE = 0x20000  # where the APs start: SIPI vector 0x20 -> CS = 0x2000, IP = 0
 TICKETS = 0x500  # a 32-bit counter both kinds of code reach (identity mapped, below 64 KiB)
+REPORTED = 0x504  # APs that have reported their ticket (counted after the port write)
 LAPIC = 0xFEE0_0000  # the local APIC's registers (SDM vol. 3, 10.4.1)
 APIC_SVR, APIC_ICR_LOW = LAPIC + 0xF0, LAPIC + 0x300
 # ICR low (SDM vol. 3, 10.6.1): vector | delivery mode << 8 | level assert (1 << 14) |
@@ -46,7 +47,7 @@ BSP = bytes.fromhex(
     + mov_eax(ICR_SIPI) + store_eax(APIC_ICR_LOW)  # SIPI: start at 0x20000
     + mov_eax(ICR_SIPI) + store_eax(APIC_ICR_LOW)  # the second SIPI the SDM's sequence sends
     + "e6 e0"  # out 0xe0, al      "IPIs sent"
-    + "8b 04 25" + TICKETS.to_bytes(4, "little").hex()  # spin: mov eax, [TICKETS]
+    + "8b 04 25" + REPORTED.to_bytes(4, "little").hex()  # spin: mov eax, [REPORTED]
     + f"83 f8 {APS:02x}"  # cmp eax, APS
     + "75 f4"  # jne spin
     + "e6 e2"  # out 0xe2, al      "all APs up": ends the run
@@ -57,8 +58,9 @@ AP_TRAMPOLINE = bytes.fromhex(
     "66 b8 01 00 00 00"  # 4: mov eax, 1
     "f0 66 0f c1 06 00 05"  # 10: lock xadd [0x500], eax   eax = this AP's ticket
     "e6 e1"  # 17: out 0xe1, al    an exit on this AP's thread
-    "f4"  # 19: hlt               waits in KVM's LAPIC (no exit): the AP is done
-    "eb fd"  # 20: jmp 19
+    "f0 ff 06 04 05"  # 19: lock inc word [0x504]   reported (after the exit returned)
+    "f4"  # 24: hlt               waits in KVM's LAPIC (no exit): the AP is done
+    "eb fd"  # 25: jmp 24
 )
 
 
@@ -79,9 +81,8 @@ class Ports:
             self.vm.stop(0, "all APs up")
 
 
-def mp_state_name(state: int) -> str:
-    names = {KVM_MP_STATE_RUNNABLE: "RUNNABLE", KVM_MP_STATE_UNINITIALIZED: "UNINITIALIZED", KVM_MP_STATE_HALTED: "HALTED"}
-    return names.get(state, str(state))
+# KVM_GET_MP_STATE's values by their names in <linux/kvm.h>, without the KVM_MP_STATE_ prefix
+MP_STATES = {value: name.removeprefix("KVM_MP_STATE_") for name, value in vars(kvm).items() if name.startswith("KVM_MP_STATE_")}
 
 
 def main() -> None:
@@ -91,14 +92,12 @@ def main() -> None:
         ports = Ports(vm)
         vm.add_port_device(PORT, 3, ports, "ports")
         vm.start_long_mode(CODE)
-        print("before: " + ", ".join(f"vCPU {v.index} {mp_state_name(v.get_mp_state())}" for v in vm.vcpus))
+        print("before: " + ", ".join(f"vCPU {v.index} {MP_STATES[v.get_mp_state()]}" for v in vm.vcpus))
         stop = vm.run(timeout=10)
         print(f"stop: {stop.reason}")
         print(f"tickets taken: {sorted(ports.tickets.values())}, by threads {sorted(ports.tickets)}")
-        for v in vm.vcpus[1:]:
-            cs = v.get_sregs().cs
-            print(f"vCPU {v.index}: {mp_state_name(v.get_mp_state())}, CS base {cs.base:#x}, "
-                  f"IP {vm.registers(v.index).rip:#x} (halted after its trampoline)")
+        for v in vm.vcpus[1:]:  # KVM set CS from the SIPI vector; the trampoline never changes it
+            print(f"vCPU {v.index}: CS base {v.get_sregs().cs.base:#x} (started by the SIPI at vector {TRAMPOLINE >> 12:#x})")
         print("ports written per vCPU:", [loop.stats.by_device["ports"] for loop in vm.loops])
 
 
