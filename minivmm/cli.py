@@ -143,10 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     profile_hz = _profile_hz(args)  # the options first: no guest is looked for when they are wrong
     kernel, initrd = _default_guest(args)
     for what, path in (("kernel", kernel), ("initrd", initrd)):
-        if path is not None and not path.exists():
-            raise UserError(f"{what} {path}: no such file")
-        if path is not None and not path.is_file():
-            raise UserError(f"{what} {path}: not a regular file")
+        if path is not None:
+            _check_input_file(what, path)
     if args.watchdog is not None and not (math.isfinite(args.watchdog) and args.watchdog > 0):
         raise UserError("--watchdog must be a positive number of seconds")
     for option, path in (("--stats-json", args.stats_json), ("--timeline", args.timeline)):
@@ -199,9 +197,17 @@ def _profile_hz(args: argparse.Namespace) -> int | None:
             raise UserError("--profile-map names the functions of a --profile: give --profile too")
         return None
     hz = parse_hz(args.profile)
-    if args.profile_map is not None and not args.profile_map.is_file():
-        raise UserError(f"--profile-map {args.profile_map}: no such file")
+    if args.profile_map is not None:
+        _check_input_file("--profile-map", args.profile_map)
     return hz
+
+
+def _check_input_file(what: str, path: Path) -> None:
+    """UserError unless `path` is a regular file (not a directory, device or pipe)."""
+    if not path.exists():
+        raise UserError(f"{what} {path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{what} {path}: not a regular file")
 
 
 def _trace_list(text: str | None) -> frozenset[str]:

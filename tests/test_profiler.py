@@ -117,6 +117,7 @@ def test_profile_map_errors_are_one_line(tmp_path: Path) -> None:
     kernel.write_bytes(make_pvh_elf(spin_kernel()[0]))
     assert_user_error(cli("run", "--kernel", kernel, "--profile-map", "x", workdir=tmp_path), r"--profile-map.*--profile")
     assert_user_error(cli("run", "--kernel", kernel, "--profile", "--profile-map", "missing", workdir=tmp_path), r"missing: no such file")
+    assert_user_error(cli("run", "--kernel", kernel, "--profile", "--profile-map", str(tmp_path), workdir=tmp_path), r"not a regular file")
     (tmp_path / "garbage").write_bytes(b"\x00\xff not a map\n" * 10)
     assert_user_error(cli("run", "--kernel", kernel, "--profile", "--profile-map", "garbage", workdir=tmp_path), r"no function symbols")
 
