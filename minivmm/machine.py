@@ -64,7 +64,6 @@ def process_start_monotonic() -> float:
     return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
 
 
-
 def anonymous_ram(size: int) -> mmap.mmap:
     """`size` bytes of anonymous memory, reserved lazily (UserError if the host refuses)."""
     try:
@@ -80,6 +79,7 @@ def check_kernel(kernel: Path, mem_size: int) -> None:
     scratch = GuestMemory()  # unmapped when dropped (its views into the mapping go with it)
     scratch.add_region(Region(0, size, anonymous_ram(size), "scratch"))
     load_image(scratch, kernel, mem_size)
+
 
 @dataclass
 class MachineConfig:
@@ -145,6 +145,8 @@ class Machine:
         cfg, own = self.config, self.owned
         # Backing files are checked (and created or extended) before KVM is touched, all or none;
         # the whole layout, the kernel and the profiler's map are checked before any file is.
+        if not 1 <= cfg.cpus <= layout.MAX_VCPUS:
+            raise UserError(f"{cfg.cpus} vCPUs: a machine has 1 to {layout.MAX_VCPUS}")
         warnings = pmemfile.check_plan(cfg.pmem, cfg.mem_size)
         self._load_profile_map()
         self.pmem_backings = pmemfile.open_all(cfg.pmem)
@@ -152,8 +154,6 @@ class Machine:
             own.callback(backing.close)
         for warning in warnings + pmemfile.sparse_warnings(self.pmem_backings):
             print(f"minivmm: warning: {warning}", file=sys.stderr)
-        if not 1 <= cfg.cpus <= layout.MAX_VCPUS:
-            raise UserError(f"{cfg.cpus} vCPUs: a machine has 1 to {layout.MAX_VCPUS}")
         ram = [(gpa, self._reserve_ram(size)) for gpa, size in layout.ram_ranges(cfg.mem_size)]
         self.kvm = Kvm()
         own.callback(self.kvm.close)

@@ -34,6 +34,7 @@ from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
 from minivmm.errors import UserError
 from minivmm.exit_handler import Stop
 from minivmm.machine import Machine, MachineConfig
+from minivmm.pmemfile import PmemSpec
 from minivmm.vcpu import install_kick_handler
 from support.idle import wait_until
 from support.synthetic_kernels import make_pvh_elf, smoke_pvh_elf
@@ -114,8 +115,11 @@ def test_cpus_outside_1_to_8_is_a_one_line_error(tmp_path: Path, value: str) -> 
 
 @pytest.mark.parametrize("cpus", [0, layout.MAX_VCPUS + 1])
 def test_machine_refuses_cpus_outside_the_bounds(tmp_path: Path, cpus: int) -> None:
+    """Before any pmem file is created (a user error changes nothing on disk)."""
+    new = tmp_path / "new.img"
     with pytest.raises(UserError, match=f"{cpus} vCPUs: a machine has 1 to {layout.MAX_VCPUS}"):
-        Machine(MachineConfig(kernel=tmp_path / "unused", mem_size=64 * MiB, cpus=cpus))
+        Machine(MachineConfig(kernel=tmp_path / "unused", mem_size=64 * MiB, cpus=cpus, pmem=[PmemSpec(str(new), size=2 * MiB)]))
+    assert not new.exists()
 
 
 # -- per-vCPU set-up, read back from KVM ------------------------------------------------------
