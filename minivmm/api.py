@@ -109,8 +109,8 @@ class BareVm:
     def _create(self, ram_size: int, irqchip: bool, trace: TextIO | None, cpus: int) -> None:
         self.kvm = Kvm()  # the underlying part: /dev/kvm
         self._owned.callback(self.kvm.close)
-        if cpus > self.kvm.max_vcpus():
-            raise ValueError(f"cpus={cpus}: this KVM allows at most {self.kvm.max_vcpus()} vCPUs")
+        if cpus > (kvm_max := self.kvm.max_vcpus()):
+            raise ValueError(f"cpus={cpus}: this KVM allows at most {kvm_max} vCPUs")
         # The machine's allocator; a bare VM takes only memory slots and GSIs from it (its
         # address windows depend on a RAM size a machine may have, hence the minimum).
         self.resources = ResourceAllocator(max(ram_size, layout.MIN_MEM_SIZE), max_memory_slots=self.kvm.max_memory_slots())

@@ -434,8 +434,7 @@ class Profiler:
         due = time.monotonic() + period
         while not self._stop.wait(max(0.0, due - time.monotonic())):
             for loop in list(self.loops):  # every vCPU, also one added after the start
-                if loop.profile is None:
-                    self.attach(loop)
+                self.attach(loop)
                 if loop.running() and not loop.request_sample():
                     self.missed += 1
             # Absolute deadlines keep the rate; a sampler that fell behind skips, not bursts.
