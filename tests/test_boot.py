@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from minivmm import hostcheck
 from bootutil import SOFTWARE_KVM, TRACEBACK, index_of, init_lines, kernel_command_line, run_minivmm
 from support.runner import RunResult
 
@@ -58,10 +59,13 @@ def assert_command_line(run: RunResult, given: str) -> str:
     added = echoed[len(given) :].split()
     if SOFTWARE_KVM:
         assert any(w.startswith("clearcpuid=") for w in added), f"clearcpuid= not added on kvm_pvm: {echoed!r}"
+        missing = set(hostcheck.SOFTWARE_KVM_BOOT_PARAMS) - set(added)
+        assert not missing, f"boot remedies {sorted(missing)} not added on kvm_pvm: {echoed!r}"
         notice = [line for line in run.stderr.splitlines() if line.startswith(SOFTWARE_KVM_NOTICE)]
         assert notice and "clearcpuid=" in notice[0], f"no software-KVM notice on stderr\n{run.describe()}"
     else:
         assert "clearcpuid=" not in echoed, f"clearcpuid= added without kvm_pvm: {echoed!r}"
+        assert not set(hostcheck.SOFTWARE_KVM_BOOT_PARAMS) & set(echoed.split()), echoed
         assert "software KVM" not in run.stderr, run.describe()
     assert "software KVM" not in run.stdout  # notices go to stderr, the console to stdout
     return echoed

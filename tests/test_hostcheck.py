@@ -12,8 +12,10 @@ CLEARCPUID_ARG_MAX = 127
 
 
 def test_clearcpuid_fits_the_kernels_buffer() -> None:
-    name, _, value = hostcheck.SOFTWARE_KVM_CMDLINE.partition("=")
-    assert name == "clearcpuid" and " " not in value
+    params = hostcheck.SOFTWARE_KVM_CMDLINE.split()
+    clear = [p for p in params if p.startswith("clearcpuid=")]
+    assert clear == [hostcheck.CLEARCPUID]
+    name, _, value = clear[0].partition("=")
     assert len(value) <= CLEARCPUID_ARG_MAX
     features = value.split(",")
     assert len(features) == len(set(features))
@@ -26,3 +28,12 @@ def test_probe(tmp_path: Path) -> None:
     (tmp_path / "kvm_pvm").mkdir()
     host = hostcheck.probe(tmp_path)
     assert host.software_kvm and host.module == "kvm_pvm" and "clearcpuid=" in (host.notice or "")
+
+
+def test_boot_params_are_kernel_parameters() -> None:
+    # Each remedy is one `name` or `name=value` token the kernel parses (no spaces, no quoting),
+    # and none is repeated or also in the clearcpuid token.
+    params = hostcheck.SOFTWARE_KVM_CMDLINE.split()
+    assert params == [hostcheck.CLEARCPUID, *hostcheck.SOFTWARE_KVM_BOOT_PARAMS]
+    assert len(params) == len(set(params))
+    assert "noreplace-smp" in params and "percpu_alloc=page" in params
