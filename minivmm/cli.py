@@ -16,11 +16,11 @@ from typing import NoReturn, Sequence
 from . import __version__
 from .errors import UserError, run_command
 from .profiler import DEFAULT_HZ as DEFAULT_PROFILE_HZ
-from .units import parse_size
+from .units import format_size, parse_size
+from . import layout
 from .layout import MAX_VCPUS
 
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"
-DEFAULT_MEM = "256M"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", type=Path, help="vmlinux (PVH ELF) or bzImage; default: the built default guest")
     run.add_argument("--initrd", type=Path, help="initramfs/initrd image; default: the default guest's, when --kernel is not given")
     run.add_argument("--cmdline", "--append", dest="cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
-    run.add_argument("--mem", type=_size, default=parse_size(DEFAULT_MEM), metavar="SIZE", help=f"guest RAM, K/M/G suffixes (default {DEFAULT_MEM})")
+    run.add_argument(
+        "--mem",
+        type=_size,
+        metavar="SIZE",
+        help=f"guest RAM, K/M/G suffixes (default {format_size(layout.DEFAULT_MEM_SIZE)}, or 4x the page structures "
+        "of the --pmem devices given at start if that is more: 256M for 4G of pmem)",
+    )
     run.add_argument("--cpus", type=_cpus, default=1, metavar="N", help=f"number of vCPUs, 1 to {MAX_VCPUS} (default 1)")
     run.add_argument(
         "--pmem",
@@ -138,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine, MachineConfig, check_kernel
     from .monitor.objects import specs_from_command_line
     from .monitor.qmp import parse_qmp_path
-    from .pmemfile import check_plan, parse_pmem_option
+    from .pmemfile import check_plan, parse_pmem_option, planned_sizes
 
     profile_hz = _profile_hz(args)  # the options first: no guest is looked for when they are wrong
     kernel, initrd = _default_guest(args)
@@ -150,16 +156,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for option, path in (("--stats-json", args.stats_json), ("--timeline", args.timeline)):
         if path is not None:
             _check_writable(option, path)  # fails before the guest boots, and leaves the file alone
+    pmem = [parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device)
     config = MachineConfig(
         kernel=kernel,
         initrd=initrd,
         cmdline=args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE,
-        mem_size=args.mem,
+        mem_size=args.mem if args.mem is not None else layout.default_mem_size(planned_sizes(pmem)),
         cpus=args.cpus,
         trace=args.trace is not None,
         trace_only=_trace_list(args.trace),
         watchdog=args.watchdog,
-        pmem=[parse_pmem_option(text) for text in args.pmem] + specs_from_command_line(args.object, args.device),
+        pmem=pmem,
         qmp=parse_qmp_path(args.qmp) if args.qmp is not None else None,
         timeline=args.timeline is not None,
         profile_hz=profile_hz,

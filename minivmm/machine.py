@@ -88,7 +88,7 @@ class MachineConfig:
     kernel: Path
     initrd: Path | None = None
     cmdline: str = ""
-    mem_size: int = 256 << 20
+    mem_size: int = layout.DEFAULT_MEM_SIZE
     cpus: int = 1
     trace: bool = False
     trace_only: frozenset[str] = frozenset()  # --trace=LIST: trace only these kinds/devices (empty: all)

@@ -188,8 +188,13 @@ def check_plan(specs: list[PmemSpec], mem_size: int) -> list[str]:
     for spec in specs:
         if spec.size is not None:
             _check_size(spec.size, f"--pmem {spec.path}")
-    sizes = [size for size in map(_planned_size, specs) if size is not None]
-    return layout.check_pmem_layout(mem_size, sizes)
+    return layout.check_pmem_layout(mem_size, planned_sizes(specs))
+
+
+def planned_sizes(specs: list[PmemSpec]) -> list[int]:
+    """The sizes (bytes) the devices of `specs` will have, where known before any file is
+    opened (`_planned_size`); the unknown ones are left out."""
+    return [size for size in map(_planned_size, specs) if size is not None]
 
 
 def _planned_size(spec: PmemSpec) -> int | None:

@@ -17,6 +17,7 @@ from bootutil import TRACEBACK, cli
 from support.runner import RunResult
 
 from minivmm import __version__
+from minivmm.units import parse_size
 
 MiB = 1 << 20
 ONE_ERROR_LINE = re.compile(r"^minivmm(?: run| guest)?: error: \S.*$")
@@ -429,3 +430,33 @@ def test_a_pmem_id_and_an_object_id_may_not_collide(guest, tmp_path):
 def test_watchdog_must_be_finite_and_a_kernel_must_be_a_file(guest, tmp_path):
     assert_user_error(cli("run", "--kernel", guest.vmlinux, "--watchdog", "nan", workdir=tmp_path), r"--watchdog must be a positive")
     assert_user_error(cli("run", "--kernel", tmp_path, workdir=tmp_path), r"not a regular file")
+
+
+def _ram_bytes(trace: str) -> int:
+    """Guest RAM from --trace's memory map: the sum of the KVM memory slots named RAM."""
+    slots = re.findall(r"^map: (0x[0-9a-f]+) \+(0x[0-9a-f]+) slot \d+ (\S+)", trace, re.MULTILINE)
+    return sum(int(size, 16) for _, size, name in slots if "ram" in name.lower())
+
+
+@pytest.mark.parametrize(("pmem_size", "mem"), [(None, "128M"), ("256M", "128M"), ("4G", "256M"), ("8G", "512M")])
+def test_default_mem_fits_the_pmem_given(tmp_path, pmem_size, mem):
+    """Without --mem the guest gets 128 MiB, more when the --pmem devices' page structures
+    would take over a quarter of it; an explicit --mem is used as given."""
+    from support.synthetic_kernels import smoke_pvh_elf
+
+    kernel = tmp_path / "smoke.elf"
+    kernel.write_bytes(smoke_pvh_elf(b"hi\n"))
+    pmem = ["--pmem", f"{tmp_path / 'p.img'},size={pmem_size}"] if pmem_size else []
+    run = cli("run", "--kernel", kernel, "--trace", *pmem, workdir=tmp_path)
+    assert run.status == 0, run.describe()
+    assert _ram_bytes(run.stderr) == parse_size(mem), run.describe()
+    assert "page structures" not in run.stderr, run.describe()  # no memmap warning at the default
+
+
+def test_explicit_mem_is_used_as_given(tmp_path):
+    from support.synthetic_kernels import smoke_pvh_elf
+
+    kernel = tmp_path / "smoke.elf"
+    kernel.write_bytes(smoke_pvh_elf(b"hi\n"))
+    run = cli("run", "--kernel", kernel, "--trace", "--mem", "96M", workdir=tmp_path)
+    assert run.status == 0 and _ram_bytes(run.stderr) == 96 << 20, run.describe()

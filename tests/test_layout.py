@@ -128,3 +128,16 @@ def test_describe_lists_everything_sorted():
     assert rows == sorted(rows)
     names = {name for _, _, name in rows}
     assert {"ram_low", "ram_high", "pci_mmio64", "pmem", "acpi", "ioapic", "lapic"} <= names
+
+
+def test_default_mem_size_grows_with_cold_plugged_pmem():
+    MiB = layout.MiB
+    assert layout.default_mem_size([]) == layout.DEFAULT_MEM_SIZE == 128 * MiB
+    assert layout.default_mem_size([256 * MiB]) == 128 * MiB  # 4 MiB of struct pages: 3 %
+    assert layout.default_mem_size([4 << 30]) == 256 * MiB  # 64 MiB of struct pages: 25 %
+    assert layout.default_mem_size([4 << 30, 4 << 30]) == 512 * MiB
+    assert layout.default_mem_size([1 << 40]) == layout.MAX_DEFAULT_MEM_SIZE == 4 << 30  # then --mem is needed
+    for sizes in ([2 * MiB], [3 << 30], [6 << 30, 2 * MiB], [64 << 30]):
+        mem = layout.default_mem_size(sizes)
+        assert mem % MiB == 0
+        assert layout.check_pmem_layout(mem, sizes) == []  # no page-structure warning at the default

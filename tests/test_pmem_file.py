@@ -372,7 +372,7 @@ def test_no_fd_leak_on_errors(tmp_path: Path) -> None:
 
 
 GiB = 1 << 30
-DEFAULT_MEM = 256 * MiB
+MEM_256M = 256 * MiB
 
 
 def expect_plan_refused(tmp_path: Path, specs: list[PmemSpec], mem: int, pattern: str) -> None:
@@ -401,12 +401,12 @@ def test_plan_checks_mem_first(tmp_path: Path, mem: int, pattern: str) -> None:
 def test_plan_checks_the_pmem_window(tmp_path: Path, size: int) -> None:
     """Sizes however large: the guest-physical map is checked before the file is created."""
     new = tmp_path / "new.img"
-    expect_plan_refused(tmp_path, [PmemSpec(str(new), size=size)], DEFAULT_MEM, r"--pmem: 1 device\(s\) need \d+[MGT] of guest physical addresses, but the pmem window below the 39-bit limit holds 492G$")
+    expect_plan_refused(tmp_path, [PmemSpec(str(new), size=size)], MEM_256M, r"--pmem: 1 device\(s\) need \d+[MGT] of guest physical addresses, but the pmem window below the 39-bit limit holds 492G$")
 
 
 def test_plan_checks_the_window_for_the_sum_of_regions(tmp_path: Path) -> None:
     """Each region fits alone; together (128 MiB aligned each) they do not."""
-    window = layout.pmem_window(DEFAULT_MEM)
+    window = layout.pmem_window(MEM_256M)
     half = layout.align_down(window.size // 2, layout.PMEM_ALIGN)
     specs = [PmemSpec(str(tmp_path / f"{i}.img"), size=half + 2 * MiB) for i in range(2)]
     assert check_plan(specs[:1], 64 * GiB) == []  # alone: fits, no warning
@@ -415,13 +415,13 @@ def test_plan_checks_the_window_for_the_sum_of_regions(tmp_path: Path) -> None:
 
 def test_plan_checks_pci_slots(tmp_path: Path) -> None:
     specs = [PmemSpec(str(tmp_path / f"{i}.img"), size=2 * MiB) for i in range(32)]
-    assert check_plan(specs[:31], DEFAULT_MEM) == []
-    expect_plan_refused(tmp_path, specs, DEFAULT_MEM, r"^pmem31: PCI bus 0 is full \(at most 31 devices\)$")
+    assert check_plan(specs[:31], MEM_256M) == []
+    expect_plan_refused(tmp_path, specs, MEM_256M, r"^pmem31: PCI bus 0 is full \(at most 31 devices\)$")
 
 
 def test_plan_checks_ids(tmp_path: Path) -> None:
     specs = [PmemSpec(str(tmp_path / "a.img"), size=2 * MiB, id="d"), PmemSpec(str(tmp_path / "b.img"), size=2 * MiB, id="d")]
-    expect_plan_refused(tmp_path, specs, DEFAULT_MEM, r"id 'd' given to more than one device")
+    expect_plan_refused(tmp_path, specs, MEM_256M, r"id 'd' given to more than one device")
 
 
 def test_plan_refuses_page_structures_beyond_half_of_ram(tmp_path: Path) -> None:
@@ -429,7 +429,7 @@ def test_plan_refuses_page_structures_beyond_half_of_ram(tmp_path: Path) -> None
     guest. The message says how much RAM the layout needs."""
     new = tmp_path / "big.img"
     expect_plan_refused(
-        tmp_path, [PmemSpec(str(new), size=16 * GiB)], DEFAULT_MEM,
+        tmp_path, [PmemSpec(str(new), size=16 * GiB)], MEM_256M,
         r"^--pmem: the guest needs 256 MiB of RAM for the page structures of 16G of pmem .*more than half of --mem 256 MiB; give --mem 512 MiB or more$",
     )  # fmt: skip
     assert check_plan([PmemSpec(str(new), size=16 * GiB)], 512 * MiB) != []  # exactly half: allowed, with a warning
@@ -441,17 +441,17 @@ def test_plan_counts_an_existing_file_without_size(tmp_path: Path) -> None:
         f.truncate(16 * GiB)  # sparse (too large for expect_user_error's byte snapshot)
     before = os.stat(big)
     with pytest.raises(UserError, match=r"needs 256 MiB of RAM"):
-        check_plan([PmemSpec(str(big))], DEFAULT_MEM)
+        check_plan([PmemSpec(str(big))], MEM_256M)
     after = os.stat(big)
     assert (after.st_size, after.st_mtime_ns, after.st_blocks) == (before.st_size, before.st_mtime_ns, before.st_blocks)
 
 
 def test_plan_warns_above_a_quarter_of_ram(tmp_path: Path) -> None:
     spec = PmemSpec(str(tmp_path / "a.img"), size=6 * GiB)  # 96 MiB of struct page
-    assert check_plan([spec], DEFAULT_MEM) == [
+    assert check_plan([spec], MEM_256M) == [
         "--pmem: the guest needs 96 MiB of RAM for the page structures of 6G of pmem (64 bytes per 4 KiB page), 38% of --mem 256 MiB"
     ]
-    assert check_plan([PmemSpec(spec.path, size=4 * GiB)], DEFAULT_MEM) == []  # 25%: quiet
+    assert check_plan([PmemSpec(spec.path, size=4 * GiB)], MEM_256M) == []  # 25%: quiet
     assert not Path(spec.path).exists()
 
 
