@@ -312,7 +312,7 @@ def test_run_help_lists_every_option(tmp_path):
     run = cli("run", "--help", workdir=tmp_path)
     assert run.status == 0, run.describe()
     assert run.stderr == "", run.describe()
-    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--stats-json", "--timeline", "--watchdog", "--help")
+    options = ("--kernel", "--initrd", "--cmdline", "--append", "--boot", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--stats-json", "--timeline", "--watchdog", "--help")
     for option in options:
         assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", run.stdout), f"{option} missing from run --help\n{run.stdout}"
 
