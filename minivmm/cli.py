@@ -46,14 +46,26 @@ def _cpus(text: str) -> int:
     return n
 
 
+# --boot: the values of `boot.BOOT_CHOICES`, the default first (spelled out so that the
+# parser does not import the loaders).
+BOOT_OPTIONS = ["linux", "pvh"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minivmm", description="A miniature x86-64 virtual machine monitor on KVM.")
     parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="boot a guest", description="Boot a Linux guest on KVM.")
-    run.add_argument("--kernel", type=Path, help="vmlinux (PVH ELF) or bzImage; default: the built default guest")
+    run.add_argument("--kernel", type=Path, help="vmlinux (ELF) or bzImage; default: the built default guest")
     run.add_argument("--initrd", type=Path, help="initramfs/initrd image; default: the default guest's, when --kernel is not given")
     run.add_argument("--cmdline", "--append", dest="cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
+    run.add_argument(
+        "--boot",
+        choices=BOOT_OPTIONS,
+        default=BOOT_OPTIONS[0],
+        help="how a vmlinux is entered: linux (64-bit boot protocol, boot_params with an RNG seed) or pvh "
+        "(its Xen PVH entry note); a bzImage boots with linux only (default: linux)",
+    )
     run.add_argument(
         "--mem",
         type=_size,
@@ -141,6 +153,7 @@ def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .boot import BootProtocol
     from .machine import Machine, MachineConfig, check_kernel
     from .monitor.objects import specs_from_command_line
     from .monitor.qmp import parse_qmp_path
@@ -161,6 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         kernel=kernel,
         initrd=initrd,
         cmdline=args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE,
+        boot=BootProtocol(args.boot),
         mem_size=args.mem if args.mem is not None else layout.default_mem_size(planned_sizes(pmem)),
         cpus=args.cpus,
         trace=args.trace is not None,
@@ -175,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # What the user may have got wrong, in the order a machine would find it, before any
     # --pmem file is created or changed: the memory plan, then the kernel.
     check_plan(config.pmem, config.mem_size)
-    check_kernel(config.kernel, config.mem_size)
+    check_kernel(config.kernel, config.mem_size, config.boot)
     with Machine(config) as machine:
         try:
             stop = machine.run()

@@ -11,8 +11,10 @@ guest physical range       name                       contents
                                                       data, TSS); Linux __BOOT_CS=0x10/DS=0x18
 0x0000_2000-0x0000_2FFF    pvh_start_info             hvm_start_info, hvm_modlist_entry[1],
                                                       hvm_memmap_table_entry[] (PVH boot)
+0x0000_3000-0x0000_3FFF    setup_data                 setup_data chain: SETUP_RNG_SEED (Linux
+                                                      boot protocol; the kernel reserves it)
 0x0000_6000-0x0000_6FFF    boot_stack                 initial stack (RSP = 0x6FF0)
-0x0000_7000-0x0000_7FFF    zero_page                  boot_params (bzImage boot)
+0x0000_7000-0x0000_7FFF    zero_page                  boot_params (Linux boot protocol)
 0x0000_9000-0x0000_EFFF    page_tables                PML4, PDPT, 4 PDs: 4 GiB identity, 2 MiB
 0x0002_0000-0x0002_0FFF    cmdline                    kernel command line, NUL terminated
 0x0009_FC00-0x0009_FFFF    ebda                       extended BIOS data area (reserved)
@@ -84,6 +86,9 @@ class NamedRange(AddressRange):
 REAL_MODE_IVT_BDA = NamedRange(0x0000, 0x1000, "real_mode_ivt_bda", "real-mode IVT and BIOS data area")
 BOOT_GDT = NamedRange(0x1000, 0x1000, "boot_gdt", "GDT for the entry state")
 PVH_START_INFO = NamedRange(0x2000, 0x1000, "pvh_start_info", "hvm_start_info, modlist and memmap")
+# RAM in the E820 map: the kernel memblock-reserves setup_data itself before its first
+# allocation (arch/x86/kernel/setup.c, memblock_x86_reserve_range_setup_data).
+SETUP_DATA = NamedRange(0x3000, 0x1000, "setup_data", "setup_data chain (SETUP_RNG_SEED)")
 BOOT_STACK = NamedRange(0x6000, 0x1000, "boot_stack", "initial stack")
 ZERO_PAGE = NamedRange(0x7000, 0x1000, "zero_page", "boot_params (zero page)")
 PAGE_TABLES = NamedRange(0x9000, 0x6000, "page_tables", "PML4, PDPT and 4 PDs identity-mapping 4 GiB")
@@ -119,6 +124,7 @@ FIXED_MAP: tuple[NamedRange, ...] = (
     REAL_MODE_IVT_BDA,
     BOOT_GDT,
     PVH_START_INFO,
+    SETUP_DATA,
     BOOT_STACK,
     ZERO_PAGE,
     PAGE_TABLES,

@@ -20,7 +20,7 @@ from typing import Callable
 
 from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
-from .boot import build_acpi, load_image, load_kernel
+from .boot import BootProtocol, build_acpi, load_image, load_kernel
 from .boot.acpi import S5_SLP_TYP
 from .bus import Bus
 from .devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GenericEventDevice
@@ -72,13 +72,13 @@ def anonymous_ram(size: int) -> mmap.mmap:
         raise UserError(f"cannot reserve {size >> 20} MiB of guest RAM: {exc.strerror}") from None
 
 
-def check_kernel(kernel: Path, mem_size: int) -> None:
+def check_kernel(kernel: Path, mem_size: int, boot: BootProtocol = BootProtocol.LINUX) -> None:
     """Load `kernel` into scratch memory with the code `Machine` boots it with, so a kernel it
     would refuse is refused (UserError) before a machine creates or changes any file."""
     size = min(mem_size, layout.LOW_RAM_MAX)  # the loaders write below 4 GiB only
     scratch = GuestMemory()  # unmapped when dropped (its views into the mapping go with it)
     scratch.add_region(Region(0, size, anonymous_ram(size), "scratch"))
-    load_image(scratch, kernel, mem_size)
+    load_image(scratch, kernel, mem_size, boot)
 
 
 @dataclass
@@ -88,6 +88,7 @@ class MachineConfig:
     kernel: Path
     initrd: Path | None = None
     cmdline: str = ""
+    boot: BootProtocol = BootProtocol.LINUX  # how a vmlinux is entered (--boot): LINUX or PVH
     mem_size: int = layout.DEFAULT_MEM_SIZE
     cpus: int = 1
     trace: bool = False
@@ -400,7 +401,7 @@ class Machine:
         cmdline = cfg.cmdline
         if self.host.software_kvm:
             cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
-        self.boot = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp)
+        self.boot = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp, cfg.boot)
         if cfg.trace:
             for base, size, name in layout.describe(cfg.mem_size):
                 print(f"map: {base:#014x} +{size:#x} {name}", file=sys.stderr)

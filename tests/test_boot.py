@@ -3,9 +3,10 @@
 Exactly three boots, each checking as much as it can: a boot costs minutes of one CPU core on a
 software KVM (kvm_pvm), so with ``pytest -n 2`` this file takes about two boot-times.
 
-1. PVH entry (vmlinux) ending in an ACPI S5 power-off, with --stats;
+1. the vmlinux through the Linux 64-bit boot protocol (the default) ending in an ACPI S5
+   power-off, with --stats;
 2. the bzImage through the 64-bit boot protocol, ending in a reboot (i8042 reset), profiled;
-3. PVH again, ending in a kernel panic reported through pvpanic.
+3. the vmlinux through PVH (`--boot pvh`), ending in a kernel panic reported through pvpanic.
 
 Nothing is mocked. Each boot's stdout/stderr stay in the test's tmp_path.
 """
@@ -71,8 +72,10 @@ def assert_command_line(run: RunResult, given: str) -> str:
     return echoed
 
 
-def test_pvh_poweroff_with_stats(guest, tmp_path, record_property):
-    """vmlinux (PVH entry) + initramfs; the test init runs four steps and powers off (ACPI S5)."""
+def test_vmlinux_poweroff_with_stats(guest, tmp_path, record_property):
+    """vmlinux (Linux 64-bit boot protocol, the default) + initramfs; the test init runs four
+    steps and powers off (ACPI S5). The RNG seed minivmm passes (setup_data) made the CRNG
+    ready before init ran."""
     cmdline = f"{BASE_CMDLINE} minivmm.steps=hello,mounts,uname,getpid minivmm.end=poweroff"
     run = boot(["--cmdline", cmdline, "--stats"], tmp_path, record_property)
     assert run.status == 0, run.describe()
@@ -100,6 +103,8 @@ def test_pvh_poweroff_with_stats(guest, tmp_path, record_property):
     assert not [line for line in lines if "FAILED" in line or line.startswith("unknown step")], lines
     assert run.stdout.find("reboot: Power down") > run.stdout.find("minivmm-test: end action=poweroff") >= 0, run.describe()
     assert "Kernel panic" not in run.stdout
+    crng, run_init = run.stdout.find("random: crng init done"), run.stdout.find("Run /sbin/minivmm-test as init process")
+    assert 0 <= crng < run_init, f"crng init done at {crng}, Run /sbin/minivmm-test at {run_init}\n{run.describe()}"
 
     # --stats-json: exits by kind, devices, time inside/outside KVM_RUN.
     stats = run.stats
@@ -160,9 +165,10 @@ def test_bzimage_reboot(guest, tmp_path, record_property):
 
 
 def test_pvh_panic(guest, tmp_path, record_property):
-    """init exits (minivmm.end=panic): "Attempted to kill init", and pvpanic ends the run."""
+    """vmlinux through PVH; init exits (minivmm.end=panic): "Attempted to kill init", and
+    pvpanic ends the run."""
     cmdline = f"{BASE_CMDLINE} minivmm.steps=hello minivmm.end=panic"
-    run = boot(["--cmdline", cmdline], tmp_path, record_property)
+    run = boot(["--boot", "pvh", "--cmdline", cmdline], tmp_path, record_property)
     assert run.status != 0, run.describe()
     # boot() checked that the final line is this reason (the old check: "minivmm: guest ...\bpanic")
     assert run.stats.stop_reason == "guest kernel panicked (pvpanic)", run.describe()

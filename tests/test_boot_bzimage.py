@@ -86,9 +86,11 @@ def test_header_copied_from_file(tmp_path):
     mem, _ = boot(tmp_path, bytes(image))
     hdr_len = 0x202 + image[0x201] - 0x1F1
     zp = mem.read(ZP + 0x1F1, hdr_len)
-    untouched = [(0x1F1, 0x210), (0x212, 0x218), (0x220, 0x224), (0x22C, 0x26C)]
+    # setup_data (0x250) is the loader's to write (boot.rst): the RNG seed's address.
+    untouched = [(0x1F1, 0x210), (0x212, 0x218), (0x220, 0x224), (0x22C, 0x250), (0x258, 0x26C)]
     for lo, hi in untouched:
         assert zp[lo - 0x1F1 : hi - 0x1F1] == bytes(image[lo:hi]), hex(lo)
+    assert mem.read_int(ZP + 0x250, 8) == layout.SETUP_DATA.base
 
 
 def test_setup_sects_zero_means_four(tmp_path):

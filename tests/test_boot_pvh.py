@@ -40,7 +40,7 @@ def junk_memory(size: int = MEM) -> GuestMemory:
 def test_segments_copied_and_bss_zeroed(files):
     kernel, initrd, code = files
     mem = junk_memory()
-    boot = load_kernel(mem, kernel, initrd, "console=ttyS0", MEM, RSDP)
+    boot = load_kernel(mem, kernel, initrd, "console=ttyS0", MEM, RSDP, BootProtocol.PVH)
     assert mem.read(PADDR, len(code)) == code
     assert mem.read(PADDR + len(code), 0x3000) == bytes(0x3000)
     assert boot.loaded.kernel.base == PADDR and boot.loaded.kernel.size == len(code) + 0x3000
@@ -51,7 +51,7 @@ def test_segments_copied_and_bss_zeroed(files):
 def test_start_info_fields(files):
     kernel, initrd, _ = files
     mem = junk_memory()
-    boot = load_kernel(mem, kernel, initrd, "console=ttyS0 quiet", MEM, RSDP)
+    boot = load_kernel(mem, kernel, initrd, "console=ttyS0 quiet", MEM, RSDP, BootProtocol.PVH)
     assert boot.entry.regs.rbx == boot.config.boot_info == layout.PVH_START_INFO.base
     (magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap, memmap_entries, reserved) = mem.read_struct(
         boot.entry.regs.rbx, pvh.HVM_START_INFO
@@ -80,7 +80,7 @@ def test_start_info_fields(files):
 def test_no_initrd_means_no_modules(files):
     kernel, _, _ = files
     mem = junk_memory()
-    boot = load_kernel(mem, kernel, None, "", MEM, RSDP)
+    boot = load_kernel(mem, kernel, None, "", MEM, RSDP, BootProtocol.PVH)
     _, _, _, nr_modules, modlist, cmdline, *_ = mem.read_struct(boot.entry.regs.rbx, pvh.HVM_START_INFO)
     assert nr_modules == 0 and modlist == 0 and boot.config.initrd is None
     assert mem.read(cmdline, 1) == b"\0"
@@ -89,7 +89,7 @@ def test_no_initrd_means_no_modules(files):
 def test_entry_state_is_32bit_protected_mode(files):
     kernel, _, _ = files
     mem = junk_memory()
-    e = load_kernel(mem, kernel, None, "", MEM, RSDP).entry
+    e = load_kernel(mem, kernel, None, "", MEM, RSDP, BootProtocol.PVH).entry
     assert e.mode is CpuMode.PROTECTED32
     assert e.cr0 & entry.X86_CR0_PE and not e.cr0 & entry.X86_CR0_PG
     assert e.cr4 == 0 and e.efer == 0
@@ -124,7 +124,7 @@ def load(tmp_path, blob: bytes, *, mem_size: int = MEM, initrd: bytes | None = N
     if initrd is not None:
         initrd_path = tmp_path / "initrd"
         initrd_path.write_bytes(initrd)
-    return load_kernel(GuestMemory.anonymous(mem_size), kernel, initrd_path, cmdline, mem_size, RSDP)
+    return load_kernel(GuestMemory.anonymous(mem_size), kernel, initrd_path, cmdline, mem_size, RSDP, BootProtocol.PVH)
 
 
 def test_random_bytes_are_rejected(tmp_path):
@@ -134,13 +134,13 @@ def test_random_bytes_are_rejected(tmp_path):
 
 def test_missing_kernel_file(tmp_path):
     with pytest.raises(UserError, match="nope.*No such file"):
-        load_kernel(GuestMemory.anonymous(MEM), tmp_path / "nope", None, "", MEM, RSDP)
+        load_kernel(GuestMemory.anonymous(MEM), tmp_path / "nope", None, "", MEM, RSDP, BootProtocol.PVH)
 
 
 def test_missing_initrd_file(tmp_path, files):
     kernel, _, _ = files
     with pytest.raises(UserError, match="initrd .*missing.*No such file"):
-        load_kernel(GuestMemory.anonymous(MEM), kernel, tmp_path / "missing", "", MEM, RSDP)
+        load_kernel(GuestMemory.anonymous(MEM), kernel, tmp_path / "missing", "", MEM, RSDP, BootProtocol.PVH)
 
 
 @pytest.mark.parametrize("cut", [10, 63, 100, 200, 2000])
@@ -217,7 +217,7 @@ def test_smoke_pvh_entry_is_the_smoke_code(tmp_path):
     kernel = tmp_path / "smoke"
     kernel.write_bytes(synthetic.smoke_pvh_elf(b"hi\n"))
     mem = GuestMemory.anonymous(MEM)
-    e = load_kernel(mem, kernel, None, "", MEM, RSDP).entry
+    e = load_kernel(mem, kernel, None, "", MEM, RSDP, BootProtocol.PVH).entry
     code = synthetic.smoke_code(b"hi\n")
     assert mem.read(e.regs.rip, len(code)) == code
     assert code.endswith(b"\xb0\x34\xee\xf4\xeb\xfd")  # out 0x34 to the sleep register; hlt loop
@@ -229,7 +229,7 @@ def test_pvh_memory_above_4gib(tmp_path, files):
     mem = GuestMemory()
     for gpa, length in layout.ram_ranges(size):
         mem.add_region(GuestMemory.anonymous(length, gpa).regions[0])
-    boot = load_kernel(mem, kernel, initrd, "", size, RSDP)
+    boot = load_kernel(mem, kernel, initrd, "", size, RSDP, BootProtocol.PVH)
     assert boot.config.initrd.end <= 3 * layout.GiB and 3 * layout.GiB - boot.config.initrd.end < 4096
     *_, memmap, entries, _ = mem.read_struct(boot.entry.regs.rbx, pvh.HVM_START_INFO)
     last = mem.read_struct(memmap + (entries - 1) * 24, pvh.HVM_MEMMAP_TABLE_ENTRY)

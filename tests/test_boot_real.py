@@ -1,5 +1,6 @@
-"""Loading the real default guest kernel (vmlinux through PVH, bzImage through the 64-bit
-protocol), checked against what pyelftools and the raw header say independently."""
+"""Loading the real default guest kernel (vmlinux through the Linux 64-bit protocol and
+through PVH, bzImage through the 64-bit protocol), checked against what pyelftools and the
+raw header say independently."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from minivmm import layout
-from minivmm.boot import CpuMode, acpi, bzimage, load_kernel, pvh
+from minivmm.boot import BootProtocol, CpuMode, acpi, bzimage, load_kernel, pvh, setup_data
 from minivmm.memory import GuestMemory
 
 MEM = 256 * layout.MiB
@@ -24,7 +25,7 @@ def mem():
 def test_vmlinux_pvh(guest_kernel_dir, mem):
     path = guest_kernel_dir / "vmlinux"
     rsdp = acpi.build_acpi(mem, 1, MEM)
-    boot = load_kernel(mem, path, None, "console=ttyS0", MEM, rsdp)
+    boot = load_kernel(mem, path, None, "console=ttyS0", MEM, rsdp, BootProtocol.PVH)
     entry = boot.entry
     with open(path, "rb") as f:
         elf = ELFFile(f)
@@ -46,6 +47,27 @@ def test_vmlinux_pvh(guest_kernel_dir, mem):
     magic, version, *_ = mem.read_struct(entry.regs.rbx, pvh.HVM_START_INFO)
     assert (magic, version) == (pvh.XEN_HVM_START_MAGIC_VALUE, 1)
     assert boot.loaded.kernel.base >= layout.HIGH_MEMORY and boot.loaded.kernel.end <= MEM
+
+
+def test_vmlinux_linux_64bit_protocol(guest_kernel_dir, mem):
+    """The default: startup_64 at e_entry (phys_startup_64, physical), RSI = boot_params with
+    the synthesized header, the RSDP and the RNG seed's setup_data."""
+    path = guest_kernel_dir / "vmlinux"
+    rsdp = acpi.build_acpi(mem, 1, MEM)
+    boot = load_kernel(mem, path, None, "console=ttyS0", MEM, rsdp)
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        e_entry = elf.header.e_entry
+        first = next(s for s in elf.iter_segments() if s.header.p_type == "PT_LOAD")
+        assert mem.read(first.header.p_paddr, 4096) == first.data()[:4096]
+    entry, zp = boot.entry, layout.ZERO_PAGE.base
+    assert boot.config.protocol is BootProtocol.LINUX and entry.mode is CpuMode.LONG64
+    assert entry.regs.rip == e_entry == first.header.p_paddr and entry.regs.rsi == zp
+    assert mem.read_int(zp + 0x1FE, 2) == 0xAA55 and mem.read(zp + 0x202, 4) == b"HdrS"
+    assert mem.read_int(zp + 0x206, 2) >= bzimage.PROTOCOL_ACPI_RSDP and mem.read_int(zp + bzimage.BP_ACPI_RSDP_ADDR, 8) == rsdp
+    assert mem.read_int(zp + 0x210, 1) == 0xFF  # type_of_loader: nonzero, or the kernel ignores an initrd
+    assert mem.read_int(zp + 0x250, 8) == layout.SETUP_DATA.base
+    assert mem.read_struct(layout.SETUP_DATA.base, setup_data.SETUP_DATA_HEADER) == (0, setup_data.SETUP_RNG_SEED, 32)
 
 
 def test_bzimage(guest_kernel_dir, mem, tmp_path):

@@ -54,11 +54,28 @@ def assert_user_error(run: RunResult, pattern: str | None = None) -> str:
         (["run", "--cpus", "two"], r"--cpus: 'two' is not a number of vCPUs from 1 to 8"),
         (["run", "--watchdog", "soon"], r"--watchdog.*invalid float value"),
         (["guest", "destroy"], r"invalid choice: 'destroy'"),
+        (["run", "--boot", "bios"], r"--boot: invalid choice: 'bios' \(choose from 'linux', 'pvh'\)"),
+        (["run", "--boot"], r"--boot.*expected one argument"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
 def test_bad_option(args, pattern, tmp_path):
     assert_user_error(cli(*args, workdir=tmp_path), pattern)
+
+
+def test_boot_options_are_the_loaders_choices() -> None:
+    """--boot offers exactly `boot.BOOT_CHOICES`, the default (linux) first."""
+    from minivmm.boot import BOOT_CHOICES, BootProtocol
+    from minivmm.cli import BOOT_OPTIONS, build_parser
+
+    assert BOOT_OPTIONS == [p.value for p in BOOT_CHOICES] and BOOT_CHOICES[0] is BootProtocol.LINUX
+    run = build_parser().parse_args(["run"])
+    assert run.boot == "linux" and build_parser().parse_args(["run", "--boot", "pvh"]).boot == "pvh"
+
+
+def test_bzimage_with_boot_pvh(guest, tmp_path):
+    line = assert_user_error(cli("run", "--kernel", guest.bzimage, "--boot", "pvh", workdir=tmp_path))
+    assert line.endswith(f"kernel {guest.bzimage}: a bzImage has no PVH entry; boot it with --boot linux")
 
 
 @pytest.mark.parametrize(
@@ -296,7 +313,7 @@ def test_run_help_lists_every_option(tmp_path):
     run = cli("run", "--help", workdir=tmp_path)
     assert run.status == 0, run.describe()
     assert run.stderr == "", run.describe()
-    options = ("--kernel", "--initrd", "--cmdline", "--append", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--stats-json", "--timeline", "--watchdog", "--help")
+    options = ("--kernel", "--initrd", "--cmdline", "--append", "--boot", "--mem", "--cpus", "--pmem", "--trace", "--stats", "--stats-json", "--timeline", "--watchdog", "--help")
     for option in options:
         assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", run.stdout), f"{option} missing from run --help\n{run.stdout}"
 

@@ -54,10 +54,14 @@ def kernel(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 
-@pytest.mark.parametrize("fmt", ["pvh", "bzimage"])
+@pytest.mark.parametrize("fmt", ["pvh", "linux", "bzimage"])
 def test_synthetic_kernel_prints_and_powers_off(tmp_path: Path, fmt: str) -> None:
-    data = smoke_pvh_elf(b"hello from pvh\n") if fmt == "pvh" else smoke_bzimage(b"hello from bzimage\n")
-    status, out, err = run("--kernel", kernel(tmp_path, fmt, data), "--stats")
+    """The same ELF through either protocol (`--boot`), and a bzImage (the smoke code runs in
+    32- and 64-bit mode alike)."""
+    message = f"hello from {fmt}\n".encode()
+    data = smoke_bzimage(message) if fmt == "bzimage" else smoke_pvh_elf(message)
+    boot = ("--boot", "pvh") if fmt == "pvh" else ()
+    status, out, err = run("--kernel", kernel(tmp_path, fmt, data), *boot, "--stats")
     assert status == 0, err
     assert f"hello from {fmt}\n" in out
     assert err.strip().splitlines()[-1] == "minivmm: guest powered off (ACPI S5)"
@@ -69,7 +73,7 @@ def test_synthetic_kernel_prints_and_powers_off(tmp_path: Path, fmt: str) -> Non
 
 
 def test_trace_prints_each_exit_in_words(tmp_path: Path) -> None:
-    status, out, err = run("--kernel", kernel(tmp_path, "k", smoke_pvh_elf(b"AB")), "--trace")
+    status, out, err = run("--kernel", kernel(tmp_path, "k", smoke_pvh_elf(b"AB")), "--boot", "pvh", "--trace")
     assert status == 0, err
     assert f"io out port={layout.COM1_PORT:#06x} size=1 value=0x41 -> serial" in err
     assert f"io out port={layout.COM1_PORT:#06x} size=1 value=0x42 -> serial" in err
@@ -170,6 +174,20 @@ def test_ctrl_a_x_quits_and_restores_the_terminal(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "quit from the console" in err
     assert after == before
+
+
+def test_vmlinux_boots_with_the_linux_protocol_by_default(tmp_path: Path) -> None:
+    """An ELF without --boot: the 64-bit entry at e_entry with boot_params and the RNG seed."""
+    status, out, err = run("--kernel", kernel(tmp_path, "k", smoke_pvh_elf(b"x")), "--trace")
+    assert status == 0, err
+    assert "boot: linux entry long64 rip=0x1000000 " in err
+    assert f"boot: setup_data at {layout.SETUP_DATA.base:#x} (RNG seed)" in err
+
+
+def test_bzimage_with_boot_pvh_is_a_user_error(tmp_path: Path) -> None:
+    status, out, err = run("--kernel", kernel(tmp_path, "k", smoke_bzimage(b"x")), "--boot", "pvh")
+    assert status == 2 and out == ""
+    assert err.strip().splitlines() == [f"minivmm: error: kernel {tmp_path / 'k'}: a bzImage has no PVH entry; boot it with --boot linux"]
 
 
 def test_bzimage_entry_is_64_bit(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.boot
 BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=k"
 
 
-@pytest.mark.parametrize("kernel_kind", ["vmlinux", "bzImage"], ids=["pvh", "bzimage"])
+@pytest.mark.parametrize("kernel_kind", ["vmlinux", "bzImage"], ids=["vmlinux", "bzimage"])
 def test_kernel_mounts_pmem_root_and_flushes(tmp_path, kernel_kind):
     """No initrd: root=/dev/pmem0 is mounted by the kernel and its init comes from the image."""
     guest = default_guest()

@@ -77,7 +77,7 @@ def test_disassembly_of_the_ring3_kernel_is_what_the_comments_say() -> None:
 def test_profile_names_the_ring0_function_and_counts_ring3_as_user(tmp_path: Path) -> None:
     kernel = tmp_path / "kernel.elf"
     kernel.write_bytes(spin_elf())
-    run = cli("run", "--kernel", kernel, "--profile=500", "--stats-json", "stats.json", workdir=tmp_path)
+    run = cli("run", "--kernel", kernel, "--boot", "pvh", "--profile=500", "--stats-json", "stats.json", workdir=tmp_path)
     profile = profile_of(run, tmp_path / "stats.json")
     assert_ring0_then_ring3(profile, 500)
     assert profile.symbols == f"ELF .symtab of {kernel}"
@@ -95,7 +95,7 @@ def test_profile_map_names_functions_of_a_kernel_without_symbols(tmp_path: Path)
     kernel = tmp_path / "raw.elf"
     kernel.write_bytes(make_pvh_elf(code))  # no .symtab
     (tmp_path / "System.map").write_text(system_map(functions))
-    run = cli("run", "--kernel", kernel, "--profile", "--profile-map", "System.map", "--stats-json", "stats.json", workdir=tmp_path)
+    run = cli("run", "--kernel", kernel, "--boot", "pvh", "--profile", "--profile-map", "System.map", "--stats-json", "stats.json", workdir=tmp_path)
     profile = profile_of(run, tmp_path / "stats.json")
     assert_ring0_then_ring3(profile, DEFAULT_HZ)
     assert profile.symbols == "System.map System.map"

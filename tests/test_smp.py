@@ -33,6 +33,7 @@ from minivmm.boot.acpi import S5_SLP_TYP
 from minivmm.devices.acpi_pm import SLP_EN, SLP_TYP_SHIFT
 from minivmm.errors import UserError
 from minivmm.exit_handler import Stop
+from minivmm.boot import BootProtocol
 from minivmm.machine import Machine, MachineConfig
 from minivmm.pmemfile import PmemSpec
 from minivmm.vcpu import install_kick_handler
@@ -98,7 +99,8 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def run(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "minivmm", "run", *map(str, args)], stdin=subprocess.DEVNULL,
+    """`minivmm run` a PVH kernel (this file's kernels start in 32-bit code)."""
+    return subprocess.run([sys.executable, "-m", "minivmm", "run", "--boot", "pvh", *map(str, args)], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -118,7 +120,7 @@ def test_machine_refuses_cpus_outside_the_bounds(tmp_path: Path, cpus: int) -> N
     """Before any pmem file is created (a user error changes nothing on disk)."""
     new = tmp_path / "new.img"
     with pytest.raises(UserError, match=f"{cpus} vCPUs: a machine has 1 to {layout.MAX_VCPUS}"):
-        Machine(MachineConfig(kernel=tmp_path / "unused", mem_size=64 * MiB, cpus=cpus, pmem=[PmemSpec(str(new), size=2 * MiB)]))
+        Machine(MachineConfig(boot=BootProtocol.PVH, kernel=tmp_path / "unused", mem_size=64 * MiB, cpus=cpus, pmem=[PmemSpec(str(new), size=2 * MiB)]))
     assert not new.exists()
 
 
@@ -206,7 +208,7 @@ def test_only_a_software_kvm_gets_the_smp_remedies(tmp_path: Path) -> None:
 @pytest.fixture
 def booted_4(tmp_path: Path):
     """A 4-vCPU machine with a kernel loaded and its vCPUs created and set up, never run."""
-    with Machine(MachineConfig(kernel=write(tmp_path, "k", smoke_pvh_elf()), mem_size=64 * MiB, cpus=4)) as m:
+    with Machine(MachineConfig(boot=BootProtocol.PVH, kernel=write(tmp_path, "k", smoke_pvh_elf()), mem_size=64 * MiB, cpus=4)) as m:
         m._boot()  # loads the kernel and creates the vCPUs, as `run` does before starting them
         yield m
 
@@ -262,7 +264,7 @@ def test_sipi_to_an_absent_apic_id_starts_nothing(tmp_path: Path, null_fd: int) 
     """INIT/SIPI to APIC id 2 of a 2-vCPU machine reach nobody; the BSP then powers off."""
     tail = b"\x66\xba" + struct.pack("<H", layout.ACPI_SLEEP_CONTROL_PORT) + bytes([0xB0, (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN, 0xEE]) + HLT_LOOP
     elf = write(tmp_path, "k", sipi_kernel(real_mode_print(b"AP up\n") + HLT_LOOP, tail, target=2))
-    with Machine(MachineConfig(kernel=elf, mem_size=64 * MiB, cpus=2, stdin_fd=null_fd, stdout_fd=null_fd)) as m:
+    with Machine(MachineConfig(boot=BootProtocol.PVH, kernel=elf, mem_size=64 * MiB, cpus=2, stdin_fd=null_fd, stdout_fd=null_fd)) as m:
         stop = m.run()
         assert stop.reason == "guest powered off (ACPI S5)" and stop.status == 0
         assert all(not loop.thread.is_alive() for loop in m.loops)  # every vCPU thread ended, the waiting AP's too
@@ -273,7 +275,7 @@ def test_sipi_to_an_absent_apic_id_starts_nothing(tmp_path: Path, null_fd: int) 
 @pytest.mark.parametrize("cpus", [1, 2, layout.MAX_VCPUS])
 def test_bsp_poweroff_ends_a_machine_whose_aps_never_started(tmp_path: Path, cpus: int, null_fd: int) -> None:
     elf = write(tmp_path, "k", smoke_pvh_elf(b"bye\n"))
-    with Machine(MachineConfig(kernel=elf, mem_size=64 * MiB, cpus=cpus, stdin_fd=null_fd, stdout_fd=null_fd)) as m:
+    with Machine(MachineConfig(boot=BootProtocol.PVH, kernel=elf, mem_size=64 * MiB, cpus=cpus, stdin_fd=null_fd, stdout_fd=null_fd)) as m:
         stop = m.run()
         assert (stop.status, stop.reason) == (0, "guest powered off (ACPI S5)")
         assert len(m.loops) == cpus and all(not loop.thread.is_alive() for loop in m.loops)
@@ -300,7 +302,7 @@ def test_pause_and_resume_stop_and_restart_every_vcpu(tmp_path: Path, null_fd: i
             out += os.read(r, 4096)
         return b"AP up\n" in out
 
-    with Machine(MachineConfig(kernel=spinning_pair(tmp_path), mem_size=64 * MiB, cpus=2, stdin_fd=null_fd, stdout_fd=w)) as m:
+    with Machine(MachineConfig(boot=BootProtocol.PVH, kernel=spinning_pair(tmp_path), mem_size=64 * MiB, cpus=2, stdin_fd=null_fd, stdout_fd=w)) as m:
         install_kick_handler()  # run() installs it only on the main thread; it runs on another here
         runner = threading.Thread(target=m.run)
         runner.start()
@@ -325,7 +327,7 @@ def test_pause_and_resume_stop_and_restart_every_vcpu(tmp_path: Path, null_fd: i
 
 
 def test_sigusr1_dumps_every_vcpu(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "minivmm", "run", "--kernel", str(spinning_pair(tmp_path)), "--cpus", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "minivmm", "run", "--boot", "pvh", "--kernel", str(spinning_pair(tmp_path)), "--cpus", "2"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     os.set_blocking(proc.stdout.fileno(), False)

@@ -38,6 +38,9 @@ SLEEP_RANGE_S = (0.9, 10.0)
 STEP_RE = re.compile(r"^selftest (?P<step>[\w-]+): (?P<status>ok|FAILED)\b ?(?P<rest>.*)$")
 DONE_RE = re.compile(r"^selftest done ok=(?P<ok>\d+) failed=(?P<failed>\d+) uptime=(?P<uptime>[\d.]+)$")
 KV_RE = re.compile(r"(\w+)=(\S+)")
+# The selftest's kernel-log report: record numbers of "random: crng init done" and "Run /init
+# as init process" (0: absent).
+KMSG_RE = re.compile(r"^selftest kmsg records=(?P<records>\d+) crng_init_done=(?P<crng>\d+) run_init=(?P<run_init>\d+)$")
 PIPE_OK_RE = re.compile(r"^ls /bin \| wc -l = (?P<n>[1-9]\d*), (?P<runs>\d+) runs:(?: (?P=n))+$")
 
 
@@ -119,6 +122,20 @@ def first_broken(messages: list[str], excused: tuple[str, ...] = ()) -> str | No
     return None
 
 
+def crng_problem(messages: list[str]) -> str | None:
+    """None when the kernel log says the CRNG was ready before /init ran (the RNG seed minivmm
+    passes as setup_data was credited); else what is wrong."""
+    report = next((m for t in messages if (m := KMSG_RE.match(t))), None)
+    if report is None:
+        return "no `minivmm: selftest kmsg ...` report (could dmesg run?)"
+    records, crng, run_init = int(report["records"]), int(report["crng"]), int(report["run_init"])
+    if not 0 < run_init <= records:
+        return f"`Run /init as init process` not in the kernel log: {report[0]}"
+    if not 0 < crng < run_init:
+        return f"the CRNG was not ready before /init (`random: crng init done` must come first): {report[0]}"
+    return None
+
+
 def diagnosis(probe: Probe, problem: str) -> str:
     messages = guest_messages(probe.run.stdout)
     broken = first_broken(messages) or "none (every selftest step passed)"
@@ -176,6 +193,16 @@ def test_reading_a_real_selftest_run() -> None:
     assert first_broken(until_mounts) == "step cmdline: no result line"
     assert first_broken([]).startswith("the selftest never started")
     assert "script selftest exited with status 1" in messages and messages[-1] == "powering off"
+
+
+def test_reading_the_kmsg_report() -> None:
+    report = "selftest kmsg records=180 crng_init_done={} run_init={}"
+    assert crng_problem([report.format(12, 150)]) is None
+    assert "not ready before /init" in crng_problem([report.format(0, 150)])
+    assert "not ready before /init" in crng_problem([report.format(151, 150)])
+    assert "`Run /init as init process` not in" in crng_problem([report.format(12, 0)])
+    assert crng_problem(guest_messages(real_console())).startswith("no `minivmm: selftest kmsg")
+    assert crng_problem(["selftest kmsg: ok 1 2"]).startswith("no `minivmm: selftest kmsg")
 
 
 def test_reading_an_interleaved_console() -> None:
@@ -284,6 +311,11 @@ def test_guest_user_space_works(selftest_probe: Probe, record_property) -> None:
                 problems.append(f"guest clock ran fast: uptime {guest_uptime} s at `done`, which the host saw {probe.done_at:.1f} s after the spawn")
             if guest_uptime < probe.done_at / 4:
                 problems.append(f"guest clock ran slow: uptime {guest_uptime} s at `done`, which the host saw {probe.done_at:.1f} s after the spawn")
+
+    # The RNG seed (setup_data SETUP_RNG_SEED, CONFIG_RANDOM_TRUST_BOOTLOADER) made the CRNG
+    # ready before user space: "random: crng init done" precedes "Run /init" in the kernel log.
+    if crng := crng_problem(messages):
+        problems.append(crng)
 
     # The tty: the guest's writes to /dev/console and /dev/ttyS0 reached the host.
     for check in TTY_CHECKS:

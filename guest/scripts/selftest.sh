@@ -3,6 +3,7 @@
 #
 # "minivmm: selftest start", one line per step, "minivmm: selftest STEP: ok
 # [details]" or "minivmm: selftest STEP: FAILED reason", then
+# "minivmm: selftest kmsg records=R crng_init_done=C run_init=I" (a report, not a step),
 # "minivmm: selftest done ok=N failed=M uptime=S"; the exit status is M.
 # Each line goes to the kernel log at KERN_ERR (printed even with "quiet", and
 # even when the tty is broken) and to stdout (the console), so it usually shows
@@ -187,6 +188,26 @@ step_pipe() {
 	pass pipe "ls /bin | wc -l = $want, $PIPE_RUNS runs:$runs"
 }
 step_pipe
+
+# -- kmsg: where the kernel log has "random: crng init done" and "Run /init as init process"
+# (record numbers, 0: absent). Not a step: the host judges the order (the boot loader's RNG
+# seed, setup_data SETUP_RNG_SEED, seeds the CRNG before user space). Both lines are below
+# the console's level under `quiet`, so read them back; `dmesg` is a program start: try it a
+# few times.
+report_kmsg() {
+	tries=0
+	until dmesg >/tmp/selftest-dmesg 2>/dev/null || [ "$tries" -ge 3 ]; do tries=$((tries + 1)); done
+	records=0 crng=0 run_init=0
+	while read -r line; do
+		records=$((records + 1))
+		case "$line" in
+		*"random: crng init done"*) [ "$crng" != 0 ] || crng=$records ;;
+		*"Run /init as init process"*) [ "$run_init" != 0 ] || run_init=$records ;;
+		esac
+	done </tmp/selftest-dmesg
+	say "kmsg records=$records crng_init_done=$crng run_init=$run_init"
+}
+report_kmsg
 
 now
 say "done ok=$ok failed=$failed uptime=$now_text"

@@ -4,9 +4,10 @@ Step 1, `load_bzimage`: the protected-mode kernel (everything after the (setup_s
 512 bytes of real-mode setup) is loaded at 1 MiB ("Loading The Rest of The Kernel").
 Step 2, `configure_linux`: boot_params (the "zero page", arch/x86/include/uapi/asm/bootparam.h)
 gets a copy of the file's setup header plus what a boot loader fills in ("Details of Header
-Fields"), with the E820 map; the vCPU enters `startup_64` at load address + 0x200 in long
-mode with an identity map, __BOOT_CS/__BOOT_DS and RSI = the zero page ("64-bit Boot
-Protocol").
+Fields"), with the E820 map and setup_data; the vCPU enters `startup_64` at load address +
+0x200 in long mode with an identity map, __BOOT_CS/__BOOT_DS and RSI = the zero page
+("64-bit Boot Protocol"). A vmlinux takes the same step 2 with a synthesized header
+(`vmlinux.py`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from .. import layout
 from ..errors import UserError
 from ..memory import GuestMemory
 from ..ranges import AddressRange
-from .common import BootConfig, BootProtocol, KernelLoaderResult, check_ram, load_initrd, write_cmdline
+from .common import BootConfig, KernelLoaderResult, check_ram, load_initrd, write_cmdline
 from .entry import CpuMode, Registers, setup_entry
+from .setup_data import rng_seed, write_setup_data
 
 SETUP_HEADER_OFFSET = 0x1F1
 BOOT_FLAG_MAGIC = 0xAA55
@@ -190,11 +192,19 @@ def load_bzimage(mem: GuestMemory, kernel_path: str | os.PathLike[str], data: by
     )
 
 
-def boot_params(hdr: SetupHeader, raw_header: bytes, cmdline: AddressRange, initrd: AddressRange | None, mem_size: int, rsdp_addr: int) -> bytes:
+def boot_params(
+    hdr: SetupHeader,
+    raw_header: bytes,
+    cmdline: AddressRange,
+    initrd: AddressRange | None,
+    mem_size: int,
+    rsdp_addr: int,
+    setup_data: int = 0,
+) -> bytes:
     """struct boot_params (bootparam.h): zeroed, then the header as found in the file, then the
     fields a boot loader fills in (boot.rst, "Details of Header Fields": type_of_loader,
-    loadflags, heap_end_ptr, cmd_line_ptr, ramdisk_image/size and their ext_ high halves),
-    the E820 table and, from protocol 2.14, acpi_rsdp_addr."""
+    loadflags, heap_end_ptr, cmd_line_ptr, ramdisk_image/size and their ext_ high halves,
+    setup_data), the E820 table and, from protocol 2.14, acpi_rsdp_addr."""
     ramdisk_image, ramdisk_size = (initrd.base, initrd.size) if initrd is not None else (0, 0)
     bp = bytearray(BOOT_PARAMS_SIZE)
     bp[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + len(raw_header)] = raw_header
@@ -206,6 +216,7 @@ def boot_params(hdr: SetupHeader, raw_header: bytes, cmdline: AddressRange, init
         cmd_line_ptr=cmdline.base & 0xFFFFFFFF,
         ramdisk_image=ramdisk_image & 0xFFFFFFFF,
         ramdisk_size=ramdisk_size & 0xFFFFFFFF,
+        setup_data=setup_data,
     )
     packed = fields.pack()[: len(raw_header)]  # only the fields the file's header has
     bp[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + len(packed)] = packed
@@ -229,18 +240,20 @@ def configure_linux(
     mem_size: int,
     rsdp_addr: int,
 ) -> BootConfig:
-    """Step 2: the command line (at most cmdline_size bytes), the initrd (below
-    initrd_addr_max), the zero page, then the LONG64 entry at `loaded.entry` with RSI = the
+    """Step 2, for a bzImage or a vmlinux (`vmlinux.py`): the command line (at most
+    cmdline_size bytes), the initrd (below initrd_addr_max), setup_data (a fresh RNG seed,
+    `setup_data.py`), the zero page, then the LONG64 entry at `loaded.entry` with RSI = the
     zero page (boot.rst, "64-bit Boot Protocol")."""
     hdr = loaded.setup_header
     if hdr is None:
-        raise ValueError("configure_linux needs a bzImage's KernelLoaderResult (no setup header)")
+        raise ValueError("configure_linux needs a setup header (a bzImage's or a vmlinux's KernelLoaderResult)")
     cmd = write_cmdline(mem, cmdline, hdr.cmdline_size)
     initrd = None
     if initrd_path is not None:
         top = min(layout.low_ram_top(mem_size), hdr.initrd_addr_max + 1)
         initrd = load_initrd(mem, initrd_path, loaded.kernel_end, top)
+    setup_data = write_setup_data(mem, [rng_seed()])
     zero_page = layout.ZERO_PAGE.base
-    mem.write(zero_page, boot_params(hdr, loaded.setup_header_bytes, cmd, initrd, mem_size, rsdp_addr))
+    mem.write(zero_page, boot_params(hdr, loaded.setup_header_bytes, cmd, initrd, mem_size, rsdp_addr, setup_data))
     entry = setup_entry(mem, CpuMode.LONG64, Registers(rip=loaded.entry, rsi=zero_page))
-    return BootConfig(BootProtocol.BZIMAGE, cmd, initrd, zero_page, rsdp_addr, entry)
+    return BootConfig(loaded.protocol, cmd, initrd, zero_page, rsdp_addr, entry, setup_data)

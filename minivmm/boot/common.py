@@ -30,7 +30,8 @@ class BootProtocol(enum.Enum):
     """How the kernel is entered and told about the machine."""
 
     PVH = "pvh"  # Xen docs/misc/pvh.pandoc: hvm_start_info (start_info.h), 32-bit entry
-    BZIMAGE = "bzimage"  # Documentation/arch/x86/boot.rst: boot_params, 64-bit entry
+    LINUX = "linux"  # Documentation/arch/x86/boot.rst: boot_params, 64-bit entry; a vmlinux (header by minivmm)
+    BZIMAGE = "bzimage"  # the same protocol for a bzImage (the file's own setup header)
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,20 @@ class KernelLoaderResult:
     """First address past all the kernel claims (a bzImage decompresses into init_size bytes
     from its runtime start); the initrd goes above it."""
     entry: int
-    """Where the boot vCPU starts: an ELF's PVH entry (XEN_ELFNOTE_PHYS32_ENTRY), a bzImage's
-    startup_64 (load address + 0x200)."""
+    """Where the boot vCPU starts: an ELF's PVH entry (XEN_ELFNOTE_PHYS32_ENTRY) or its
+    startup_64 (e_entry), a bzImage's startup_64 (load address + 0x200)."""
     setup_header: SetupHeader | None = None
-    """bzImage only: the parsed setup header (boot.rst, "The Real-Mode Kernel Header")."""
+    """Linux boot protocol only: the parsed (bzImage) or synthesized (vmlinux) setup header
+    (boot.rst, "The Real-Mode Kernel Header")."""
     setup_header_bytes: bytes = b""
-    """bzImage only: the header as found in the file, which boot_params gets a copy of."""
+    """Linux boot protocol only: the header bytes boot_params gets a copy of."""
+    protocol: BootProtocol = None  # type: ignore[assignment]  # set in __post_init__ when not given
+    """How step 2 enters the kernel; when not given: BZIMAGE with a setup header, else PVH."""
 
-    @property
-    def protocol(self) -> BootProtocol:
-        return BootProtocol.PVH if self.setup_header is None else BootProtocol.BZIMAGE
+    def __post_init__(self) -> None:
+        if self.protocol is None:
+            derived = BootProtocol.PVH if self.setup_header is None else BootProtocol.BZIMAGE
+            object.__setattr__(self, "protocol", derived)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class BootConfig:
     boot_info: int  # hvm_start_info (PVH) or boot_params (zero page) address
     rsdp_addr: int
     entry: BootEntry
+    setup_data: int = 0  # first setup_data entry (Linux boot protocol), 0 for none
 
 
 def read_file(path: str | os.PathLike[str], what: str) -> bytes:

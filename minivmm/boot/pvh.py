@@ -2,7 +2,7 @@
 
 The kernel advertises its 32-bit entry point in an ELF note of name "Xen" and type
 XEN_ELFNOTE_PHYS32_ENTRY (xen/include/public/elfnote.h). Step 1, `load_elf`, copies every
-PT_LOAD segment to its physical address `p_paddr`. Step 2, `configure_pvh`, builds
+PT_LOAD segment to its physical address `p_paddr` (`elf.py`). Step 2, `configure_pvh`, builds
 `struct hvm_start_info` version 1 (xen/include/public/arch-x86/hvm/start_info.h) with the
 memory map, one module (the initrd) and the command line, and the entry state: 32-bit
 protected mode with paging off, flat segments and EBX = the start info address
@@ -11,18 +11,15 @@ protected mode with paging off, flat segments and EBX = the start info address
 
 from __future__ import annotations
 
-import io
 import os
 import struct
-
-from elftools.common.exceptions import ELFError, ELFParseError
-from elftools.elf.elffile import ELFFile
 
 from .. import layout
 from ..errors import UserError
 from ..memory import GuestMemory
 from ..ranges import AddressRange
-from .common import COMMAND_LINE_SIZE, BootConfig, BootProtocol, KernelLoaderResult, check_ram, load_initrd, write_cmdline
+from .common import COMMAND_LINE_SIZE, BootConfig, BootProtocol, KernelLoaderResult, load_initrd, write_cmdline
+from .elf import ElfImage, check_entry, iter_notes, load_segments, parse_elf
 from .entry import CpuMode, Registers, setup_entry
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -37,80 +34,12 @@ HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")
 # struct hvm_memmap_table_entry: addr, size, type (XEN_HVM_MEMMAP_TYPE_*, = E820 types), reserved.
 HVM_MEMMAP_TABLE_ENTRY = struct.Struct("<QQII")
 
-_NOTE_HEADER = struct.Struct("<III")  # namesz, descsz, type (ELF64 notes use 4-byte words)
 
-
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def iter_notes(data: bytes):
-    """Yield (name, type, desc) from the bytes of a PT_NOTE segment or SHT_NOTE section."""
-    off = 0
-    while off + _NOTE_HEADER.size <= len(data):
-        namesz, descsz, ntype = _NOTE_HEADER.unpack_from(data, off)
-        off += _NOTE_HEADER.size
-        name = data[off : off + namesz].rstrip(b"\0")
-        off += _align4(namesz)
-        desc = data[off : off + descsz]
-        off += _align4(descsz)
-        if len(desc) < descsz:
-            return
-        yield name, ntype, desc
-
-
-def is_elf(data: bytes) -> bool:
-    return data[:4] == b"\x7fELF"
-
-
-def _parse(path: str, data: bytes):
-    """Validate the ELF header and return (segments as (paddr, offset, filesz, memsz), entry)."""
-    if len(data) < 64:
-        raise UserError(f"kernel {path}: truncated ELF file ({len(data)} bytes)")
-    if data[4] != 2:
-        raise UserError(f"kernel {path}: not a 64-bit ELF file (PVH boot needs an x86-64 vmlinux)")
-    try:
-        elf = ELFFile(io.BytesIO(data))
-        hdr = elf.header
-        if not elf.little_endian or hdr["e_machine"] != "EM_X86_64":
-            raise UserError(f"kernel {path}: ELF file is not for x86-64 (machine {hdr['e_machine']})")
-        if hdr["e_type"] != "ET_EXEC":
-            raise UserError(f"kernel {path}: ELF file is not an executable ({hdr['e_type']}); expected a vmlinux")
-        if hdr["e_phoff"] + hdr["e_phnum"] * hdr["e_phentsize"] > len(data):
-            raise UserError(f"kernel {path}: truncated ELF file (program headers past the end of the file)")
-        loads: list[tuple[int, int, int, int]] = []
-        entry = None
-        for seg in elf.iter_segments():
-            ph = seg.header
-            if ph["p_type"] not in ("PT_LOAD", "PT_NOTE"):
-                continue
-            if ph["p_offset"] + ph["p_filesz"] > len(data):
-                raise UserError(
-                    f"kernel {path}: truncated ELF file: segment at file offset {ph['p_offset']:#x}+{ph['p_filesz']:#x} "
-                    f"is past the end of the file ({len(data)} bytes)"
-                )
-            if ph["p_type"] == "PT_LOAD":
-                if ph["p_filesz"] > ph["p_memsz"]:
-                    raise UserError(f"kernel {path}: malformed ELF segment (p_filesz > p_memsz)")
-                loads.append((ph["p_paddr"], ph["p_offset"], ph["p_filesz"], ph["p_memsz"]))
-            elif entry is None:
-                entry = _phys32_entry(data[ph["p_offset"] : ph["p_offset"] + ph["p_filesz"]])
-    except (ELFError, ELFParseError, struct.error, ValueError, EOFError) as exc:
-        raise UserError(f"kernel {path}: malformed or truncated ELF file ({exc})") from None
-    if not loads:
-        raise UserError(f"kernel {path}: ELF file has no PT_LOAD segment")
-    if entry is None:
-        raise UserError(
-            f"kernel {path}: ELF file has no PVH entry point (no Xen note XEN_ELFNOTE_PHYS32_ENTRY); "
-            "build the kernel with CONFIG_PVH=y or boot the bzImage"
-        )
-    return loads, entry
-
-
-def _phys32_entry(notes: bytes) -> int | None:
-    for name, ntype, desc in iter_notes(notes):
-        if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and len(desc) in (4, 8):
-            return int.from_bytes(desc, "little")
+def _phys32_entry(image: ElfImage) -> int | None:
+    for notes in image.notes:
+        for name, ntype, desc in iter_notes(notes):
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and len(desc) in (4, 8):
+                return int.from_bytes(desc, "little")
     return None
 
 
@@ -118,23 +47,16 @@ def load_elf(mem: GuestMemory, kernel_path: str | os.PathLike[str], data: bytes,
     """Step 1: copy the PT_LOAD segments of the ELF `data` to their physical addresses in
     guest RAM laid out for `mem_size`, zeroing the bss tails; the entry is the PVH note's."""
     path = os.fspath(kernel_path)
-    loads, entry = _parse(path, data)
-    low_top = layout.low_ram_top(mem_size)
-    for paddr, offset, filesz, memsz in loads:
-        if paddr < layout.HIGH_MEMORY or paddr + memsz > low_top:
-            raise UserError(
-                f"kernel {path}: segment at {paddr:#x}-{paddr + memsz:#x} does not fit in guest RAM "
-                f"[{layout.HIGH_MEMORY:#x}, {low_top:#x}); give the guest more memory"
-            )
-        check_ram(mem, paddr, memsz, f"kernel {path}: segment")
-        mem.write(paddr, data[offset : offset + filesz])
-        if memsz > filesz:
-            mem.view(paddr + filesz, memsz - filesz)[:] = bytes(memsz - filesz)
-    kstart = min(p for p, _, _, _ in loads)
-    kend = max(p + m for p, _, _, m in loads)
-    if not kstart <= entry < kend:
-        raise UserError(f"kernel {path}: PVH entry point {entry:#x} is outside the loaded image {kstart:#x}-{kend:#x}")
-    return KernelLoaderResult(kernel=AddressRange(kstart, kend - kstart), kernel_end=kend, entry=entry)
+    image = parse_elf(path, data)
+    entry = _phys32_entry(image)
+    if entry is None:
+        raise UserError(
+            f"kernel {path}: ELF file has no PVH entry point (no Xen note XEN_ELFNOTE_PHYS32_ENTRY); "
+            "build the kernel with CONFIG_PVH=y, or boot it with --boot linux"
+        )
+    span = load_segments(mem, path, image, data, mem_size)
+    check_entry(path, "PVH entry point", entry, span)
+    return KernelLoaderResult(kernel=span, kernel_end=span.end, entry=entry)
 
 
 def configure_pvh(
