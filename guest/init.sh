@@ -56,7 +56,9 @@ watch_power_button() {
 trap 'power_off poweroff' USR1 USR2
 trap 'power_off reboot' TERM
 
-mount -t proc proc /proc
+# No applet links but /bin/sh's few (guestimage.py): ash runs an applet by re-executing
+# /proc/self/exe, so the first mount names /bin/busybox itself.
+/bin/busybox mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /tmp /mnt

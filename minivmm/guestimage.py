@@ -51,7 +51,7 @@ MAKE_JOBS = 2
 
 # Bump when the build recipe itself changes (commands, layout), so the hash moves.
 KERNEL_RECIPE = "1"
-INITRAMFS_RECIPE = "3"
+INITRAMFS_RECIPE = "4"
 
 # Tool on PATH (or header file) -> Debian package that provides it.
 _KERNEL_TOOLS = {
@@ -63,9 +63,22 @@ _KERNEL_HEADERS = {"/usr/include/libelf.h": "libelf-dev"}
 _INITRAMFS_TOOLS = {"gcc": "gcc", "tar": "tar", "xz": "xz-utils"}
 _INITRAMFS_HEADERS = {"/usr/lib/x86_64-linux-gnu/libc.a": "libc6-dev"}
 
-# Directories of the initramfs (besides those busybox applets need).
+# Directories of the initramfs, the mount points of /etc/fstab and /init's /mnt included.
 _INITRAMFS_DIRS = ("/bin", "/sbin", "/usr", "/usr/bin", "/usr/sbin", "/dev", "/proc",
                    "/sys", "/mnt", "/tmp", "/etc", "/etc/minivmm", "/root")
+
+# The only busybox applet links: what something executes by path rather than by name.
+# Debian's busybox-static sh is built with FEATURE_SH_STANDALONE (and PREFER_APPLETS), so its
+# shell, and applets that run a command (setsid, taskset, xargs, ...), run any applet by name
+# without a link. Each link costs the guest kernel a cpio entry to unpack: path walks and a
+# new tmpfs inode, whose random i_generation is expensive while the RNG is unseeded.
+_APPLET_LINKS = (
+    "/bin/sh",       # the #! line of /init and of /etc/minivmm/*.sh
+    "/bin/true",     # minivmm-test's fork-exec step; selftest.sh's fork-exec step
+    "/bin/cat",      # selftest.sh: an exec'd program's /proc/self/comm
+    "/bin/ls",       # selftest.sh's pipe step: /bin/ls /bin | /usr/bin/wc -l
+    "/usr/bin/wc",
+)
 
 
 class BuildError(MinivmmError):
@@ -488,6 +501,17 @@ def _busybox_applets() -> list[str]:
     return [line.strip().lstrip("/") for line in out.splitlines() if line.strip()]
 
 
+def _applet_links() -> list[str]:
+    """`_APPLET_LINKS`, checked against busybox's own list (a link to an applet it lacks, or
+    at another path than busybox installs it, would only fail inside the guest)."""
+    have = {"/" + path for path in _busybox_applets()}
+    missing = [link for link in _APPLET_LINKS if link not in have]
+    if missing:
+        raise UserError(f"{BUSYBOX} has no applet " + ", ".join(missing)
+                        + f": apt-get install {BUSYBOX_PACKAGE}")
+    return list(_APPLET_LINKS)
+
+
 def _cpio_list(guest: Path, test_init: Path) -> str:
     """gen_init_cpio's file list: nothing root-owned is needed on the host."""
     lines = [f"dir {d} 0755 0 0" for d in _INITRAMFS_DIRS]
@@ -497,15 +521,7 @@ def _cpio_list(guest: Path, test_init: Path) -> str:
               f"file /sbin/minivmm-test {test_init} 0755 0 0"]
     for script in _guest_files(guest, ["scripts/*.sh"]):
         lines.append(f"file /etc/minivmm/{script.name} {script} 0755 0 0")
-    dirs = set(_INITRAMFS_DIRS)
-    for applet in _busybox_applets():
-        path = "/" + applet
-        parent = os.path.dirname(path)
-        if parent not in dirs and parent != "/":  # an applet dir not created yet
-            dirs.add(parent)
-            lines.append(f"dir {parent} 0755 0 0")
-        if path not in ("/bin/busybox", "/init"):
-            lines.append(f"slink {path} /bin/busybox 0777 0 0")
+    lines += [f"slink {link} /bin/busybox 0777 0 0" for link in _applet_links()]
     return "\n".join(lines) + "\n"
 
 
