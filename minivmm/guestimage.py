@@ -196,7 +196,7 @@ def _hash_inputs(guest: Path, patterns: Sequence[str], facts: dict[str, str]) ->
 
 
 _KERNEL_INPUTS = ("kernel.config", "patches/*.patch")
-_INITRAMFS_INPUTS = ("init.sh", "testinit/*.c", "testinit/*.h", "scripts/*.sh")
+_INITRAMFS_INPUTS = ("init.sh", "fstab", "testinit/*.c", "testinit/*.h", "scripts/*.sh")
 
 
 def kernel_hash(guest: Path | None = None) -> str:
@@ -517,6 +517,7 @@ def _cpio_list(guest: Path, test_init: Path) -> str:
     lines = [f"dir {d} 0755 0 0" for d in _INITRAMFS_DIRS]
     lines += ["nod /dev/console 0600 0 0 c 5 1", "nod /dev/null 0666 0 0 c 1 3",
               f"file /init {guest / 'init.sh'} 0755 0 0",
+              f"file /etc/fstab {guest / 'fstab'} 0644 0 0",
               f"file /bin/busybox {BUSYBOX} 0755 0 0",
               f"file /sbin/minivmm-test {test_init} 0755 0 0"]
     for script in _guest_files(guest, ["scripts/*.sh"]):
