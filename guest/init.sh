@@ -56,12 +56,13 @@ watch_power_button() {
 trap 'power_off poweroff' USR1 USR2
 trap 'power_off reboot' TERM
 
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mkdir -p /dev/pts /tmp /mnt
-mount -t devpts devpts /dev/pts 2>/dev/null
-mount -t tmpfs tmpfs /tmp
+# /proc, /sys, /dev and /tmp from /etc/fstab in one process (each process costs page faults,
+# every one of them an emulated kernel entry on a software KVM); devpts needs its mount point
+# inside devtmpfs. No applet links but a few (guestimage.py): ash runs an applet by
+# re-executing /proc/self/exe, so this first mount names /bin/busybox itself.
+/bin/busybox mount -a
+mkdir -p /dev/pts
+mount /dev/pts 2>/dev/null
 
 log "init started"
 # If the 8250 driver could not get the UART's IRQ (a hardware-reduced ACPI machine maps no

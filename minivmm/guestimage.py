@@ -47,11 +47,12 @@ LINUX_PACKAGE = "linux-source-6.1"
 LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 BUSYBOX_PACKAGE = "busybox-static"
 BUSYBOX = Path("/bin/busybox")
+MUSL_PACKAGE = "musl-tools"
 MAKE_JOBS = 2
 
 # Bump when the build recipe itself changes (commands, layout), so the hash moves.
 KERNEL_RECIPE = "1"
-INITRAMFS_RECIPE = "3"
+INITRAMFS_RECIPE = "4"
 
 # Tool on PATH (or header file) -> Debian package that provides it.
 _KERNEL_TOOLS = {
@@ -60,12 +61,29 @@ _KERNEL_TOOLS = {
     "patch": "patch",
 }
 _KERNEL_HEADERS = {"/usr/include/libelf.h": "libelf-dev"}
-_INITRAMFS_TOOLS = {"gcc": "gcc", "tar": "tar", "xz": "xz-utils"}
-_INITRAMFS_HEADERS = {"/usr/lib/x86_64-linux-gnu/libc.a": "libc6-dev"}
+_INITRAMFS_TOOLS = {"gcc": "gcc", "musl-gcc": MUSL_PACKAGE, "tar": "tar", "xz": "xz-utils"}
+# The kernel's UAPI headers, which minivmm-test includes beside musl's own.
+_UAPI_HEADERS = {"linux": Path("/usr/include/linux"),
+                 "asm": Path("/usr/include/x86_64-linux-gnu/asm"),
+                 "asm-generic": Path("/usr/include/asm-generic")}
+_INITRAMFS_HEADERS = {str(path): "linux-libc-dev" for path in _UAPI_HEADERS.values()}
 
-# Directories of the initramfs (besides those busybox applets need).
+# Directories of the initramfs, the mount points of /etc/fstab and /init's /mnt included.
 _INITRAMFS_DIRS = ("/bin", "/sbin", "/usr", "/usr/bin", "/usr/sbin", "/dev", "/proc",
                    "/sys", "/mnt", "/tmp", "/etc", "/etc/minivmm", "/root")
+
+# The only busybox applet links: what something executes by path rather than by name.
+# Debian's busybox-static sh is built with FEATURE_SH_STANDALONE (and PREFER_APPLETS), so its
+# shell, and applets that run a command (setsid, taskset, xargs, ...), run any applet by name
+# without a link. Each link costs the guest kernel a cpio entry to unpack: path walks and a
+# new tmpfs inode, whose random i_generation is expensive while the RNG is unseeded.
+_APPLET_LINKS = (
+    "/bin/sh",       # the #! line of /init and of /etc/minivmm/*.sh
+    "/bin/true",     # minivmm-test's fork-exec step; selftest.sh's fork-exec step
+    "/bin/cat",      # selftest.sh: an exec'd program's /proc/self/comm
+    "/bin/ls",       # selftest.sh's pipe step: /bin/ls /bin | /usr/bin/wc -l
+    "/usr/bin/wc",
+)
 
 
 class BuildError(MinivmmError):
@@ -183,7 +201,7 @@ def _hash_inputs(guest: Path, patterns: Sequence[str], facts: dict[str, str]) ->
 
 
 _KERNEL_INPUTS = ("kernel.config", "patches/*.patch")
-_INITRAMFS_INPUTS = ("init.sh", "testinit/*.c", "testinit/*.h", "scripts/*.sh")
+_INITRAMFS_INPUTS = ("init.sh", "fstab", "testinit/*.c", "testinit/*.h", "scripts/*.sh")
 
 
 def kernel_hash(guest: Path | None = None) -> str:
@@ -193,11 +211,13 @@ def kernel_hash(guest: Path | None = None) -> str:
 
 
 def initramfs_hash(guest: Path | None = None) -> str:
-    """sha256 of everything in the initramfs: init script, C sources, scripts, busybox, gcc."""
+    """sha256 of everything in the initramfs: init script, fstab, C sources, scripts, busybox,
+    gcc, musl."""
     facts = {
         "recipe": INITRAMFS_RECIPE,
         "busybox": busybox_version(),
         "gcc": gcc_version(),
+        "musl": _dpkg_version(MUSL_PACKAGE) or "no-musl",
         # gen_init_cpio comes from the kernel source tree.
         "linux": linux_source_version(),
     }
@@ -488,25 +508,47 @@ def _busybox_applets() -> list[str]:
     return [line.strip().lstrip("/") for line in out.splitlines() if line.strip()]
 
 
+def _applet_links() -> list[str]:
+    """`_APPLET_LINKS`, checked against busybox's own list (a link to an applet it lacks, or
+    at another path than busybox installs it, would only fail inside the guest)."""
+    have = {"/" + path for path in _busybox_applets()}
+    missing = [link for link in _APPLET_LINKS if link not in have]
+    if missing:
+        raise UserError(f"{BUSYBOX} has no applet " + ", ".join(missing)
+                        + f": apt-get install {BUSYBOX_PACKAGE}")
+    return list(_APPLET_LINKS)
+
+
 def _cpio_list(guest: Path, test_init: Path) -> str:
     """gen_init_cpio's file list: nothing root-owned is needed on the host."""
     lines = [f"dir {d} 0755 0 0" for d in _INITRAMFS_DIRS]
     lines += ["nod /dev/console 0600 0 0 c 5 1", "nod /dev/null 0666 0 0 c 1 3",
               f"file /init {guest / 'init.sh'} 0755 0 0",
+              f"file /etc/fstab {guest / 'fstab'} 0644 0 0",
               f"file /bin/busybox {BUSYBOX} 0755 0 0",
               f"file /sbin/minivmm-test {test_init} 0755 0 0"]
     for script in _guest_files(guest, ["scripts/*.sh"]):
         lines.append(f"file /etc/minivmm/{script.name} {script} 0755 0 0")
-    dirs = set(_INITRAMFS_DIRS)
-    for applet in _busybox_applets():
-        path = "/" + applet
-        parent = os.path.dirname(path)
-        if parent not in dirs and parent != "/":  # an applet dir not created yet
-            dirs.add(parent)
-            lines.append(f"dir {parent} 0755 0 0")
-        if path not in ("/bin/busybox", "/init"):
-            lines.append(f"slink {path} /bin/busybox 0777 0 0")
+    lines += [f"slink {link} /bin/busybox 0777 0 0" for link in _applet_links()]
     return "\n".join(lines) + "\n"
+
+
+def _build_test_init(guest: Path, tmp: Path, log: Path) -> Path:
+    """``/sbin/minivmm-test``, static against musl: about 90 KB where static glibc made
+    900 KB, which the guest kernel copies while unpacking the initramfs (emulated on
+    software KVM). musl-gcc's include path holds no kernel headers: the UAPI ones are
+    linked into a private directory (all of /usr/include would mix in glibc's)."""
+    uapi = tmp / "uapi"
+    uapi.mkdir()
+    for name, path in _UAPI_HEADERS.items():
+        (uapi / name).symlink_to(path)
+    test_init = tmp / "minivmm-test"
+    _run_logged(["musl-gcc", "-static", "-O2", "-s", "-Wall", "-pthread", "-isystem", str(uapi),
+                 "-o", str(test_init), str(guest / "testinit/minivmm-test.c")], log,
+                "minivmm-test")
+    if not is_static_elf(test_init):
+        raise BuildError(f"{test_init} is not a static executable")
+    return test_init
 
 
 def _gen_init_cpio(tree: Path, tmp: Path, log: Path) -> Path:
@@ -541,11 +583,7 @@ def _build_initramfs(guest: Path, final: Path) -> None:
     tree, _ = _source_tree(guest, log)
     tmp = _fresh_tmp(final)
     try:
-        test_init = tmp / "minivmm-test"
-        _run_logged(["gcc", "-static", "-O2", "-s", "-Wall", "-pthread", "-o", str(test_init),
-                     str(guest / "testinit/minivmm-test.c")], log, "minivmm-test")
-        if not is_static_elf(test_init):
-            raise BuildError(f"{test_init} is not a static executable")
+        test_init = _build_test_init(guest, tmp, log)
         cpio_list = tmp / "cpio.list"
         cpio_list.write_text(_cpio_list(guest, test_init))
         tool = _gen_init_cpio(tree, tmp, log)

@@ -177,11 +177,43 @@ def test_vmlinux_has_pvh_entry_note() -> None:
     assert "XEN_ELFNOTE_PHYS32_ENTRY" in notes or "Unknown note type: (0x00000012)" in notes
 
 
+# What the guest runs by path (the #! of /init and the scripts, minivmm-test's execve, the
+# selftest's fork-exec and pipe steps); every other applet runs by name, without a link.
+APPLET_LINKS = {"bin/sh", "bin/true", "bin/cat", "bin/ls", "usr/bin/wc"}
+
+
+def _cpio_symlinks(initrd: Path) -> dict[str, str]:
+    """name -> target of every symlink in the archive (``cpio -tv``: ``... name -> target``)."""
+    listing = subprocess.run(["cpio", "-tv", "--quiet"], input=guestimage.initramfs_archive(initrd),
+                             capture_output=True, check=True)
+    links = {}
+    for line in listing.stdout.decode().splitlines():
+        if line.startswith("l") and " -> " in line:
+            name, target = line.split(None, 8)[8].split(" -> ")
+            links[name.lstrip("./")] = target
+    return links
+
+
 def test_initramfs_contents() -> None:
     names = _cpio_names(_built_initrd())
     for name in ("init", "bin/busybox", "sbin/minivmm-test", "dev/console", "bin/sh",
-                 "sbin/poweroff", "bin/mount", "etc/minivmm/smoke.sh"):
+                 "etc/minivmm/smoke.sh", *APPLET_LINKS):
         assert name in names, name
+    # No link per applet: the standalone shell runs `mount`, `poweroff`... by name.
+    for name in ("sbin/poweroff", "bin/mount", "bin/mkdir", "usr/bin/vi"):
+        assert name not in names, name
+
+
+def test_initramfs_links_only_what_runs_by_path() -> None:
+    links = _cpio_symlinks(_built_initrd())
+    assert links == {name: "/bin/busybox" for name in APPLET_LINKS}
+
+
+def test_cpio_list_links_only_what_runs_by_path(guest_copy: Path, tmp_path: Path) -> None:
+    lines = guestimage._cpio_list(guest_copy, tmp_path / "minivmm-test").splitlines()
+    slinks = sorted(line.split()[1] for line in lines if line.startswith("slink "))
+    assert slinks == sorted("/" + name for name in APPLET_LINKS)
+    assert all(line.split()[2] == "/bin/busybox" for line in lines if line.startswith("slink "))
 
 
 def test_initramfs_test_init_is_static(tmp_path: Path) -> None:

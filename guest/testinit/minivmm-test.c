@@ -857,8 +857,9 @@ out:
  * tls-switch[:N]: two threads pass a byte back and forth N times through two
  * pipes, so every round trip is two context switches; after each blocking
  * read a thread checks that %fs still points at its own thread control block
- * (glibc keeps the TCB's own address at %fs:0) and that its __thread variable
- * still reads back.  Checks that the kernel switches the FS base.
+ * (the x86-64 TLS ABI keeps the TCB's own address at %fs:0, musl's as glibc's)
+ * and that its __thread variable still reads back.  Checks that the kernel
+ * switches the FS base.
  */
 static __thread unsigned long tls_marker;
 
