@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minivmm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="boot a guest", description="Boot a Linux guest on KVM.")
-    run.add_argument("--kernel", type=Path, help="vmlinux (ELF) or bzImage; default: the built default guest")
+    run.add_argument(
+        "--kernel", type=Path,
+        help="vmlinux (ELF) or bzImage, booted as given; default: the built default guest's uniprocessor kernel "
+        "for --cpus 1, its SMP kernel for --cpus 2 and more",
+    )
     run.add_argument("--initrd", type=Path, help="initramfs/initrd image; default: the default guest's, when --kernel is not given")
     run.add_argument("--cmdline", "--append", dest="cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
     run.add_argument(
@@ -143,13 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_guest(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """--kernel/--initrd, else the default guest that the manifest of the last build names."""
+    """--kernel/--initrd, else the default guest that the manifest of the last build names,
+    with the kernel built for --cpus (`GuestManifest.boot_kernel`)."""
     from .guestmanifest import default_guest
 
     if args.kernel is not None:
         return args.kernel, args.initrd
     guest = default_guest()
-    return guest.vmlinux, args.initrd or guest.initrd
+    return guest.boot_kernel(args.cpus), args.initrd or guest.initrd
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -3,10 +3,11 @@
 Inputs live in the repository's ``guest/`` directory; outputs in a content-addressed
 cache, ``${XDG_CACHE_HOME:-~/.cache}/minivmm``:
 
-- ``kernel-<hash16>/{vmlinux,bzImage,config,System.map}``
+- ``kernel-<hash16>/{vmlinux,bzImage,config,System.map}``: one per kernel flavour, the SMP
+  kernel (``guest/kernel.config``) and the uniprocessor one (that plus ``guest/kernel-up.config``)
 - ``initramfs-<hash16>.cpio``: an uncompressed newc archive (see `_build_initramfs`)
-- ``linux-src-<version>/`` and ``linux-obj-<version>/``: the unpacked, patched Debian
-  ``linux-source-6.1`` tree and its object directory, reused so rebuilds are incremental
+- ``linux-src-<version>/`` and ``linux-obj-<version>[-up]/``: the unpacked, patched Debian
+  ``linux-source-6.1`` tree and an object directory per flavour, reused so rebuilds are incremental
 - ``logs/``: full ``make`` output of each build
 - ``guest.json``: the manifest of the last build (``minivmm/guestmanifest.py``), the only
   thing ``minivmm run`` reads to find the default guest
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -86,6 +88,22 @@ _APPLET_LINKS = (
 )
 
 
+@dataclass(frozen=True)
+class KernelFlavour:
+    """One kernel built from guest/: its config fragments, merged in this order onto tinyconfig
+    (a later fragment's line overrides an earlier one's, as in merge_config.sh)."""
+
+    name: str
+    fragments: tuple[str, ...]  # file names in guest/
+    obj_suffix: str  # its own object directory: building both flavours stays incremental
+
+
+SMP_KERNEL = KernelFlavour("smp", ("kernel.config",), "")
+# `minivmm run --cpus 1` (the default) boots this one: guest/kernel-up.config says why.
+UP_KERNEL = KernelFlavour("up", ("kernel.config", "kernel-up.config"), "-up")
+KERNEL_FLAVOURS = (SMP_KERNEL, UP_KERNEL)
+
+
 class BuildError(MinivmmError):
     """A build step failed; the message names the log holding the details."""
 
@@ -103,9 +121,9 @@ def guest_dir() -> Path:
     return GUEST_DIR
 
 
-def kernel_dir(guest: Path | None = None) -> Path:
-    """Cache directory of the kernel built from the current inputs."""
-    return cache_dir() / f"kernel-{kernel_hash(guest)[:16]}"
+def kernel_dir(guest: Path | None = None, flavour: KernelFlavour = SMP_KERNEL) -> Path:
+    """Cache directory of the ``flavour`` kernel built from the current inputs."""
+    return cache_dir() / f"kernel-{kernel_hash(guest, flavour)[:16]}"
 
 
 def initramfs_path(guest: Path | None = None) -> Path:
@@ -200,14 +218,15 @@ def _hash_inputs(guest: Path, patterns: Sequence[str], facts: dict[str, str]) ->
     return digest.hexdigest()
 
 
-_KERNEL_INPUTS = ("kernel.config", "patches/*.patch")
+_KERNEL_PATCHES = "patches/*.patch"
 _INITRAMFS_INPUTS = ("init.sh", "fstab", "testinit/*.c", "testinit/*.h", "scripts/*.sh")
 
 
-def kernel_hash(guest: Path | None = None) -> str:
-    """sha256 of everything the kernel build reads: fragment, patches, source and gcc versions."""
+def kernel_hash(guest: Path | None = None, flavour: KernelFlavour = SMP_KERNEL) -> str:
+    """sha256 of everything the ``flavour`` kernel build reads: its fragments, the patches,
+    source and gcc versions (the flavours differ by their fragments)."""
     facts = {"recipe": KERNEL_RECIPE, "linux": linux_source_version(), "gcc": gcc_version()}
-    return _hash_inputs(guest or guest_dir(), _KERNEL_INPUTS, facts)
+    return _hash_inputs(guest or guest_dir(), (*flavour.fragments, _KERNEL_PATCHES), facts)
 
 
 def initramfs_hash(guest: Path | None = None) -> str:
@@ -349,8 +368,9 @@ def _unpack_source(tree: Path, obj: Path, log: Path) -> None:
         raise BuildError(f"unexpected layout of {LINUX_TARBALL}")
     (tops[0] / ".minivmm-patches").write_text(_patch_series_id([]))
     # Objects built from another copy of the tree may be newer than these sources
-    # (tar keeps the archive's mtimes): start the object directory afresh.
-    shutil.rmtree(obj, ignore_errors=True)
+    # (tar keeps the archive's mtimes): start the object directories afresh.
+    for flavour in KERNEL_FLAVOURS:
+        shutil.rmtree(_flavour_obj(obj, flavour), ignore_errors=True)
     tops[0].rename(tree)
     tmp.rmdir()
 
@@ -397,13 +417,33 @@ def _source_tree(guest: Path, log: Path) -> tuple[Path, Path]:
     return tree, obj
 
 
+def _flavour_obj(obj: Path, flavour: KernelFlavour) -> Path:
+    """The object directory of ``flavour`` (``obj`` is the SMP kernel's)."""
+    return obj.with_name(obj.name + flavour.obj_suffix)
+
+
 # ---------------------------------------------------------------- kernel
 
 
-def fragment_symbols(fragment: Path) -> list[str]:
-    """The ``CONFIG_X`` names a fragment sets to ``=y``."""
-    found = re.findall(r"^(CONFIG_[A-Za-z0-9_]+)=y\s*$", fragment.read_text(), re.M)
-    return list(dict.fromkeys(found))
+Fragments = Path | Sequence[Path]
+
+
+def fragment_settings(fragments: Fragments) -> dict[str, str]:
+    """``CONFIG_X -> value`` (``"n"`` for ``is not set``) of fragments merged in order: the
+    last line naming a symbol wins, as in merge_config.sh."""
+    settings: dict[str, str] = {}
+    for fragment in [fragments] if isinstance(fragments, Path) else fragments:
+        for line in fragment.read_text().splitlines():
+            if m := re.match(r"^(CONFIG_[A-Za-z0-9_]+)=(.*?)\s*$", line):
+                settings[m.group(1)] = m.group(2)
+            elif m := re.match(r"^# (CONFIG_[A-Za-z0-9_]+) is not set\s*$", line):
+                settings[m.group(1)] = "n"
+    return settings
+
+
+def fragment_symbols(fragments: Fragments) -> list[str]:
+    """The ``CONFIG_X`` names the (merged) fragments set to ``=y``."""
+    return [sym for sym, value in fragment_settings(fragments).items() if value == "y"]
 
 
 def config_values(config: Path) -> dict[str, str]:
@@ -416,17 +456,16 @@ def config_values(config: Path) -> dict[str, str]:
     return values
 
 
-def missing_symbols(fragment: Path, config: Path) -> list[str]:
-    """Symbols the fragment wants ``=y`` that are not ``=y`` in ``config``."""
+def missing_symbols(fragments: Fragments, config: Path) -> list[str]:
+    """Symbols the fragments want ``=y`` that are not ``=y`` in ``config``."""
     have = config_values(config)
-    return [s for s in fragment_symbols(fragment) if have.get(s) != "y"]
+    return [s for s in fragment_symbols(fragments) if have.get(s) != "y"]
 
 
-def unwanted_symbols(fragment: Path, config: Path) -> list[str]:
-    """Symbols the fragment marks ``is not set`` that are still set in ``config``."""
-    off = re.findall(r"^# (CONFIG_[A-Za-z0-9_]+) is not set\s*$", fragment.read_text(), re.M)
+def unwanted_symbols(fragments: Fragments, config: Path) -> list[str]:
+    """Symbols the fragments mark ``is not set`` that are still set in ``config``."""
     have = config_values(config)
-    return [s for s in dict.fromkeys(off) if s in have]
+    return [s for s, value in fragment_settings(fragments).items() if value == "n" and s in have]
 
 
 def _kbuild_env() -> dict[str, str]:
@@ -437,47 +476,50 @@ def _kbuild_env() -> dict[str, str]:
     return env
 
 
-def _configure(tree: Path, obj: Path, fragment: Path, log: Path) -> None:
-    """tinyconfig + fragment + olddefconfig, then check that every wanted symbol is ``=y``."""
+def _configure(tree: Path, obj: Path, fragments: list[Path], log: Path) -> None:
+    """tinyconfig + fragments + olddefconfig, then check that every wanted symbol is ``=y``."""
     make = ["make", "-C", str(tree), f"O={obj}"]
     env = _kbuild_env()
     _run_logged(make + ["tinyconfig"], log, "tinyconfig", env=env)
     _run_logged([str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(obj),
-                 str(obj / ".config"), str(fragment)], log, "merge_config", cwd=tree, env=env)
+                 str(obj / ".config"), *map(str, fragments)], log, "merge_config", cwd=tree, env=env)
     _run_logged(make + ["olddefconfig"], log, "olddefconfig", env=env)
-    missing = missing_symbols(fragment, obj / ".config")
+    missing = missing_symbols(fragments, obj / ".config")
     if missing:
         raise BuildError("kernel config lost symbols (unmet Kconfig dependencies): "
                          + " ".join(missing) + f"; see {obj / '.config'}")
     # Switching a default off is only an optimisation: say so, do not fail.
-    still_on = unwanted_symbols(fragment, obj / ".config")
+    still_on = unwanted_symbols(fragments, obj / ".config")
     if still_on:
         _say("note: selected by other options, left on: " + " ".join(still_on))
 
 
-def build_kernel(force: bool = False, guest: Path | None = None) -> Path:
-    """Build the kernel if its cache entry is missing; returns ``kernel-<hash16>/``."""
+def build_kernel(force: bool = False, guest: Path | None = None,
+                 flavour: KernelFlavour = SMP_KERNEL) -> Path:
+    """Build the ``flavour`` kernel if its cache entry is missing; returns ``kernel-<hash16>/``."""
     guest = guest or guest_dir()
-    final = kernel_dir(guest)
+    final = kernel_dir(guest, flavour)
     with _build_lock():
         if final.is_dir() and not force:
-            _say(f"kernel up to date: {final}")
+            _say(f"{flavour.name} kernel up to date: {final}")
             return final
-        _build_kernel(guest, final)
+        _build_kernel(guest, final, flavour)
     return final
 
 
-def _build_kernel(guest: Path, final: Path) -> None:
+def _build_kernel(guest: Path, final: Path, flavour: KernelFlavour) -> None:
     _check_tools(_KERNEL_TOOLS, _KERNEL_HEADERS)
     logs = cache_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{final.name}.log"
     log.write_text("")
     started = time.monotonic()
-    _say(f"building kernel {final.name} (log: {log})")
+    _say(f"building {flavour.name} kernel {final.name} (log: {log})")
     tree, obj = _source_tree(guest, log)
-    _say("configuring: tinyconfig + guest/kernel.config")
-    _configure(tree, obj, guest / "kernel.config", log)
+    obj = _flavour_obj(obj, flavour)
+    obj.mkdir(exist_ok=True)
+    _say("configuring: tinyconfig + " + " + ".join(f"guest/{name}" for name in flavour.fragments))
+    _configure(tree, obj, [guest / name for name in flavour.fragments], log)
     _say(f"compiling with make -j{MAKE_JOBS} (about 6 min from scratch on 2 cores)")
     _run_logged(["make", "-C", str(tree), f"O={obj}", f"-j{MAKE_JOBS}", "vmlinux",
                  "bzImage"], log, "make", env=_kbuild_env())
@@ -609,10 +651,12 @@ def _build_initramfs(guest: Path, final: Path) -> None:
 def prune(guest: Path | None = None) -> list[Path]:
     """Delete cached kernels, initramfs images and logs other than the current ones and
     the manifest's (which another checkout may have built)."""
-    keep = {kernel_dir(guest).name, initramfs_path(guest).name}
+    keep = {*(kernel_dir(guest, flavour).name for flavour in KERNEL_FLAVOURS),
+            initramfs_path(guest).name}
     manifest = read_manifest()
     if manifest is not None:
-        keep |= {manifest.vmlinux.parent.name, manifest.initrd.name}
+        keep |= {path.parent.name for path in manifest.kernels().values()}
+        keep.add(manifest.initrd.name)
     keep |= {_log_name(name) for name in keep}
     removed = []
     with _build_lock():
@@ -631,13 +675,17 @@ def prune(guest: Path | None = None) -> list[Path]:
 def build(force: bool = False, guest: Path | None = None) -> GuestManifest:
     """Build what is missing (everything with ``force``), then record it in the manifest."""
     guest = guest or guest_dir()
-    kernel = build_kernel(force, guest)
+    kernel = build_kernel(force, guest, SMP_KERNEL)
+    kernel_up = build_kernel(force, guest, UP_KERNEL)
     initrd = build_initramfs(force, guest)
     manifest = GuestManifest(
         vmlinux=kernel / "vmlinux",
         bzimage=kernel / "bzImage",
+        vmlinux_up=kernel_up / "vmlinux",
+        bzimage_up=kernel_up / "bzImage",
         initrd=initrd,
         kernel_hash=kernel_hash(guest),
+        kernel_up_hash=kernel_hash(guest, UP_KERNEL),
         initramfs_hash=initramfs_hash(guest),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         sources=str(guest),

@@ -20,6 +20,8 @@ from minivmm.errors import UserError
 MANIFEST_NAME = "guest.json"
 MANIFEST_FORMAT = 1
 KERNEL_KINDS = ("vmlinux", "bzImage")
+# The uniprocessor build of the same kernel (guest/kernel-up.config): what a one-vCPU run boots.
+UP_KERNEL_KINDS = ("vmlinux-up", "bzImage-up")
 NOT_BUILT = "the default guest is not built: run `make guest` in a minivmm checkout (or pass --kernel)"
 
 
@@ -45,14 +47,33 @@ class GuestManifest:
     built_at: str  # UTC, ISO 8601
     sources: str  # the guest/ directory built from
     versions: dict[str, str] = field(default_factory=dict)  # linux, gcc, busybox
+    # The uniprocessor kernel (CONFIG_SMP off); None in a manifest written before it existed.
+    vmlinux_up: Path | None = None
+    bzimage_up: Path | None = None
+    kernel_up_hash: str | None = None  # guestimage.kernel_hash(guest, UP_KERNEL)
 
-    def kernel(self, kind: str = "vmlinux") -> Path:
-        if kind not in KERNEL_KINDS:
-            raise ValueError(f"kernel kind must be one of {KERNEL_KINDS}, not {kind!r}")
-        return self.vmlinux if kind == "vmlinux" else self.bzimage
+    def kernels(self) -> dict[str, Path]:
+        """Kind (``KERNEL_KINDS``, then the ``UP_KERNEL_KINDS`` this build has) -> path."""
+        found = {"vmlinux": self.vmlinux, "bzImage": self.bzimage,
+                 "vmlinux-up": self.vmlinux_up, "bzImage-up": self.bzimage_up}
+        return {kind: path for kind, path in found.items() if path is not None}
+
+    def kernel(self, kind: str = "vmlinux") -> Path | None:
+        """The kernel of ``kind``; None for an uniprocessor kind this manifest lacks."""
+        _check_kind(kind)
+        return self.kernels().get(kind)
+
+    def boot_kernel(self, cpus: int) -> Path:
+        """The vmlinux `minivmm run` boots for ``cpus`` vCPUs: the uniprocessor one for a single
+        vCPU (an SMP kernel on one CPU still pays for per-CPU load tracking, tree RCU and
+        ``lock`` prefixes, all emulated on kvm_pvm), else the SMP one. An older manifest
+        without an uniprocessor kernel boots its SMP kernel either way."""
+        if cpus == 1 and self.vmlinux_up is not None:
+            return self.vmlinux_up
+        return self.vmlinux
 
     def artifacts(self) -> dict[str, Path]:
-        return {"vmlinux": self.vmlinux, "bzImage": self.bzimage, "initrd": self.initrd}
+        return {**self.kernels(), "initrd": self.initrd}
 
     def describe(self) -> str:
         """``NAME: PATH`` per artifact, then when and from what it was built."""
@@ -66,6 +87,7 @@ class GuestManifest:
             "format": MANIFEST_FORMAT,
             **{name: str(path) for name, path in self.artifacts().items()},
             "kernel_hash": self.kernel_hash,
+            **({"kernel_up_hash": self.kernel_up_hash} if self.kernel_up_hash is not None else {}),
             "initramfs_hash": self.initramfs_hash,
             "built_at": self.built_at,
             "sources": self.sources,
@@ -89,6 +111,9 @@ class GuestManifest:
                 built_at=str(data["built_at"]),
                 sources=str(data["sources"]),
                 versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
+                vmlinux_up=base / data["vmlinux-up"] if "vmlinux-up" in data else None,
+                bzimage_up=base / data["bzImage-up"] if "bzImage-up" in data else None,
+                kernel_up_hash=str(data["kernel_up_hash"]) if "kernel_up_hash" in data else None,
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"guest manifest lacks {err}") from None
@@ -136,10 +161,16 @@ def default_guest() -> GuestManifest:
     return manifest
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in KERNEL_KINDS + UP_KERNEL_KINDS:
+        raise ValueError(f"kernel kind must be one of {KERNEL_KINDS + UP_KERNEL_KINDS}, not {kind!r}")
+
+
 def default_kernel(kind: str = "vmlinux") -> Path | None:
-    """The default guest kernel (``vmlinux`` for PVH entry, or ``bzImage``), or None if not built."""
-    if kind not in KERNEL_KINDS:
-        raise ValueError(f"kernel kind must be one of {KERNEL_KINDS}, not {kind!r}")
+    """The default guest kernel (``vmlinux`` for PVH entry, or ``bzImage``; the SMP build, as
+    ``--kernel`` boots with any ``--cpus``; ``vmlinux-up``/``bzImage-up``: the uniprocessor
+    build), or None if not built."""
+    _check_kind(kind)
     manifest = read_manifest()
     path = manifest.kernel(kind) if manifest else None
     return path if path is not None and path.is_file() else None

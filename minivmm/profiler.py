@@ -228,7 +228,7 @@ def default_system_map(kernel: Path) -> Path | None:
     if manifest is None:
         return None
     try:
-        own = kernel.resolve() in (manifest.vmlinux.resolve(), manifest.bzimage.resolve())
+        own = kernel.resolve() in {path.resolve() for path in manifest.kernels().values()}
     except OSError:
         return None
     candidate = kernel.parent / "System.map"

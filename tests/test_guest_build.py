@@ -7,6 +7,7 @@ when it is missing, saying how to build it.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -47,16 +48,21 @@ def _built_initrd() -> Path:
     return initrd
 
 
-def _fake_guest(cache_home: Path) -> GuestManifest:
-    """Three small files standing for a built guest, in ``cache_home``, and their manifest."""
+def _fake_guest(cache_home: Path, up: bool = True) -> GuestManifest:
+    """Small files standing for a built guest, in ``cache_home``, and their manifest; without
+    ``up``, as a build before the uniprocessor kernel recorded it."""
     built = cache_home / "elsewhere"
     built.mkdir(parents=True)
-    for name in ("vmlinux", "bzImage", "initrd.cpio.gz"):
+    for name in ("vmlinux", "bzImage", "vmlinux-up", "bzImage-up", "initrd.cpio.gz"):
         (built / name).write_bytes(name.encode())
-    return GuestManifest(vmlinux=built / "vmlinux", bzimage=built / "bzImage",
+    fake = GuestManifest(vmlinux=built / "vmlinux", bzimage=built / "bzImage",
                          initrd=built / "initrd.cpio.gz", kernel_hash="k" * 64,
                          initramfs_hash="i" * 64, built_at="2026-11-30T12:00:00+00:00",
                          sources="/nowhere/guest", versions={"gcc": "gcc 12"})
+    if not up:
+        return fake
+    return dataclasses.replace(fake, vmlinux_up=built / "vmlinux-up", bzimage_up=built / "bzImage-up",
+                               kernel_up_hash="u" * 64)
 
 
 @pytest.fixture
@@ -87,10 +93,22 @@ def test_hashes_are_stable(guest_copy: Path) -> None:
 @pytest.mark.parametrize("name", ["kernel.config", "patches/0001-extra.patch"])
 def test_kernel_hash_follows_kernel_inputs(guest_copy: Path, name: str) -> None:
     before_k, before_i = guestimage.kernel_hash(guest_copy), guestimage.initramfs_hash(guest_copy)
+    before_up = guestimage.kernel_hash(guest_copy, guestimage.UP_KERNEL)
     path = guest_copy / name
     path.write_text((path.read_text() if path.exists() else "") + "# changed\n")
     assert guestimage.kernel_hash(guest_copy) != before_k
+    assert guestimage.kernel_hash(guest_copy, guestimage.UP_KERNEL) != before_up
     assert guestimage.initramfs_hash(guest_copy) == before_i
+
+
+def test_up_kernel_hash_follows_its_overrides_only(guest_copy: Path) -> None:
+    smp, up = (guestimage.kernel_hash(guest_copy, f) for f in guestimage.KERNEL_FLAVOURS)
+    assert smp != up and guestimage.kernel_dir(guest_copy) != \
+        guestimage.kernel_dir(guest_copy, guestimage.UP_KERNEL)
+    with (guest_copy / "kernel-up.config").open("a") as f:
+        f.write("# changed\n")
+    assert guestimage.kernel_hash(guest_copy) == smp  # the SMP kernel stays cached
+    assert guestimage.kernel_hash(guest_copy, guestimage.UP_KERNEL) != up
 
 
 @pytest.mark.parametrize("name", ["init.sh", "testinit/minivmm-test.c", "scripts/new.sh"])
@@ -118,6 +136,7 @@ def test_cache_paths_follow_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.M
     assert guestmanifest.manifest_path() == tmp_path / "minivmm" / "guest.json"
     assert guestimage.default_kernel() is None
     assert guestimage.default_kernel("bzImage") is None
+    assert guestimage.default_kernel("vmlinux-up") is None
     assert guestimage.default_initrd() is None
     with pytest.raises(ValueError):
         guestimage.default_kernel("zImage")
@@ -139,6 +158,35 @@ def test_missing_symbols_names_dropped_ones(tmp_path: Path) -> None:
     assert guestimage.missing_symbols(fragment, config) == ["CONFIG_C"]
 
 
+def test_later_fragment_overrides_earlier(tmp_path: Path) -> None:
+    """As merge_config.sh merges them: the last line naming a symbol wins, either way."""
+    base, override = tmp_path / "base", tmp_path / "override"
+    base.write_text("CONFIG_A=y\nCONFIG_C=y\nCONFIG_N=4\n# CONFIG_D is not set\n")
+    override.write_text("# CONFIG_C is not set\nCONFIG_N=1\nCONFIG_D=y\n")
+    assert guestimage.fragment_settings([base, override]) == \
+        {"CONFIG_A": "y", "CONFIG_C": "n", "CONFIG_N": "1", "CONFIG_D": "y"}
+    assert guestimage.fragment_symbols([base, override]) == ["CONFIG_A", "CONFIG_D"]
+    config = tmp_path / ".config"
+    config.write_text("CONFIG_A=y\nCONFIG_N=1\n")
+    assert guestimage.missing_symbols([base, override], config) == ["CONFIG_D"]
+    config.write_text("CONFIG_A=y\nCONFIG_C=y\nCONFIG_D=y\n")
+    assert guestimage.unwanted_symbols([base, override], config) == ["CONFIG_C"]
+
+
+def _flavour_fragments(flavour: guestimage.KernelFlavour) -> list[Path]:
+    return [guestimage.GUEST_DIR / name for name in flavour.fragments]
+
+
+def test_up_flavour_is_the_smp_fragment_without_smp() -> None:
+    smp = guestimage.fragment_settings(_flavour_fragments(guestimage.SMP_KERNEL))
+    up = guestimage.fragment_settings(_flavour_fragments(guestimage.UP_KERNEL))
+    assert (smp["CONFIG_SMP"], up["CONFIG_SMP"]) == ("y", "n")
+    assert (int(smp["CONFIG_NR_CPUS"]), up["CONFIG_NR_CPUS"]) == (8, "1")
+    # Nothing else differs: the overrides are a short list, not a second copy of the fragment.
+    assert {s for s in smp.keys() | up.keys() if smp.get(s) != up.get(s)} == \
+        {"CONFIG_SMP", "CONFIG_NR_CPUS"}
+
+
 def test_fragment_has_the_essentials() -> None:
     wanted = set(guestimage.fragment_symbols(guestimage.GUEST_DIR / "kernel.config"))
     for sym in ("PVH", "KVM_GUEST", "SERIAL_8250_CONSOLE", "ACPI", "PVPANIC_MMIO",
@@ -157,12 +205,17 @@ def test_is_static_elf(tmp_path: Path) -> None:
 # ---- the built guest: fail with the build hint when missing
 
 
-def test_built_config_has_every_fragment_symbol() -> None:
-    config = _built_kernel_dir() / "config"
-    missing = guestimage.missing_symbols(guestimage.GUEST_DIR / "kernel.config", config)
+@pytest.mark.parametrize("flavour", guestimage.KERNEL_FLAVOURS, ids=lambda f: f.name)
+def test_built_config_has_every_fragment_symbol(flavour: guestimage.KernelFlavour) -> None:
+    vmlinux = guestimage.default_kernel("vmlinux" if flavour is guestimage.SMP_KERNEL else "vmlinux-up")
+    if vmlinux is None:
+        pytest.fail(BUILD_HINT)
+    config = vmlinux.parent / "config"
+    missing = guestimage.missing_symbols(_flavour_fragments(flavour), config)
     assert missing == [], f"not =y in {config}: {missing}"
     values = guestimage.config_values(config)
     assert values.get("CONFIG_MODULES") is None
+    assert values.get("CONFIG_SMP") == ("y" if flavour is guestimage.SMP_KERNEL else None)
 
 
 def test_built_kernel_artifacts() -> None:
@@ -269,9 +322,13 @@ def test_manifest_round_trip(cache_home: Path) -> None:
     assert guestmanifest.default_guest() == fake
     assert guestmanifest.default_kernel() == fake.vmlinux
     assert guestmanifest.default_kernel("bzImage") == fake.bzimage
+    assert guestmanifest.default_kernel("vmlinux-up") == fake.vmlinux_up
+    assert guestmanifest.default_kernel("bzImage-up") == fake.bzimage_up
     assert guestmanifest.default_initrd() == fake.initrd
+    assert (data["vmlinux-up"], data["kernel_up_hash"]) == (str(fake.vmlinux_up), "u" * 64)
     assert fake.describe().splitlines() == [
-        f"vmlinux: {fake.vmlinux}", f"bzImage: {fake.bzimage}", f"initrd: {fake.initrd}",
+        f"vmlinux: {fake.vmlinux}", f"bzImage: {fake.bzimage}", f"vmlinux-up: {fake.vmlinux_up}",
+        f"bzImage-up: {fake.bzimage_up}", f"initrd: {fake.initrd}",
         "built: 2026-11-30T12:00:00+00:00 from /nowhere/guest (gcc: gcc 12)"]
     # Relative paths are relative to the manifest's directory (a moved cache still works).
     data.update(vmlinux="elsewhere/vmlinux")
@@ -322,19 +379,66 @@ def test_run_reads_the_manifest_only(cache_home: Path) -> None:
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [f"{fake.vmlinux} {fake.initrd}", "False False"]
+    assert done.stdout.splitlines() == [f"{fake.vmlinux_up} {fake.initrd}", "False False"]
+
+
+def _run_guest(*argv: str) -> tuple[Path, Path | None]:
+    return cli._default_guest(cli.build_parser().parse_args(["run", *argv]))
+
+
+def test_run_boots_the_up_kernel_on_one_cpu_and_smp_on_more(cache_home: Path) -> None:
+    fake = _fake_guest(cache_home)
+    guestmanifest.write_manifest(fake)
+    assert _run_guest() == (fake.vmlinux_up, fake.initrd)  # --cpus 1 is the default
+    assert _run_guest("--cpus", "1") == (fake.vmlinux_up, fake.initrd)
+    for cpus in ("2", "8"):
+        assert _run_guest("--cpus", cpus) == (fake.vmlinux, fake.initrd)
+    # An explicit kernel is booted as given, whatever --cpus says.
+    own = cache_home / "my-vmlinux"
+    assert _run_guest("--kernel", str(own)) == (own, None)
+    assert _run_guest("--kernel", str(fake.vmlinux), "--cpus", "1") == (fake.vmlinux, None)
+    assert _run_guest("--kernel", str(fake.vmlinux_up), "--cpus", "2") == (fake.vmlinux_up, None)
+
+
+def test_manifest_without_up_kernel_boots_its_smp_kernel(cache_home: Path) -> None:
+    """A manifest written before the uniprocessor kernel existed still reads, and boots its
+    one (SMP) kernel for any --cpus until `make guest` runs again."""
+    fake = _fake_guest(cache_home, up=False)
+    path = guestmanifest.write_manifest(fake)
+    data = json.loads(path.read_text())
+    assert not {"vmlinux-up", "bzImage-up", "kernel_up_hash"} & data.keys()
+    assert guestmanifest.read_manifest() == fake
+    assert guestmanifest.default_kernel("vmlinux-up") is None
+    assert _run_guest() == (fake.vmlinux, fake.initrd)
+    assert _run_guest("--cpus", "2") == (fake.vmlinux, fake.initrd)
+
+
+def test_manifest_naming_a_missing_up_kernel_is_not_built(cache_home: Path) -> None:
+    fake = _fake_guest(cache_home)
+    guestmanifest.write_manifest(fake)
+    assert fake.bzimage_up is not None
+    fake.bzimage_up.unlink()
+    with pytest.raises(UserError) as err:
+        guestmanifest.default_guest()
+    assert str(err.value).startswith(guestmanifest.NOT_BUILT) and str(fake.bzimage_up) in str(err.value)
 
 
 def test_build_writes_the_manifest(guest_copy: Path, cache_home: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """What build() records, with the two build steps stood in for by their cache paths."""
-    monkeypatch.setattr(guestimage, "build_kernel", lambda force, guest: guestimage.kernel_dir(guest))
+    monkeypatch.setattr(guestimage, "build_kernel",
+                        lambda force, guest, flavour: guestimage.kernel_dir(guest, flavour))
     monkeypatch.setattr(guestimage, "build_initramfs",
                         lambda force, guest: guestimage.initramfs_path(guest))
     manifest = guestimage.build(guest=guest_copy)
     assert guestmanifest.read_manifest() == manifest
     kernel = cache_home / "minivmm" / f"kernel-{guestimage.kernel_hash(guest_copy)[:16]}"
     assert (manifest.vmlinux, manifest.bzimage) == (kernel / "vmlinux", kernel / "bzImage")
+    up = guestimage.kernel_hash(guest_copy, guestimage.UP_KERNEL)
+    kernel_up = cache_home / "minivmm" / f"kernel-{up[:16]}"
+    assert kernel_up != kernel
+    assert (manifest.vmlinux_up, manifest.bzimage_up) == (kernel_up / "vmlinux", kernel_up / "bzImage")
+    assert manifest.kernel_up_hash == up
     assert manifest.initrd == guestimage.initramfs_path(guest_copy)
     assert manifest.kernel_hash == guestimage.kernel_hash(guest_copy)
     assert manifest.initramfs_hash == guestimage.initramfs_hash(guest_copy)
@@ -357,14 +461,18 @@ def test_build_without_sources_is_user_error(tmp_path: Path,
 def test_prune_keeps_the_current_and_the_manifests(guest_copy: Path, cache_home: Path) -> None:
     cache = cache_home / "minivmm"
     current_kernel, current_initrd = guestimage.kernel_dir(guest_copy), guestimage.initramfs_path(guest_copy)
+    current_up = guestimage.kernel_dir(guest_copy, guestimage.UP_KERNEL)
     other_checkout = GuestManifest(
         vmlinux=cache / "kernel-0000000000000001" / "vmlinux",
         bzimage=cache / "kernel-0000000000000001" / "bzImage",
         initrd=cache / "initramfs-0000000000000001.cpio.gz",
-        kernel_hash="1", initramfs_hash="1", built_at="x", sources="/other/guest")
+        kernel_hash="1", initramfs_hash="1", built_at="x", sources="/other/guest",
+        vmlinux_up=cache / "kernel-0000000000000003" / "vmlinux",
+        bzimage_up=cache / "kernel-0000000000000003" / "bzImage", kernel_up_hash="3")
     old = [cache / "kernel-0000000000000002", cache / "initramfs-0000000000000002.cpio.gz",
            cache / "logs" / "kernel-0000000000000002.log"]
-    kept = [current_kernel, current_initrd, other_checkout.vmlinux.parent, other_checkout.initrd,
+    kept = [current_kernel, current_up, current_initrd, other_checkout.vmlinux.parent,
+            other_checkout.vmlinux_up.parent, other_checkout.initrd,
             cache / "logs" / f"{current_kernel.name}.log", cache / "logs" / "initramfs-0000000000000001.log"]
     (cache / "logs").mkdir(parents=True)
     for path in old + kept:
@@ -399,8 +507,9 @@ def test_built_guest_is_current() -> None:
     manifest = guestmanifest.read_manifest()
     if manifest is None:
         pytest.fail(BUILD_HINT)
-    assert (manifest.kernel_hash, manifest.initramfs_hash) == \
-        (guestimage.kernel_hash(), guestimage.initramfs_hash()), \
+    assert (manifest.kernel_hash, manifest.kernel_up_hash, manifest.initramfs_hash) == \
+        (guestimage.kernel_hash(), guestimage.kernel_hash(None, guestimage.UP_KERNEL),
+         guestimage.initramfs_hash()), \
         f"{guestmanifest.manifest_path()} names a guest built from {manifest.sources}, not from " \
         f"this checkout's guest/: run `make guest`"
 
@@ -478,7 +587,7 @@ def test_pip_installed_minivmm_finds_the_guest(tmp_path: Path) -> None:
         [str(bin_dir / "python"), "-c", "from minivmm import cli\n"
          "print(*cli._default_guest(cli.build_parser().parse_args(['run'])))"],
         env=dict(env, XDG_CACHE_HOME=str(fake_home)), cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert (lookup.returncode, lookup.stdout) == (0, f"{fake.vmlinux} {fake.initrd}\n"), lookup.stderr
+    assert (lookup.returncode, lookup.stdout) == (0, f"{fake.vmlinux_up} {fake.initrd}\n"), lookup.stderr
     # Nothing built: the one-line error.
     empty_home = tmp_path / "empty-home"
     missing = installed("guest", "paths", cache_home=empty_home)
