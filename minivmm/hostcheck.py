@@ -22,14 +22,24 @@ HIDDEN_CPU_FEATURES = (
 # iteration (README "Boot time"; bench/rep_strings.py: a 2 MiB fill 2.5 s vs 0.35 s).
 SLOW_STRING_FEATURES = ("erms", "fsrm")
 CLEARCPUID = "clearcpuid=" + ",".join(HIDDEN_CPU_FEATURES + SLOW_STRING_FEATURES)
-# Boot work that costs seconds only where kernel code is emulated (README "Boot time"):
+# Boot work of an SMP kernel (CONFIG_SMP=y) that costs seconds only where kernel code is
+# emulated (README "Boot time"); a uniprocessor kernel has neither parameter (it would pass
+# them on to /init), so they go only to a kernel whose version string says SMP:
 # - noreplace-smp: with one CPU, an SMP kernel rewrites each of its ~5,000 `lock` prefixes to a
 #   no-op (alternatives_smp_unlock), one text_poke() apiece through a temporary mm: ~2 s of
 #   page-table switches here, a few cycles per atomic saved on hardware.
 # - percpu_alloc=page: the default "embed" first chunk takes a 2 MiB unit (PMD_SIZE atoms) from
 #   memblock and zeroes it, ~1 s here; "page" maps only the pages the per-CPU areas need.
 SOFTWARE_KVM_BOOT_PARAMS = ("noreplace-smp", "percpu_alloc=page")
-SOFTWARE_KVM_CMDLINE = " ".join((CLEARCPUID,) + SOFTWARE_KVM_BOOT_PARAMS)
+
+
+def software_kvm_cmdline(smp_kernel: bool) -> str:
+    """The parameters minivmm appends on a software KVM: `CLEARCPUID`, and for an SMP kernel
+    `SOFTWARE_KVM_BOOT_PARAMS`."""
+    return " ".join((CLEARCPUID,) + (SOFTWARE_KVM_BOOT_PARAMS if smp_kernel else ()))
+
+
+SOFTWARE_KVM_CMDLINE = software_kvm_cmdline(smp_kernel=True)
 
 # KVM paravirtual features (CPUID 0x40000001 EAX, Documentation/virt/kvm/x86/cpuid.rst) that
 # break an SMP guest on kvm_pvm; a one-vCPU guest never uses them. Hidden, Linux falls back to
@@ -70,7 +80,7 @@ def probe(sys_module: Path = Path("/sys/module")) -> HostKvm:
                 True,
                 name,
                 f"software KVM ({name}) detected: guest kernel code is emulated; hiding CPU features it "
-                f"cannot emulate with clearcpuid= and skipping boot work that is slow there with "
-                f"{' '.join(SOFTWARE_KVM_BOOT_PARAMS)}",
+                f"cannot emulate with clearcpuid= (and, for an SMP kernel, skipping boot work that is slow "
+                f"there with {' '.join(SOFTWARE_KVM_BOOT_PARAMS)})",
             )
     return HostKvm(False, None, None)

@@ -22,6 +22,7 @@ from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
 from .boot import BootProtocol, build_acpi, load_image, load_kernel
 from .boot.acpi import S5_SLP_TYP
+from .boot.common import kernel_is_smp, read_file
 from .bus import Bus
 from .devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GenericEventDevice
 from .devices.acpi_pm import AcpiSleepRegisters
@@ -400,7 +401,8 @@ class Machine:
         rsdp = build_acpi(self.mem, cfg.cpus, cfg.mem_size)
         cmdline = cfg.cmdline
         if self.host.software_kvm:
-            cmdline = f"{cmdline} {hostcheck.SOFTWARE_KVM_CMDLINE}".strip()
+            smp_kernel = kernel_is_smp(read_file(cfg.kernel, "kernel")) is not False  # unknown: as SMP
+            cmdline = f"{cmdline} {hostcheck.software_kvm_cmdline(smp_kernel)}".strip()
         self.boot = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp, cfg.boot)
         if cfg.trace:
             for base, size, name in layout.describe(cfg.mem_size):

@@ -92,3 +92,17 @@ def test_bzimage(guest_kernel_dir, mem, tmp_path):
     assert initrd_range.end <= struct.unpack_from("<I", raw, 0x22C)[0] + 1
     hdr = bzimage.SetupHeader.unpack(mem.read(zp + 0x1F1, bzimage.SetupHeader.FORMAT.size))
     assert hdr.ramdisk_image == initrd_range.base and hdr.cmd_line_ptr == layout.CMDLINE.base
+
+
+def test_kernel_is_smp_reads_the_version_string():
+    """The default guest's SMP kernel says SMP in its version string, its uniprocessor kernel
+    does not, in the vmlinux banner and the bzImage setup code alike."""
+    from minivmm.boot.common import kernel_is_smp
+    from minivmm.guestmanifest import default_guest
+
+    guest = default_guest()
+    for kind, smp in (("vmlinux", True), ("bzImage", True), ("vmlinux-up", False), ("bzImage-up", False)):
+        path = guest.kernel(kind)
+        assert path is not None, f"the default guest has no {kind}: rebuild it (make guest)"
+        assert kernel_is_smp(path.read_bytes()) is smp, kind
+    assert kernel_is_smp(b"\x7fELF no version string") is None

@@ -37,3 +37,8 @@ def test_boot_params_are_kernel_parameters() -> None:
     assert params == [hostcheck.CLEARCPUID, *hostcheck.SOFTWARE_KVM_BOOT_PARAMS]
     assert len(params) == len(set(params))
     assert "noreplace-smp" in params and "percpu_alloc=page" in params
+
+
+def test_smp_only_params_go_to_smp_kernels_only() -> None:
+    assert hostcheck.software_kvm_cmdline(smp_kernel=False) == hostcheck.CLEARCPUID
+    assert hostcheck.software_kvm_cmdline(smp_kernel=True) == hostcheck.SOFTWARE_KVM_CMDLINE

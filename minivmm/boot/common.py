@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,20 @@ def read_file(path: str | os.PathLike[str], what: str) -> bytes:
             return f.read()
     except OSError as exc:
         raise UserError(f"{what} {os.fspath(path)}: {exc.strerror or exc}") from None
+
+
+# UTS_VERSION as both images carry it uncompressed: in a vmlinux's linux_banner ("Linux version
+# 6.1.192 (user@host) (gcc ...) #3 SMP 1970-01-01") and in a bzImage's setup code, where the
+# header's kernel_version points (boot.rst). "#N" then "SMP" exactly when CONFIG_SMP=y
+# (scripts/mkcompile_h).
+_UTS_VERSION = re.compile(rb"\) (#\d+(?: [A-Z_]+)*) ")
+
+
+def kernel_is_smp(data: bytes) -> bool | None:
+    """Whether the kernel image `data` (vmlinux or bzImage) was built with CONFIG_SMP, read from
+    the first "#N SMP ..." version string in it; None when it has no such string."""
+    match = _UTS_VERSION.search(data)
+    return None if match is None else b" SMP" in match.group(1)
 
 
 def encode_cmdline(cmdline: str | bytes) -> bytes:
