@@ -232,6 +232,53 @@ static int is_pmem_name(const char *name)
 	return strncmp(name, "pmem", 4) == 0 && name[4] >= '0' && name[4] <= '9';
 }
 
+/* Count the entries of directory `dir` that `want` accepts (-1 if it cannot be read). */
+static int count_entries(const char *dir, int (*want)(const char *dir, const char *name))
+{
+	struct dirent *de;
+	int n = 0;
+	DIR *d = opendir(dir);
+
+	if (!d)
+		return -1;
+	while ((de = readdir(d)))
+		n += de->d_name[0] != '.' && want(dir, de->d_name);
+	closedir(d);
+	return n;
+}
+
+static int is_virtio_pmem(const char *dir, const char *name)
+{
+	char path[300], val[16];
+
+	snprintf(path, sizeof path, "%s/%s/device", dir, name);
+	return read_small(path, val, sizeof val) > 0 && strtoul(val, NULL, 0) == 27; /* virtio ID 27 */
+}
+
+static int is_pmem_block(const char *dir, const char *name)
+{
+	(void)dir;
+	return is_pmem_name(name);
+}
+
+/*
+ * nd_pmem probes in the background (libnvdimm's async domain, not waited for before init
+ * runs), and building struct pages for a large device takes seconds on a software KVM: wait
+ * until every virtio-pmem device (virtio ID 27) has its /sys/block/pmemN, up to 600 s.
+ */
+static void wait_for_pmem_devices(void)
+{
+	int want = count_entries("/sys/bus/virtio/devices", is_virtio_pmem);
+
+	for (int tenths = 0; tenths < 6000; tenths++) {
+		if (count_entries("/sys/block", is_pmem_block) >= want)
+			return;
+		usleep(100000);
+	}
+	say("pmem: only %d of %d virtio-pmem block devices after 600 s",
+	    count_entries("/sys/block", is_pmem_block), want);
+}
+
 static int step_pmem_list(const char *arg)
 {
 	char path[300], val[64];
@@ -240,6 +287,7 @@ static int step_pmem_list(const char *arg)
 	DIR *d;
 
 	(void)arg;
+	wait_for_pmem_devices();
 	d = opendir("/sys/block");
 	if (!d) {
 		say("pmem-list FAILED: /sys/block: %s", strerror(errno));
@@ -274,6 +322,7 @@ static int step_pmem_mount(const char *arg)
 	int err;
 
 	snprintf(dev, sizeof dev, "/dev/%s", name);
+	wait_for_pmem_devices();
 	mkdir(MNT, 0755);
 	if (mount(dev, MNT, "ext4", 0, "dax") == 0) {
 		say("pmem-mount dev=%s dir=" MNT " dax=1", dev);
