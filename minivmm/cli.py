@@ -46,6 +46,16 @@ def _cpus(text: str) -> int:
     return n
 
 
+def _hotplug_slots(text: str) -> int:
+    n = int(text) if text.isascii() and text.isdigit() else -1
+    if not 0 <= n <= MAX_HOTPLUG_SLOTS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of PCI slots from 0 to {MAX_HOTPLUG_SLOTS}")
+    return n
+
+
+MAX_HOTPLUG_SLOTS = 31  # bus 0's slots 1-31 (slot 0 is the host bridge)
+
+
 # --boot: the values of `boot.BOOT_CHOICES`, the default first (spelled out so that the
 # parser does not import the loaders).
 BOOT_OPTIONS = ["linux", "pvh"]
@@ -76,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help=f"guest RAM, K/M/G suffixes (default {format_size(layout.DEFAULT_MEM_SIZE)}, or 4x the page structures "
         "of the --pmem devices given at start if that is more: 256M for 4G of pmem)",
+    )
+    run.add_argument(
+        "--hotplug-slots",
+        type=_hotplug_slots,
+        default=layout.PCI_HOTPLUG_SLOTS_DEFAULT,
+        metavar="N",
+        help=f"free PCI slots the guest gets ACPI hotplug objects for, i.e. how many devices can be "
+        f"hot-added, 0 to 31 (default {layout.PCI_HOTPLUG_SLOTS_DEFAULT}; each costs boot time)",
     )
     run.add_argument("--cpus", type=_cpus, default=1, metavar="N", help=f"number of vCPUs, 1 to {MAX_VCPUS} (default 1)")
     run.add_argument(
@@ -182,6 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         boot=BootProtocol(args.boot),
         mem_size=args.mem if args.mem is not None else layout.default_mem_size(planned_sizes(pmem)),
         cpus=args.cpus,
+        hotplug_slots=args.hotplug_slots,
         trace=args.trace is not None,
         trace_only=_trace_list(args.trace),
         watchdog=args.watchdog,

@@ -21,7 +21,7 @@ from typing import Callable
 from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
 from .boot import BootProtocol, build_acpi, load_image, load_kernel
-from .boot.acpi import S5_SLP_TYP
+from .boot.acpi import S5_SLP_TYP, PciSlots
 from .boot.common import kernel_is_smp, read_file
 from .bus import Bus
 from .devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GenericEventDevice
@@ -91,6 +91,7 @@ class MachineConfig:
     cmdline: str = ""
     boot: BootProtocol = BootProtocol.LINUX  # how a vmlinux is entered (--boot): LINUX or PVH
     mem_size: int = layout.DEFAULT_MEM_SIZE
+    hotplug_slots: int = layout.PCI_HOTPLUG_SLOTS_DEFAULT  # free PCI slots declared for hot-add at boot
     cpus: int = 1
     trace: bool = False
     trace_only: frozenset[str] = frozenset()  # --trace=LIST: trace only these kinds/devices (empty: all)
@@ -290,6 +291,14 @@ class Machine:
         self.pmem_plugged.append((device, backing))
         return device, pci_slot
 
+    def _declare_pci_slots(self) -> PciSlots:
+        """The PCI slots the DSDT describes (at boot): _PRT routing for the occupied slots and the
+        lowest `config.hotplug_slots` free ones, which also get ACPI hotplug objects; from then
+        on only those can be hot-added (README "Hotplug")."""
+        hotplug = tuple(self.pci.free_slots()[: self.config.hotplug_slots])
+        self.pci_hotplug.slots = hotplug
+        return PciSlots(routed=tuple(sorted(set(self.pci.devices) | set(hotplug))), hotplug=hotplug)
+
     def hotplug_pmem(self, backing: PmemBacking) -> VirtioPmem:
         """Plug a virtio-pmem-pci device for `backing` into the running guest (README "Hotplug").
 
@@ -301,10 +310,16 @@ class Machine:
 
         Safe from any thread while the vCPUs run; one hot-add at a time. On success the
         machine owns `backing` (it is closed with the machine, never unplugged). Raises
-        UserError (no room in the pmem window, no free KVM memory slot, PCI bus 0 full, KVM
-        refused the slot):
+        UserError (no room in the pmem window, no free KVM memory slot, PCI bus 0 full, no
+        hot-pluggable slot left, KVM refused the slot):
         then nothing changed, and `backing` is still the caller's to close."""
         with self._hotplug_lock:
+            free = self.pci.free_slots()
+            if free and free[0] not in self.pci_hotplug.slots:  # full: _plug_pmem says so
+                raise UserError(
+                    f"{backing.id}: no hot-pluggable PCI slot left: the guest was given "
+                    f"{len(self.pci_hotplug.slots)} at boot (--hotplug-slots)"
+                )
             device, pci_slot = self._plug_pmem(backing, own_backing=True)
             self.pci_hotplug.slot_added(pci_slot)
             self.ged.notify(GED_EVENT_PCI_HOTPLUG)
@@ -398,7 +413,7 @@ class Machine:
     # -- boot -----------------------------------------------------------------------------
     def _boot(self) -> None:
         cfg = self.config
-        rsdp = build_acpi(self.mem, cfg.cpus, cfg.mem_size)
+        rsdp = build_acpi(self.mem, cfg.cpus, cfg.mem_size, slots=self._declare_pci_slots())
         cmdline = cfg.cmdline
         if self.host.software_kvm:
             smp_kernel = kernel_is_smp(read_file(cfg.kernel, "kernel")) is not False  # unknown: as SMP

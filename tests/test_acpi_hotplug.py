@@ -268,3 +268,25 @@ def test_dsdt_disassembles_and_recompiles_with_iasl(tmp_path, pci):
     comp = subprocess.run(["iasl", "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert comp.returncode == 0, comp.stdout + comp.stderr
     assert "0 Errors, 0 Warnings" in comp.stdout, comp.stdout
+
+
+@pytest.mark.parametrize("hotplug", [(), (2,), (2, 5, 30)])
+def test_dsdt_describes_only_the_declared_slots(tmp_path, hotplug):
+    """With `PciSlots`, _PRT routes exactly the slots that can hold a device (INTA-INTD each,
+    the layout's swizzle), only the hot-pluggable ones have a `Device (Snn)`, and PSCN
+    notifies only those; iasl still reads and recompiles it."""
+    routed = tuple(sorted({0, 1, *hotplug}))  # the bridge and a cold-plugged device in slot 1
+    slots = acpi.PciSlots(routed=routed, hotplug=hotplug)
+    w = AmlWalker(acpi.dsdt_aml(MEM, slots=slots))
+    prt = w.names["\\_SB_.PCI0._PRT"]
+    assert sorted({addr >> 16 for addr, _, _, _ in prt}) == list(routed) and len(prt) == 4 * len(routed)
+    for addr, pin, source, gsi in prt:
+        assert addr & 0xFFFF == 0xFFFF and source == 0 and gsi == layout.pci_intx_gsi(addr >> 16, pin)
+    assert sorted(d for d in w.devices if d.startswith("\\_SB_.PCI0.S")) == [f"\\_SB_.PCI0.S{s:02X}_" for s in hotplug]
+    (tmp_path / "dsdt.aml").write_bytes(acpi.dsdt(MEM, slots=slots))
+    dis = subprocess.run(["iasl", "-d", "dsdt.aml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert dis.returncode == 0, dis.stdout + dis.stderr
+    asl = (tmp_path / "dsdt.dsl").read_text()
+    assert asl.count("Notify (S") == len(hotplug)
+    comp = subprocess.run(["iasl", "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert comp.returncode == 0 and "0 Errors, 0 Warnings" in comp.stdout, comp.stdout + comp.stderr

@@ -477,3 +477,10 @@ def test_explicit_mem_is_used_as_given(tmp_path):
     kernel.write_bytes(smoke_pvh_elf(b"hi\n"))
     run = cli("run", "--kernel", kernel, "--trace", "--mem", "96M", workdir=tmp_path)
     assert run.status == 0 and _ram_bytes(run.stderr) == 96 << 20, run.describe()
+
+
+@pytest.mark.parametrize("value", ["32", "-1", "x", "1.5", "٣"])
+def test_hotplug_slots_out_of_range(value, tmp_path):
+    run = cli("run", f"--hotplug-slots={value}", workdir=tmp_path)
+    assert run.status == 2 and TRACEBACK not in run.stderr, run.describe()
+    assert re.search(r"--hotplug-slots: .* is not a number of PCI slots from 0 to 31", run.stderr), run.describe()

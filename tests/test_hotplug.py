@@ -163,3 +163,18 @@ def test_concurrent_hot_adds_get_distinct_places(machine: Machine, tmp_path: Pat
         t.join()
     assert len({d.start for d in devices}) == 4
     assert bin(machine.pci_hotplug.added).count("1") == 4
+
+
+def test_only_the_slots_declared_at_boot_take_hot_adds(tmp_path: Path) -> None:
+    """At boot the DSDT gets hotplug objects for the lowest `hotplug_slots` free slots (after
+    the cold-plugged devices); hot-adds fill those, then are refused with nothing changed."""
+    cold = [PmemSpec(str(tmp_path / "cold.img"), size=4 * MiB, id="cold")]
+    with Machine(MachineConfig(kernel=tmp_path / "unused", mem_size=64 * MiB, hotplug_slots=2, pmem=cold)) as m:
+        slots = m._declare_pci_slots()
+        assert sorted(m.pci.devices) == [0, 1]  # the bridge and the cold-plugged device
+        assert tuple(slots.hotplug) == (2, 3) and tuple(slots.routed) == (0, 1, 2, 3)
+        assert m.pci_hotplug.slots == (2, 3)
+        m.hotplug_pmem(backing(tmp_path, "a"))
+        m.hotplug_pmem(backing(tmp_path, "b"))
+        assert m.pci_hotplug.added == (1 << 2) | (1 << 3)
+        refused(m, backing(tmp_path, "c"), r"c: no hot-pluggable PCI slot left: the guest was given 2 at boot \(--hotplug-slots\)")

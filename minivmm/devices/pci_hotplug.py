@@ -34,12 +34,14 @@ class PciHotplugController(RegisterBlock):
     """The PCIU register: slots added since the guest last read it."""
 
     def __init__(self) -> None:
+        # The slots the guest was given ACPI objects for (`declare`, at boot); until then any.
+        self.slots: tuple[int, ...] = tuple(HOTPLUG_SLOTS)
         self._added = ReadToClearBits()
         super().__init__((Register(PCIU_OFFSET, PCIU_SIZE, "PCIU", self._added.take),))
 
     def slot_added(self, slot: int) -> None:
-        """Record that a device was plugged into `slot` (1-31; ValueError otherwise)."""
-        if slot not in HOTPLUG_SLOTS:
+        """Record that a device was plugged into `slot` (one of `slots`; ValueError otherwise)."""
+        if slot not in self.slots:
             raise ValueError(f"PCI slot {slot} cannot be hot-added")
         self._added.set(1 << slot)
 

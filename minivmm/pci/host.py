@@ -282,6 +282,11 @@ class PciHostBridge:
         s = self._slots.get(slot)
         return None if s is None else s.device
 
+    def free_slots(self) -> list[int]:
+        """The empty slots of bus 0 that `add_device` may fill, lowest first (slot 0 is the bridge)."""
+        with self._lock:
+            return [s for s in range(1, PCI_SLOTS) if s not in self._slots]
+
     @property
     def devices(self) -> dict[int, PciDevice]:
         return {n: s.device for n, s in self._slots.items()}
