@@ -163,7 +163,12 @@ def test_bzimage_reboot(guest, tmp_path, record_property):
     functions = profile.functions()
     named = [name for name in functions if not name.startswith("[")]
     assert named and set(named) <= mapped, (set(named) - mapped, profile.render_text())
-    assert sum(functions[n] for n in named) > profile.samples // 2, profile.render_text()  # most samples have a name
+    # The bzImage's decompressor runs at physical addresses below 4 GiB that no kernel symbol
+    # covers (README "Profiling the guest"); since the boot got faster it is about half of the
+    # samples. Of the others, most must have a name.
+    decompressor = functions.get("[no symbol, below 4 GiB]", 0)
+    assert decompressor > 0, profile.render_text()
+    assert sum(functions[n] for n in named) > (profile.samples - decompressor) * 3 // 4, profile.render_text()
     assert profile.kernel + profile.user == profile.samples and profile.kernel > 0
     assert profile.render_text().splitlines()[0] in run.stderr, run.describe()
 
