@@ -295,9 +295,10 @@ class Machine:
         """The PCI slots the DSDT describes (at boot): _PRT routing for the occupied slots and the
         lowest `config.hotplug_slots` free ones, which also get ACPI hotplug objects; from then
         on only those can be hot-added (README "Hotplug")."""
-        hotplug = tuple(self.pci.free_slots()[: self.config.hotplug_slots])
-        self.pci_hotplug.slots = hotplug
-        return PciSlots(routed=tuple(sorted(set(self.pci.devices) | set(hotplug))), hotplug=hotplug)
+        with self._hotplug_lock:  # a monitor's hot-add now is a cold plug: it lands in `routed`
+            hotplug = tuple(self.pci.free_slots()[: self.config.hotplug_slots])
+            self.pci_hotplug.slots = hotplug
+            return PciSlots(routed=tuple(sorted(set(self.pci.devices) | set(hotplug))), hotplug=hotplug)
 
     def hotplug_pmem(self, backing: PmemBacking) -> VirtioPmem:
         """Plug a virtio-pmem-pci device for `backing` into the running guest (README "Hotplug").
