@@ -18,6 +18,7 @@ from .errors import UserError, run_command
 from .profiler import DEFAULT_HZ as DEFAULT_PROFILE_HZ
 from .units import format_size, parse_size
 from . import layout
+from .devices.pci_hotplug import HOTPLUG_SLOTS
 from .layout import MAX_VCPUS
 
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=k"
@@ -53,7 +54,7 @@ def _hotplug_slots(text: str) -> int:
     return n
 
 
-MAX_HOTPLUG_SLOTS = 31  # bus 0's slots 1-31 (slot 0 is the host bridge)
+MAX_HOTPLUG_SLOTS = len(HOTPLUG_SLOTS)  # bus 0's slots 1-31 (slot 0 is the host bridge)
 
 
 # --boot: the values of `boot.BOOT_CHOICES`, the default first (spelled out so that the
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=layout.PCI_HOTPLUG_SLOTS_DEFAULT,
         metavar="N",
         help=f"free PCI slots the guest gets ACPI hotplug objects for, i.e. how many devices can be "
-        f"hot-added, 0 to 31 (default {layout.PCI_HOTPLUG_SLOTS_DEFAULT}; each costs boot time)",
+        f"hot-added, 0 to {MAX_HOTPLUG_SLOTS} (default {layout.PCI_HOTPLUG_SLOTS_DEFAULT}; each costs boot time)",
     )
     run.add_argument("--cpus", type=_cpus, default=1, metavar="N", help=f"number of vCPUs, 1 to {MAX_VCPUS} (default 1)")
     run.add_argument(

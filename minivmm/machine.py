@@ -20,9 +20,8 @@ from typing import Callable
 
 from . import hostcheck, layout, pmemfile, vcpu_setup
 from .allocator import ResourceAllocator
-from .boot import BootProtocol, build_acpi, load_image, load_kernel
+from .boot import Boot, BootProtocol, build_acpi, configure_boot, load_image
 from .boot.acpi import S5_SLP_TYP, PciSlots
-from .boot.common import kernel_is_smp, read_file
 from .bus import Bus
 from .devices.acpi_ged import GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GenericEventDevice
 from .devices.acpi_pm import AcpiSleepRegisters
@@ -415,11 +414,11 @@ class Machine:
     def _boot(self) -> None:
         cfg = self.config
         rsdp = build_acpi(self.mem, cfg.cpus, cfg.mem_size, slots=self._declare_pci_slots())
+        loaded = load_image(self.mem, cfg.kernel, cfg.mem_size, cfg.boot)
         cmdline = cfg.cmdline
-        if self.host.software_kvm:
-            smp_kernel = kernel_is_smp(read_file(cfg.kernel, "kernel")) is not False  # unknown: as SMP
-            cmdline = f"{cmdline} {hostcheck.software_kvm_cmdline(smp_kernel)}".strip()
-        self.boot = load_kernel(self.mem, cfg.kernel, cfg.initrd, cmdline, cfg.mem_size, rsdp, cfg.boot)
+        if self.host.software_kvm:  # an image of unknown SMP-ness gets the SMP remedies
+            cmdline = f"{cmdline} {hostcheck.software_kvm_cmdline(loaded.smp is not False)}".strip()
+        self.boot = Boot(loaded, configure_boot(self.mem, loaded, cfg.initrd, cmdline, cfg.mem_size, rsdp))
         if cfg.trace:
             for base, size, name in layout.describe(cfg.mem_size):
                 print(f"map: {base:#014x} +{size:#x} {name}", file=sys.stderr)

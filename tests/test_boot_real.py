@@ -106,3 +106,16 @@ def test_kernel_is_smp_reads_the_version_string():
         assert path is not None, f"the default guest has no {kind}: rebuild it (make guest)"
         assert kernel_is_smp(path.read_bytes()) is smp, kind
     assert kernel_is_smp(b"\x7fELF no version string") is None
+
+
+
+def test_load_image_tells_whether_the_kernel_is_smp(mem):
+    """`load_image` reports the image's CONFIG_SMP from the bytes it loaded (the machine picks
+    the software-KVM boot remedies by it)."""
+    from minivmm.boot import load_image
+    from minivmm.guestmanifest import default_guest
+
+    guest = default_guest()
+    assert load_image(mem, guest.kernel("vmlinux"), MEM).smp is True
+    assert load_image(mem, guest.kernel("vmlinux-up"), MEM).smp is False
+    assert load_image(mem, guest.kernel("bzImage-up"), MEM).smp is False

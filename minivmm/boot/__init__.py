@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from ..errors import UserError
 from ..memory import GuestMemory
 from .acpi import build_acpi, write_acpi_tables
 from .bzimage import configure_linux, describe_header, is_bzimage, load_bzimage
-from .common import BootConfig, BootProtocol, KernelLoaderResult, encode_cmdline, read_file
+from .common import BootConfig, BootProtocol, KernelLoaderResult, encode_cmdline, kernel_is_smp, read_file
 from .entry import BootEntry, CpuMode, Registers, Segment
 from .elf import is_elf
 from .pvh import configure_pvh, load_elf
@@ -93,12 +94,13 @@ def load_image(
     data = read_file(kernel_path, "kernel")
     if is_elf(data):
         load = load_elf if boot is BootProtocol.PVH else load_vmlinux
-        return load(mem, kernel_path, data, mem_size)
-    if is_bzimage(data):
+    elif is_bzimage(data):
         if boot is BootProtocol.PVH:
             raise UserError(f"kernel {os.fspath(kernel_path)}: a bzImage has no PVH entry; boot it with --boot linux")
-        return load_bzimage(mem, kernel_path, data, mem_size)
-    raise UserError(f"kernel {os.fspath(kernel_path)}: not an ELF vmlinux or a bzImage (unknown format)")
+        load = load_bzimage
+    else:
+        raise UserError(f"kernel {os.fspath(kernel_path)}: not an ELF vmlinux or a bzImage (unknown format)")
+    return dataclasses.replace(load(mem, kernel_path, data, mem_size), smp=kernel_is_smp(data))
 
 
 def configure_boot(

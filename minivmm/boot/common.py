@@ -55,6 +55,9 @@ class KernelLoaderResult:
     """Linux boot protocol only: the header bytes boot_params gets a copy of."""
     protocol: BootProtocol = None  # type: ignore[assignment]  # set in __post_init__ when not given
     """How step 2 enters the kernel; when not given: BZIMAGE with a setup header, else PVH."""
+    smp: bool | None = None
+    """Whether the image was built with CONFIG_SMP (`kernel_is_smp`, set by `load_image`);
+    None when unknown."""
 
     def __post_init__(self) -> None:
         if self.protocol is None:

@@ -34,7 +34,8 @@ class PciHotplugController(RegisterBlock):
     """The PCIU register: slots added since the guest last read it."""
 
     def __init__(self) -> None:
-        # The slots the guest was given ACPI objects for (`declare`, at boot); until then any.
+        # The slots the guest was given ACPI objects for (set by Machine._declare_pci_slots at
+        # boot); until then any.
         self.slots: tuple[int, ...] = tuple(HOTPLUG_SLOTS)
         self._added = ReadToClearBits()
         super().__init__((Register(PCIU_OFFSET, PCIU_SIZE, "PCIU", self._added.take),))

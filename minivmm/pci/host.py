@@ -225,9 +225,10 @@ class PciHostBridge:
         pre-assign its BARs and, like firmware, enable memory decoding. Returns the slot."""
         with self._lock:
             if slot is None:
-                slot = next((s for s in range(1, PCI_SLOTS) if s not in self._slots), None)
-                if slot is None:
+                free = self.free_slots()
+                if not free:
                     raise UserError(f"{device.name}: PCI bus 0 is full (at most {PCI_SLOTS - 1} devices)")
+                slot = free[0]
             elif not 1 <= slot < PCI_SLOTS or slot in self._slots:
                 raise UserError(f"{device.name}: PCI slot {slot} is not free")
             config = device.config
